@@ -1,0 +1,51 @@
+# qbert: `make run` runs the default experiment, `make test` the test suite.
+# Both create .venv and install the project on first use; later calls reuse it.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.qbert-installed
+# torch goes in first so that no open requirement pulls a CUDA build; PIP_FIND_LINKS may hold a local wheel.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/default.yaml
+
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)),)
+export QBERT_DATA_DIR ?= $(SHARED_DATA)
+endif
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@set -e; \
+	links=""; [ -n "$$PIP_FIND_LINKS" ] && links="--find-links $$PIP_FIND_LINKS"; \
+	uv=$$(command -v uv || true); \
+	if [ -z "$$uv" ] && [ ! -x $(BIN)/uv ]; then $(BIN)/pip install -q uv >/dev/null 2>&1 || true; fi; \
+	[ -z "$$uv" ] && [ -x $(BIN)/uv ] && uv=$(BIN)/uv; \
+	if [ -n "$$uv" ]; then inst="$$uv pip install -q --python $(BIN)/python $$links"; \
+	else inst="$(BIN)/pip install -q $$links"; fi; \
+	echo "setup: installing with $${inst%% *}"; \
+	$(BIN)/python -c "import torch" 2>/dev/null || $$inst "$(TORCH_SPEC)"; \
+	$$inst -e ".[dev]"
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/qbert run $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+lint: setup
+	$(BIN)/ruff check cli qbert recipes tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

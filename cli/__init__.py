@@ -1,0 +1,1 @@
+"""qbert command-line interface."""

@@ -1,0 +1,41 @@
+"""``qbert validate``: check configs against the schema (and optionally the model and data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import user_errors
+
+
+def validate(
+    configs: Annotated[list[Path], typer.Argument(help="Config files (YAML).", show_default=False)],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="key.path=value override, repeatable.", show_default=False)
+    ] = None,
+    preflight: Annotated[
+        bool, typer.Option("--preflight", help="Also resolve the model and load the task data, as `run` does.")
+    ] = False,
+) -> None:
+    """Validate each CONFIG; print one line per file. Exit status 2 if any is invalid."""
+    with user_errors():
+        from qbert.config import load_config
+        from qbert.errors import QbertError
+
+        failed = 0
+        for path in configs:
+            try:
+                cfg = load_config(path, overrides or [])
+                if preflight:
+                    from qbert.pipeline.run import preflight as check
+
+                    check(cfg)
+            except QbertError as exc:
+                failed += 1
+                typer.echo(f"error: {exc.render() if exc.source else f'{path}: {exc.render()}'}", err=True)
+                continue
+            typer.echo(f"ok {path}: {cfg.name} ({cfg.model}, {cfg.task}, {cfg.recipe.name}) hash {cfg.config_hash()}")
+        if failed:
+            raise typer.Exit(2)

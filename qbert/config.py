@@ -1,0 +1,364 @@
+"""The experiment config: pydantic schema, safe YAML loading, ``key.path=value`` overrides, errors.
+
+Every default lives in the schema. Unknown keys, wrong types and impossible combinations fail before
+any work starts, as a :class:`~qbert.errors.QbertError` naming the file, the dotted key and the
+nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from qbert.errors import QbertError
+
+TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad")
+TaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"]
+RangeEstimatorName = Literal["minmax", "running_minmax", "mse", "percentile"]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where task data comes from and how much of it is used."""
+
+    dir: str | None = Field(
+        None,
+        description="Folder in the GLUE layout (<dir>/glue/<TASK>/*.tsv, <dir>/squad/*-v1.1.json). "
+        "Unset: $QBERT_DATA_DIR, else the HuggingFace hub when online.",
+    )
+    max_train_samples: int | None = Field(
+        None, gt=0, description="Use only the first N training examples (after any split)."
+    )
+    max_eval_samples: int | None = Field(
+        None, gt=0, description="Evaluate only the first N evaluation examples (after any split)."
+    )
+    train_from_eval: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="For tasks whose training file is missing: this fraction of the evaluation "
+        "file's groups (SQuAD articles, GLUE rows) in file order becomes the training set and the "
+        "rest is evaluated. The two parts never share an article.",
+    )
+
+
+class FinetuneConfig(Section):
+    """The fine-tune stage: AdamW with linear warmup then linear decay."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training set (may be fractional).")
+    lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(16, gt=0)
+    max_seq_len: int = Field(128, ge=8, le=4096, description="Truncation length (SQuAD: window length).")
+    doc_stride: int = Field(128, gt=0, description="SQuAD: tokens shared by consecutive windows of a context.")
+    warmup: float = Field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay, not applied to biases and norms.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (CPU and CUDA).")
+    group_by_length: bool = Field(True, description="Length-grouped batches (less padding).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch; null = all cores.")
+
+
+class EstimatorConfig(Section):
+    """Range estimators for quantizers (used by the quantization recipes)."""
+
+    weights: RangeEstimatorName = "minmax"
+    activations: RangeEstimatorName = "running_minmax"
+
+
+class CalibrateConfig(Section):
+    """Calibration data for static activation ranges: N batches from the training split."""
+
+    batches: int = Field(16, gt=0)
+    batch_size: int = Field(1, gt=0)
+
+
+class EvaluateConfig(Section):
+    """The evaluate stage."""
+
+    batch_size: int = Field(64, gt=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast at evaluation.")
+    save_predictions: bool = Field(True, description="Write per-example predictions next to metrics.")
+    n_best: int = Field(20, gt=0, description="SQuAD: start and end candidates searched per window.")
+    max_answer_len: int = Field(30, gt=0, description="SQuAD: longest answer span in tokens.")
+
+
+class ExportConfig(Section):
+    """Artefacts written after evaluation."""
+
+    formats: list[str] = Field(default_factory=list, description="Export formats to write.")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        from qbert.pipeline.export import EXPORT_FORMATS
+
+        for fmt in formats:
+            if fmt not in EXPORT_FORMATS:
+                known = ", ".join(EXPORT_FORMATS) or "none yet"
+                raise ValueError(f"unknown export format {fmt!r} (available: {known})")
+        return formats
+
+
+class RecipeParams(Section):
+    """Base of every recipe's typed parameters; ``name`` selects the recipe."""
+
+    name: str = "fp32"
+
+
+def _default_recipe() -> RecipeParams:
+    from recipes import get_recipe
+
+    return get_recipe("fp32").Params()
+
+
+class ExperimentConfig(Section):
+    """One experiment: a model fine-tuned on a task, quantized by a recipe, for every seed."""
+
+    name: str = Field("experiment", description="Run folder name (sanitised).")
+    model: str = Field("minilm-l6", description="Hub id, local HF folder, or alias (minilm-l6, tiny-random).")
+    task: TaskName = "mrpc"
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    recipe: SerializeAsAny[RecipeParams] = Field(default_factory=_default_recipe)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _sanitise_name(cls, name: str) -> str:
+        clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+        if not clean:
+            raise ValueError("must contain letters or digits")
+        return clean
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+    @field_validator("recipe", mode="wrap")
+    @classmethod
+    def _recipe_params(cls, value: Any, handler: Any) -> RecipeParams:
+        from recipes import get_recipe
+
+        if isinstance(value, RecipeParams):
+            return value
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping such as {name: fp32}")
+        return get_recipe(value.get("name", "fp32")).Params.model_validate(value)
+
+    @model_validator(mode="after")
+    def _recipe_fits(self) -> ExperimentConfig:
+        if self.task == "squad" and self.finetune.doc_stride >= self.finetune.max_seq_len - 16:
+            raise ValueError(
+                f"finetune.doc_stride ({self.finetune.doc_stride}) must be well below "
+                f"finetune.max_seq_len ({self.finetune.max_seq_len}) for squad (e.g. 128 with 384)"
+            )
+        from recipes import get_recipe
+
+        get_recipe(self.recipe.name).check(self)
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The config with every default filled in, as plain data (what is saved and hashed)."""
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        """Identity of the experiment: everything but its name and seeds (one folder per seed)."""
+        data = self.resolved()
+        data.pop("name")
+        data.pop("seeds")
+        return stable_hash(data)
+
+
+def stable_hash(data: Any, length: int = 12) -> str:
+    """Hash of plain data that does not depend on key order."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------- YAML loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loader that rejects a key given twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"invalid YAML: {where}{problem}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely, rejecting duplicate keys, with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise QbertError(
+            "config file not found (give the path to a .yaml file, e.g. configs/default.yaml)",
+            source=str(path),
+        )
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise QbertError(_yaml_error_line(exc), source=str(path)) from None
+    except UnicodeDecodeError:
+        raise QbertError("not a UTF-8 text file", source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QbertError("the top level must be a mapping of config keys", source=str(path))
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into the key path and the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        raise QbertError(
+            f"override {text!r} is not key.path=value (e.g. finetune.lr=3e-5)", source="command line"
+        )
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise QbertError(f"{_yaml_error_line(exc)} in override {text!r}", source="command line") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``key.path=value`` in a copy of the raw config mapping."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise QbertError(
+                    f"cannot set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a mapping",
+                    source="command line",
+                )
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _valid_keys(data: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema accepts in the mapping at ``loc`` (for 'did you mean')."""
+    from recipes import RECIPES
+
+    model: type[BaseModel] | None = ExperimentConfig
+    node = data
+    for part in loc:
+        if model is None:
+            return []
+        if model is ExperimentConfig and part == "recipe":
+            name = node.get("recipe", {}).get("name", "fp32") if isinstance(node, dict) else "fp32"
+            recipe = RECIPES.get(name)
+            model = recipe.Params if recipe else RecipeParams
+        else:
+            field = model.model_fields.get(part)
+            annotation = getattr(field, "annotation", None)
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        node = node.get(part) if isinstance(node, dict) else None
+    return list(model.model_fields) if model else []
+
+
+def _format_validation_error(exc: ValidationError, data: dict[str, Any], source: str) -> QbertError:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent, bad = loc[:-1], str(loc[-1])
+        valid = _valid_keys(data, parent)
+        close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        message = f"unknown key ({hint})"
+    else:
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if err["type"] == "literal_error" and isinstance(err.get("input"), str):
+            choices = re.findall(r"'([^']+)'", err["ctx"].get("expected", "")) if err.get("ctx") else []
+            close = difflib.get_close_matches(err["input"], choices, n=1, cutoff=0.5)
+            message = f"{err['input']!r} is not valid: {message}" + (
+                f" (did you mean {close[0]!r}?)" if close else ""
+            )
+        elif err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), dict):
+            message = f"{message}, got {err['input']!r}"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return QbertError(message, source=source, key=key or None)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate raw config data, turning pydantic's errors into one-line :class:`QbertError`."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(exc, data, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, override and validate an experiment config file.
+
+    The run name defaults to the file's stem. Relative ``data.dir`` paths are taken relative to the
+    current directory, as on the command line.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    data.setdefault("name", path.stem)
+    source = str(path) + (" + command-line overrides" if overrides else "")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_config(data, source)

@@ -1,0 +1,21 @@
+"""The one exception type user-facing code raises for bad input."""
+
+from __future__ import annotations
+
+
+class QbertError(Exception):
+    """An error caused by the user's input (config, data, model): printed as one line, no traceback.
+
+    The message says what is wrong, where (file and dotted key when known) and how to fix it.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        self.message = message
+        self.source = source
+        self.key = key
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """One line: ``<file>: <key>: <message>`` with the parts that are known."""
+        parts = [p for p in (self.source, self.key) if p]
+        return ": ".join([*parts, self.message])

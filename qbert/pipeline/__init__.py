@@ -1,0 +1,1 @@
+"""The pipeline stages: fine-tune, calibrate, quantize, evaluate, export."""

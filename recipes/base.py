@@ -1,0 +1,52 @@
+"""What a recipe is: typed parameters plus hooks the fixed pipeline calls at each stage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qbert.config import RecipeParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from qbert.config import ExperimentConfig
+    from qbert.pipeline.context import StageContext
+
+
+class Recipe:
+    """A quantization method. Subclasses set the class attributes and override the hooks they need.
+
+    The pipeline is fine-tune -> calibrate -> quantize -> evaluate -> export; a recipe never runs
+    its own training loop. Post-training recipes start from the cached FP32 checkpoint
+    (``trains_with_quantizers = False``); QAT recipes put their quantizers in before fine-tuning.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[RecipeParams]]
+    source: ClassVar[str]
+    """The paper (and table) the recipe follows."""
+    simulated: ClassVar[bool] = False
+    """Whether evaluation numbers come from fake-quantized (simulated) arithmetic."""
+    trains_with_quantizers: ClassVar[bool] = False
+    """True for QAT: fine-tuning happens with quantizers in place and is not shared with FP32."""
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, params: RecipeParams, config: ExperimentConfig):
+        self.params = params
+        self.config = config
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        """Reject impossible combinations of this recipe with the rest of the config (ValueError)."""
+
+    def prepare_for_training(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
+        """Called before fine-tuning when ``trains_with_quantizers``; returns the model to train."""
+        return model
+
+    def quantize(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
+        """Turn the fine-tuned model into the model that is evaluated and exported."""
+        return model
+
+    def report(self) -> dict[str, Any]:
+        """Recipe-specific numbers recorded with the metrics (sizes, outlier counts, timings)."""
+        return {}
