@@ -127,15 +127,22 @@ class Squad(Task):
     def _windows(self, tokenizer: Any, examples: list[SquadExample], max_len: int):
         if tokenizer.padding_side != "right":
             raise QbertError("SQuAD windows need a tokenizer that pads on the right", key="model")
-        return tokenizer(
-            [e.question.lstrip() for e in examples],
-            [e.context for e in examples],
-            truncation="only_second",
-            max_length=max_len,
-            stride=self.doc_stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-        )
+        try:
+            return tokenizer(
+                [e.question.lstrip() for e in examples],
+                [e.context for e in examples],
+                truncation="only_second",
+                max_length=max_len,
+                stride=self.doc_stride,
+                return_overflowing_tokens=True,
+                return_offsets_mapping=True,
+            )
+        except ValueError as exc:
+            raise QbertError(
+                f"windows of {max_len} tokens cannot overlap by {self.doc_stride} with the question in them "
+                f"({str(exc).splitlines()[0]}); lower finetune.doc_stride or raise finetune.max_seq_len",
+                key="finetune.doc_stride",
+            ) from None
 
     def encode_train(self, tokenizer: Any, examples: list[SquadExample], max_len: int) -> list[dict[str, Any]]:
         """One feature per window; the answer's token span, or the [CLS] position when it is cut off."""

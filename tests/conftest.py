@@ -1,0 +1,97 @@
+"""Shared fixtures: the real data folder and small task files in the official formats."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("QBERT_DATA_DIR") or ROOT.parent / "shared" / "data")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real GLUE/SQuAD folder beside the project (../shared/data or $QBERT_DATA_DIR)."""
+    if not (SHARED_DATA / "glue").is_dir():
+        pytest.skip(f"real task data not found at {SHARED_DATA} (set QBERT_DATA_DIR)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """Each test has its own runs folder and checkpoint cache, offline."""
+    monkeypatch.setenv("QBERT_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("QBERT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+MNLI_DEV_HEADER = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                   "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "label2", "label3",
+                   "label4", "label5", "gold_label"]
+MNLI_TRAIN_HEADER = MNLI_DEV_HEADER[:11] + ["gold_label"]
+
+
+def mnli_row(i: int, premise: str, hypothesis: str, label: str, dev: bool) -> list[str]:
+    parse = "( x )"
+    labels = [label] * (5 if dev else 1)
+    return [str(i), str(1000 + i), f"{1000 + i}e", "fiction", parse, parse, parse, parse, premise, hypothesis,
+            *labels, label]
+
+
+SQUAD_CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "
+                 "a region in France. They were descended from Norse raiders and pirates from Denmark, "
+                 "Iceland and Norway.")
+
+
+def squad_payload(n_articles: int = 3) -> dict:
+    data = []
+    for a in range(n_articles):
+        data.append({"title": f"Article_{a}", "paragraphs": [{
+            "context": SQUAD_CONTEXT,
+            "qas": [
+                {"id": f"q{a}-0", "question": "In what country is Normandy located?",
+                 "answers": [{"answer_start": SQUAD_CONTEXT.index("France"), "text": "France"}]},
+                {"id": f"q{a}-1", "question": "Who were the Normans descended from?",
+                 "answers": [{"answer_start": SQUAD_CONTEXT.index("Norse raiders"), "text": "Norse raiders and pirates"},
+                             {"answer_start": SQUAD_CONTEXT.index("Norse raiders"), "text": "Norse raiders"}]},
+            ],
+        }]})
+    return {"version": "1.1", "data": data}
+
+
+@pytest.fixture
+def fixture_data(tmp_path) -> Path:
+    """A data folder in the GLUE layout holding the splits missing on this machine."""
+    root = tmp_path / "data"
+    glue = root / "glue"
+    pairs = [("A man is playing a guitar.", "A man plays music.", "entailment"),
+             ("The cat sleeps on the mat.", "The dog runs.", "neutral"),
+             ("Nobody is in the room.", "A crowd fills the room.", "contradiction")]
+    write_tsv(glue / "MNLI" / "train.tsv", MNLI_TRAIN_HEADER,
+              [mnli_row(i, *pairs[i % 3], dev=False) for i in range(12)])
+    for split in ("dev_matched", "dev_mismatched"):
+        write_tsv(glue / "MNLI" / f"{split}.tsv", MNLI_DEV_HEADER,
+                  [mnli_row(i, *pairs[(i + 1) % 3], dev=True) for i in range(6)])
+    qqp_header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    qqp_rows = [[str(i), str(2 * i), str(2 * i + 1), f"How do I learn {w}?", f"What is the best way to learn {w}?",
+                 str(i % 2)] for i, w in enumerate(["python", "chess", "piano", "french", "math", "go"])]
+    write_tsv(glue / "QQP" / "train.tsv", qqp_header, qqp_rows + [["99", "x", "a truncated row"]])
+    write_tsv(glue / "QQP" / "dev.tsv", qqp_header, qqp_rows[:4])
+    write_tsv(glue / "QNLI" / "train.tsv", ["index", "question", "sentence", "label"],
+              [[str(i), "Where is Normandy?", "Normandy is in France.", ["entailment", "not_entailment"][i % 2]]
+               for i in range(8)])
+    (root / "squad").mkdir(parents=True)
+    (root / "squad" / "train-v1.1.json").write_text(json.dumps(squad_payload(3)), encoding="utf-8")
+    (root / "squad" / "dev-v1.1.json").write_text(json.dumps(squad_payload(2)), encoding="utf-8")
+    return root

@@ -1,0 +1,134 @@
+"""End to end on tiny-random with small real data: run folders, skip, resume, cache, determinism."""
+
+import json
+
+import pytest
+
+from qbert.config import parse_config
+from qbert.pipeline.finetune import linear_warmup_decay
+from qbert.pipeline.run import run_experiment
+from qbert.runs import read_json
+
+
+def tiny(real_data, **overrides):
+    data = {
+        "name": "tiny",
+        "model": "tiny-random",
+        "task": "mrpc",
+        "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            data.setdefault(section, {})[leaf] = value
+        else:
+            data[section] = value
+    return parse_config(data)
+
+
+def test_run_writes_the_run_folder(real_data, tmp_path):
+    result = run_experiment(tiny(real_data), root=tmp_path)
+    seed = result.folder / "seed=0"
+    for name in ("config.yaml", "metrics.json", "env.json", "status.json", "run.log", "predictions.jsonl"):
+        assert (seed / name).is_file(), name
+    metrics = read_json(seed / "metrics.json")
+    assert set(metrics["metrics"]) == {"f1", "accuracy"}
+    assert metrics["finetune"]["cached"] is False and metrics["finetune"]["steps"] == 4
+    assert read_json(seed / "status.json")["state"] == "done"
+    env = read_json(seed / "env.json")
+    assert env["packages"]["torch"] and "git_dirty" in env
+    predictions = [json.loads(line) for line in (seed / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 32 and {"guid", "label", "prediction"} <= set(predictions[0])
+    summary = read_json(result.folder / "summary.json")
+    assert summary["metrics"]["f1"]["n"] == 1 and summary["headline"] == "f1"
+
+
+def test_rerun_skips_finished_seeds_and_force_reruns(real_data, tmp_path):
+    cfg = tiny(real_data)
+    run_experiment(cfg, root=tmp_path)
+    again = run_experiment(cfg, root=tmp_path)
+    assert [o.state for o in again.seeds] == ["skipped"]
+    forced = run_experiment(cfg, root=tmp_path, force=True)
+    assert [o.state for o in forced.seeds] == ["done"]
+    # the forced rerun reuses the cached fine-tuned checkpoint
+    assert read_json(forced.folder / "seed=0" / "metrics.json")["finetune"]["cached"] is True
+
+
+def test_interrupted_seed_restarts_cleanly(real_data, tmp_path):
+    cfg = tiny(real_data)
+    result = run_experiment(cfg, root=tmp_path)
+    seed = result.folder / "seed=0"
+    (seed / "metrics.json").unlink()
+    (seed / "status.json").write_text(json.dumps({"state": "running", "pid": 999999}))
+    (seed / "leftover.tmp").write_text("half-written")
+    again = run_experiment(cfg, root=tmp_path)
+    assert [o.state for o in again.seeds] == ["done"]
+    assert not (seed / "leftover.tmp").exists()
+    assert read_json(seed / "status.json")["state"] == "done"
+
+
+def test_same_config_and_seed_give_identical_metrics(real_data, tmp_path):
+    cfg = tiny(real_data, finetune__epochs=2)
+    first = run_experiment(cfg, root=tmp_path / "a")
+    second = run_experiment(cfg, root=tmp_path / "b")  # separate cache: trains again
+    m1 = read_json(first.folder / "seed=0" / "metrics.json")
+    m2 = read_json(second.folder / "seed=0" / "metrics.json")
+    assert m2["finetune"]["cached"] is False
+    assert m1["metrics"] == m2["metrics"]
+    assert m1["finetune"]["final_loss"] == m2["finetune"]["final_loss"]
+    other_seed = run_experiment(tiny(real_data, finetune__epochs=2, seeds=[1]), root=tmp_path / "a")
+    assert read_json(other_seed.folder / "seed=1" / "metrics.json")["finetune"]["final_loss"] != m1["finetune"]["final_loss"]
+
+
+def test_checkpoint_is_shared_by_configs_that_differ_after_finetuning(real_data, tmp_path):
+    run_experiment(tiny(real_data), root=tmp_path)
+    other = run_experiment(tiny(real_data, evaluate__batch_size=8), root=tmp_path)
+    assert read_json(other.folder / "seed=0" / "metrics.json")["finetune"]["cached"] is True
+    changed = run_experiment(tiny(real_data, finetune__lr=5e-5), root=tmp_path)
+    assert read_json(changed.folder / "seed=0" / "metrics.json")["finetune"]["cached"] is False
+
+
+def test_median_over_seeds(real_data, tmp_path):
+    result = run_experiment(tiny(real_data, seeds=[0, 1, 2]), root=tmp_path)
+    values = sorted(read_json(result.folder / f"seed={s}" / "metrics.json")["metrics"]["accuracy"] for s in (0, 1, 2))
+    agg = result.summary["metrics"]["accuracy"]
+    assert (agg["median"], agg["min"], agg["max"], agg["n"]) == (values[1], values[0], values[2], 3)
+
+
+def test_regression_task_end_to_end(real_data, tmp_path):
+    result = run_experiment(tiny(real_data, task="stsb"), root=tmp_path)
+    assert set(result.seeds[0].metrics) == {"pearson", "spearman"}
+
+
+def test_squad_end_to_end_on_real_articles(real_data, tmp_path):
+    cfg = tiny(real_data, task="squad", data={"dir": str(real_data), "train_from_eval": 0.75,
+                                              "max_train_samples": 32, "max_eval_samples": 16},
+               finetune={"epochs": 1, "batch_size": 8, "max_seq_len": 192, "doc_stride": 64})
+    result = run_experiment(cfg, root=tmp_path)
+    metrics = result.seeds[0].metrics
+    assert set(metrics) == {"exact_match", "f1"}
+    rows = [json.loads(x) for x in (result.folder / "seed=0" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(isinstance(r["prediction"], str) for r in rows)
+
+
+def test_mnli_reports_matched_and_mismatched(fixture_data, tmp_path):
+    cfg = parse_config({"model": "tiny-random", "task": "mnli", "seeds": [0], "data": {"dir": str(fixture_data)},
+                        "finetune": {"epochs": 1, "batch_size": 4, "max_seq_len": 32}})
+    result = run_experiment(cfg, root=tmp_path)
+    assert set(result.seeds[0].metrics) == {"accuracy", "accuracy_mismatched"}
+    assert (result.folder / "seed=0" / "predictions-mismatched.jsonl").is_file()
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_warmup_decay(opt, warmup_steps=2, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])

@@ -1,0 +1,112 @@
+"""The command line: help with examples, one-line errors without tracebacks, run / ls / validate."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "ls"])
+def test_every_help_ends_with_an_example(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Example: qbert " + command in result.output.strip().splitlines()[-1] or \
+        "Example: qbert " + command in result.output
+
+
+def test_top_level_help_is_light():
+    """`qbert --help` must not import torch or transformers (it answers in well under a second)."""
+    code = "import sys; from cli.main import app; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("finetune: {lrr: 1}\n", [], "finetune.lrr: unknown key (did you mean 'lr'?)"),
+        ("finetune: {epochs: many}\n", [], "finetune.epochs: Input should be a valid number"),
+        ("task: mnlii\n", [], "task: 'mnlii' is not valid"),
+        ("model: bert-base-uncased\n", [], "model: 'bert-base-uncased' is not an alias or a local folder"),
+        ("task: [\n", [], "invalid YAML"),
+        ("seeds: [1]\nseeds: [2]\n", [], "duplicate key 'seeds'"),
+        ("task: mrpc\n", ["finetune.lr"], "is not key.path=value"),
+        ("task: mrpc\n", ["finetune.batch_size=-1"], "finetune.batch_size: Input should be greater than 0"),
+    ],
+)
+def test_run_errors_are_one_line(tmp_path, real_data, text, overrides, expected):
+    result = invoke("run", write(tmp_path, text), *overrides)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_file(tmp_path):
+    result = invoke("run", str(tmp_path / "missing.yaml"))
+    assert result.exit_code == 2
+    assert "config file not found" in result.output and "Traceback" not in result.output
+
+
+def test_missing_data_folder(tmp_path):
+    result = invoke("run", write(tmp_path, "model: tiny-random\ndata: {dir: /no/such/dir}\n"))
+    assert result.exit_code == 2
+    assert "data.dir: data folder '/no/such/dir' does not exist" in result.output
+
+
+def test_validate_reports_each_file(tmp_path):
+    good = write(tmp_path, "task: rte\n", "good.yaml")
+    bad = write(tmp_path, "task: rte\nfoo: 1\n", "bad.yaml")
+    result = invoke("validate", good, bad)
+    assert result.exit_code == 2
+    assert f"ok {good}" in result.output
+    assert f"error: {bad}: foo: unknown key" in result.output
+
+
+def test_validate_preflight_catches_offline_hub_id(tmp_path):
+    path = write(tmp_path, "model: bert-base-uncased\n")
+    assert invoke("validate", path).exit_code == 0
+    result = invoke("validate", "--preflight", path)
+    assert result.exit_code == 2 and "hub is offline" in result.output
+
+
+def test_run_then_ls(tmp_path, real_data, monkeypatch):
+    cfg = write(tmp_path, f"""
+name: cli_smoke
+model: tiny-random
+task: rte
+seeds: [7]
+data: {{dir: {real_data}, max_train_samples: 32, max_eval_samples: 16}}
+finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
+""")
+    runs = tmp_path / "runs"
+    first = invoke("run", cfg, "--runs-dir", str(runs), "-q")
+    assert first.exit_code == 0, first.output
+    assert "seed 7: done" in first.output and "median" in first.output
+    second = invoke("run", cfg, "--runs-dir", str(runs), "-q")
+    assert "seed 7: skipped" in second.output
+    listing = invoke("ls", "--runs-dir", str(runs))
+    assert listing.exit_code == 0
+    assert "cli_smoke" in listing.output and "1/1" in listing.output and "accuracy" in listing.output
+
+
+def test_ls_empty(tmp_path):
+    result = invoke("ls", "--runs-dir", str(tmp_path))
+    assert result.exit_code == 0 and "no runs under" in result.output

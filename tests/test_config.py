@@ -1,0 +1,116 @@
+"""The config schema, YAML loading, overrides and their one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from qbert.config import ExperimentConfig, apply_overrides, load_config, parse_config
+from qbert.errors import QbertError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name
+    assert len(cfg.config_hash()) == 12
+
+
+def test_defaults_are_in_the_schema():
+    cfg = ExperimentConfig()
+    assert cfg.finetune.lr == 2.0e-5 and cfg.finetune.warmup == 0.1
+    assert cfg.recipe.name == "fp32"
+    assert cfg.calibrate.batches == 16
+    assert cfg.resolved()["evaluate"]["batch_size"] == 64
+
+
+def test_name_defaults_to_file_stem_and_is_sanitised(tmp_path):
+    path = tmp_path / "my run.yaml"
+    path.write_text("task: rte\n")
+    assert load_config(path).name == "my_run"
+    assert parse_config({"name": "a b/c"}).name == "a_b_c"
+
+
+def test_hash_ignores_key_order_name_and_seeds():
+    a = parse_config({"task": "rte", "finetune": {"lr": 3e-5, "epochs": 2}, "seeds": [1]})
+    b = parse_config({"finetune": {"epochs": 2, "lr": 3e-5}, "task": "rte", "name": "other", "seeds": [1, 2]})
+    assert a.config_hash() == b.config_hash()
+    assert a.config_hash() != parse_config({"task": "rte"}).config_hash()
+
+
+def test_explicit_zero_and_false_are_kept():
+    cfg = parse_config({"finetune": {"warmup": 0, "group_by_length": False}})
+    assert cfg.finetune.warmup == 0 and cfg.finetune.group_by_length is False
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("finetune:\n  lrr: 1.0e-5\n", "finetune.lrr: unknown key (did you mean 'lr'?)"),
+        ("finetun: {}\n", "finetun: unknown key (did you mean 'finetune'?)"),
+        ("finetune: {lr: fast}\n", "finetune.lr: Input should be a valid number"),
+        ("task: mrcp\n", "task: 'mrcp' is not valid"),
+        ("recipe: {name: fp16}\n", "recipe: unknown recipe 'fp16' (did you mean 'fp32'?)"),
+        ("recipe: {name: fp32, bits: 4}\n", "recipe.bits: unknown key"),
+        ("seeds: []\n", "seeds: List should have at least 1 item"),
+        ("seeds: [1, 1]\n", "seeds: seeds must be distinct"),
+        ("data: {train_from_eval: 1.5}\n", "data.train_from_eval: Input should be less than 1"),
+        ("task: squad\nfinetune: {max_seq_len: 128, doc_stride: 128}\n", "doc_stride (128) must be well below"),
+        ("export: {formats: [onnx]}\n", "export.formats: unknown export format 'onnx'"),
+        ("task: [mrpc\n", "invalid YAML: line"),
+        ("task: mrpc\ntask: rte\n", "duplicate key 'task'"),
+        ("- a\n- b\n", "the top level must be a mapping"),
+    ],
+)
+def test_bad_configs_give_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(QbertError) as info:
+        load_config(path)
+    rendered = info.value.render()
+    assert rendered.startswith(str(path))
+    assert message in rendered
+    assert "\n" not in rendered
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(QbertError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_set_nested_values_parsed_as_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: mrpc\nfinetune: {lr: 1.0e-5}\n")
+    cfg = load_config(path, ["finetune.lr=3e-5", "seeds=[1,2]", "data.max_train_samples=100", "task=rte"])
+    assert cfg.finetune.lr == 3e-5 and cfg.seeds == [1, 2]
+    assert cfg.data.max_train_samples == 100 and cfg.task == "rte"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.lr", "is not key.path=value"),
+        ("finetune.lr=abc", "finetune.lr: Input should be a valid number"),
+        ("finetune.nope=1", "finetune.nope: unknown key"),
+        ("task.x=1", "task is not a mapping"),
+        ("seeds=[1,", "invalid YAML"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: mrpc\n")
+    with pytest.raises(QbertError) as info:
+        load_config(path, [override])
+    assert message in info.value.render()
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"finetune": {"lr": 1e-5}}
+    apply_overrides(raw, ["finetune.lr=2e-5"])
+    assert raw == {"finetune": {"lr": 1e-5}}
