@@ -33,10 +33,11 @@ def run(
 
         cfg = load_config(config, overrides or [])
         console = Console()
-        console.print(f"[bold]{cfg.name}[/] {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, "
-                      f"seeds {cfg.seeds} -> hash {cfg.config_hash()}")
         result = run_experiment(
             cfg, root=runs_dir, force=force, reporter=Reporter(enabled=not quiet),
+            on_start=lambda folder: console.print(
+                f"[bold]{cfg.name}[/]: {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, seeds {cfg.seeds} -> {folder}"
+            ),
             on_seed=lambda outcome: console.print(seed_line(outcome)),
         )
         console.print(results_table(result))

@@ -95,12 +95,18 @@ def _seed_log(folder: Path) -> Iterator[None]:
 
 def run_experiment(
     config: ExperimentConfig, *, root: str | Path | None = None, force: bool = False,
-    reporter: Reporter = SILENT, on_seed: Any = None,
+    reporter: Reporter = SILENT, on_start: Any = None, on_seed: Any = None,
 ) -> ExperimentResult:
-    """Run every seed of ``config`` (finished seeds are skipped unless ``force``) and summarise."""
+    """Run every seed of ``config`` (finished seeds are skipped unless ``force``) and summarise.
+
+    ``on_start(folder)`` is called once the model and data are known to be usable, ``on_seed(outcome)``
+    after each seed.
+    """
     source, task = preflight(config)
     results_root = runs_root(root)
     folder = config_dir(results_root, config.name, config.config_hash())
+    if on_start is not None:
+        on_start(folder)
     write_config(folder / "config.yaml", config.resolved())
     outcomes = []
     for seed in config.seeds:
