@@ -36,7 +36,8 @@ def run(
         result = run_experiment(
             cfg, root=runs_dir, force=force, reporter=Reporter(enabled=not quiet),
             on_start=lambda folder: console.print(
-                f"[bold]{cfg.name}[/]: {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, seeds {cfg.seeds} -> {folder}"
+                f"[bold]{cfg.name}[/]: {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, "
+                f"seeds {cfg.seeds} -> {folder}"
             ),
             on_seed=lambda outcome: console.print(seed_line(outcome)),
         )

@@ -24,7 +24,9 @@ def results_table(result: Any) -> Table:
     summary = result.summary or {}
     names = list((summary.get("metrics") or {}).keys())
     title = f"{result.config.name}: {result.config.model} / {result.config.task} / {result.config.recipe.name}"
-    caption = "metrics x100 (GLUE convention)" + ("; simulated (fake-quant) arithmetic" if summary.get("simulated") else "")
+    caption = "metrics x100 (GLUE convention)"
+    if summary.get("simulated"):
+        caption += "; simulated (fake-quant) arithmetic"
     table = Table(title=title, caption=caption)
     table.add_column("seed")
     for name in names:

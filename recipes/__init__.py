@@ -18,7 +18,8 @@ def _load() -> None:
     for module_name in _MODULES:
         module = importlib.import_module(module_name)
         for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, Recipe) and obj is not Recipe and obj.__module__ == module_name:
+            is_recipe = isinstance(obj, type) and issubclass(obj, Recipe) and obj is not Recipe
+            if is_recipe and obj.__module__ == module_name:
                 RECIPES[obj.name] = obj
 
 

@@ -27,7 +27,8 @@ def test_every_help_ends_with_an_example(command):
 
 def test_top_level_help_is_light():
     """`qbert --help` must not import torch or transformers (it answers in well under a second)."""
-    code = "import sys; from cli.main import app; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = ("import sys; from cli.main import app; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -223,7 +223,7 @@ class GlueTask(Task):
                 "label": names[int(e.label)] if names else float(e.label),
                 "prediction": names[int(p)] if names else float(p),
             }
-            for e, p in zip(examples, preds)
+            for e, p in zip(examples, preds, strict=True)
         ]
         return EvalOutput(self.compute(labels, preds), predictions)
 

@@ -84,7 +84,8 @@ class Squad(Task):
             return self._hub_articles(split)
         path = self._file(root, split)
         if not path.is_file():
-            fix = "set data.train_from_eval (e.g. 0.75) to train on part of the dev articles" if split == "train" else "add the file"
+            fix = ("set data.train_from_eval (e.g. 0.75) to train on part of the dev articles"
+                   if split == "train" else "add the file")
             raise QbertError(f"squad {split} split not found at {path}: {fix}", key="data.dir")
         return read_squad_json(path)
 
@@ -182,7 +183,7 @@ class Squad(Task):
             sequence_ids = enc.sequence_ids(i)
             feature = {k: enc[k][i] for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc}
             feature["example_index"] = enc["overflow_to_sample_mapping"][i]
-            feature["offsets"] = [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids)]
+            feature["offsets"] = [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids, strict=True)]
             features.append(feature)
         return features
 
@@ -195,7 +196,7 @@ class Squad(Task):
         """Best answer text and score per example: the n-best start and end logits of every window,
         valid spans only (inside the context, end not before start, at most ``max_answer_len``)."""
         best: list[tuple[str, float]] = [("", -np.inf) for _ in examples]
-        for feature, (start_logits, end_logits) in zip(features, outputs):
+        for feature, (start_logits, end_logits) in zip(features, outputs, strict=True):
             index = feature["example_index"]
             offsets = feature["offsets"]
             context = examples[index].context
@@ -214,10 +215,11 @@ class Squad(Task):
 
     def score(self, examples: list[SquadExample], features: list[dict[str, Any]], outputs: Any) -> EvalOutput:
         spans = self.best_spans(examples, features, outputs)
-        predictions = {e.id: text for e, (text, _) in zip(examples, spans)}
+        predictions = {e.id: text for e, (text, _) in zip(examples, spans, strict=True)}
         answers = {e.id: list(e.answers) for e in examples}
         rows = [
-            {"id": e.id, "prediction": text, "answers": list(e.answers), "score": score if np.isfinite(score) else None}
-            for e, (text, score) in zip(examples, spans)
+            {"id": e.id, "prediction": text, "answers": list(e.answers),
+             "score": score if np.isfinite(score) else None}
+            for e, (text, score) in zip(examples, spans, strict=True)
         ]
         return EvalOutput(M.squad_scores(predictions, answers), rows)

@@ -79,7 +79,8 @@ def test_same_config_and_seed_give_identical_metrics(real_data, tmp_path):
     assert m1["metrics"] == m2["metrics"]
     assert m1["finetune"]["final_loss"] == m2["finetune"]["final_loss"]
     other_seed = run_experiment(tiny(real_data, finetune__epochs=2, seeds=[1]), root=tmp_path / "a")
-    assert read_json(other_seed.folder / "seed=1" / "metrics.json")["finetune"]["final_loss"] != m1["finetune"]["final_loss"]
+    other = read_json(other_seed.folder / "seed=1" / "metrics.json")
+    assert other["finetune"]["final_loss"] != m1["finetune"]["final_loss"]
 
 
 def test_checkpoint_is_shared_by_configs_that_differ_after_finetuning(real_data, tmp_path):
@@ -92,7 +93,8 @@ def test_checkpoint_is_shared_by_configs_that_differ_after_finetuning(real_data,
 
 def test_median_over_seeds(real_data, tmp_path):
     result = run_experiment(tiny(real_data, seeds=[0, 1, 2]), root=tmp_path)
-    values = sorted(read_json(result.folder / f"seed={s}" / "metrics.json")["metrics"]["accuracy"] for s in (0, 1, 2))
+    values = sorted(read_json(result.folder / f"seed={s}" / "metrics.json")["metrics"]["accuracy"]
+                    for s in (0, 1, 2))
     agg = result.summary["metrics"]["accuracy"]
     assert (agg["median"], agg["min"], agg["max"], agg["n"]) == (values[1], values[0], values[2], 3)
 
