@@ -67,7 +67,7 @@ class FinetuneConfig(Section):
 
     epochs: float = Field(3.0, gt=0, description="Passes over the training set (may be fractional).")
     lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="Training examples (SQuAD: windows) per step.")
     max_seq_len: int = Field(128, ge=8, le=4096, description="Truncation length (SQuAD: window length).")
     doc_stride: int = Field(128, gt=0, description="SQuAD: tokens shared by consecutive windows of a context.")
     warmup: float = Field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming up.")
@@ -82,21 +82,21 @@ class FinetuneConfig(Section):
 class EstimatorConfig(Section):
     """Range estimators for quantizers (used by the quantization recipes)."""
 
-    weights: RangeEstimatorName = "minmax"
-    activations: RangeEstimatorName = "running_minmax"
+    weights: RangeEstimatorName = Field("minmax", description="Range estimator for weight quantizers.")
+    activations: RangeEstimatorName = Field("running_minmax", description="Range estimator for activations.")
 
 
 class CalibrateConfig(Section):
     """Calibration data for static activation ranges: N batches from the training split."""
 
-    batches: int = Field(16, gt=0)
-    batch_size: int = Field(1, gt=0)
+    batches: int = Field(16, gt=0, description="Calibration batches drawn (seeded) from the training split.")
+    batch_size: int = Field(1, gt=0, description="Sequences per calibration batch.")
 
 
 class EvaluateConfig(Section):
     """The evaluate stage."""
 
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Evaluation examples (SQuAD: windows) per batch.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast at evaluation.")
     save_predictions: bool = Field(True, description="Write per-example predictions next to metrics.")
     n_best: int = Field(20, gt=0, description="SQuAD: start and end candidates searched per window.")
@@ -137,8 +137,8 @@ class ExperimentConfig(Section):
 
     name: str = Field("experiment", description="Run folder name (sanitised).")
     model: str = Field("minilm-l6", description="Hub id, local HF folder, or alias (minilm-l6, tiny-random).")
-    task: TaskName = "mrpc"
-    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    task: TaskName = Field("mrpc", description="GLUE task or squad.")
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1, description="One run per seed.")
     data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     recipe: SerializeAsAny[RecipeParams] = Field(default_factory=_default_recipe)
