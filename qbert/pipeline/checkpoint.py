@@ -76,8 +76,10 @@ def cached_checkpoint(
         if info is not None:
             log.info("reusing fine-tuned checkpoint %s", folder)
             return folder, info["training"], True
+        # under the lock nobody else is training this key: any temporary folder is a killed run's
+        for stale in root.glob(f"{key}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             training = train(tmp)
