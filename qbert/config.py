@@ -7,6 +7,7 @@ nearest valid key.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -274,7 +275,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each ``key.path=value`` in a copy of the raw config mapping."""
-    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node = data
