@@ -209,11 +209,11 @@ def stable_hash(data: Any, length: int = 12) -> str:
 # ---------------------------------------------------------------- YAML loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """Safe loader that rejects a key given twice in one mapping."""
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+def _construct_unique_mapping(loader: _UniqueKeySafeLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -225,7 +225,7 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(
+_UniqueKeySafeLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
 )
 
@@ -246,7 +246,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             source=str(path),
         )
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as exc:
         raise QbertError(_yaml_error_line(exc), source=str(path)) from None
     except UnicodeDecodeError:
@@ -267,7 +267,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"override {text!r} is not key.path=value (e.g. finetune.lr=3e-5)", source="command line"
         )
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeySafeLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise QbertError(f"{_yaml_error_line(exc)} in override {text!r}", source="command line") from None
     return key.split("."), value
