@@ -85,6 +85,12 @@ class EstimatorConfig(Section):
 
     weights: RangeEstimatorName = Field("minmax", description="Range estimator for weight quantizers.")
     activations: RangeEstimatorName = Field("running_minmax", description="Range estimator for activations.")
+    momentum: float = Field(0.9, gt=0, lt=1, description="running_minmax: weight of the old range in the EMA.")
+    mse_search: Literal["grid", "golden"] = Field(
+        "grid", description="mse: grid search over clipping ratios, or golden-section search."
+    )
+    mse_candidates: int = Field(100, ge=2, description="mse: grid size (golden: the smallest ratio is 1/N).")
+    percentile: float = Field(99.99, gt=50, lt=100, description="percentile: upper percentile (lower = 100 - p).")
 
 
 class CalibrateConfig(Section):

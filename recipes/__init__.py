@@ -7,7 +7,7 @@ import importlib
 
 from recipes.base import Recipe
 
-_MODULES = ("recipes.fp32",)
+_MODULES = ("recipes.fp32", "recipes.ptq", "recipes.mp_ptq", "recipes.peg", "recipes.dynamic_int8")
 
 RECIPES: dict[str, type[Recipe]] = {}
 
@@ -18,7 +18,7 @@ def _load() -> None:
     for module_name in _MODULES:
         module = importlib.import_module(module_name)
         for obj in vars(module).values():
-            is_recipe = isinstance(obj, type) and issubclass(obj, Recipe) and obj is not Recipe
+            is_recipe = isinstance(obj, type) and issubclass(obj, Recipe) and "name" in vars(obj)
             if is_recipe and obj.__module__ == module_name:
                 RECIPES[obj.name] = obj
 

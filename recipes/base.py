@@ -47,6 +47,14 @@ class Recipe:
         """Turn the fine-tuned model into the model that is evaluated and exported."""
         return model
 
+    def site_plan(self, sites: list[Any]) -> Any:
+        """The resolved site plan for ``sites`` (``qbert inspect sites``); None: no static sites."""
+        return None
+
+    def evaluation_device(self, device: torch.device) -> torch.device:
+        """Where the quantized model is evaluated (real int8 CPU kernels override this)."""
+        return device
+
     def report(self) -> dict[str, Any]:
         """Recipe-specific numbers recorded with the metrics (sizes, outlier counts, timings)."""
         return {}

@@ -189,6 +189,7 @@ def run_seed(
         start = time.perf_counter()
         model = recipe.quantize(model, ctx)
         timings["quantize"] = round(time.perf_counter() - start, 2)
+        eval_device = recipe.evaluation_device(device)
 
         # evaluate every evaluation split; metrics of later splits carry the split name
         metrics: dict[str, float] = {}
@@ -197,7 +198,7 @@ def run_seed(
             examples = task.load(split, config.data)
             output, info = evaluate(
                 model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
-                max_len=config.finetune.max_seq_len, device=device, precision=config.evaluate.precision,
+                max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
                 reporter=reporter,
             )
             suffix = "" if i == 0 else f"_{split}"

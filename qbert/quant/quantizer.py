@@ -1,0 +1,190 @@
+"""The quantizer module: fake-quantizes a tensor with per-tensor, per-channel or per-embedding-group
+parameters, in one of four states.
+
+States (Bondarenko et al. 2021 sec. 2; Q8BERT):
+
+- ``estimate``: the range estimator observes the input, which passes through unchanged
+  (calibration runs the floating-point network).
+- ``fixed``: scale and zero point are frozen buffers (PTQ, evaluation).
+- ``learn``: scale and zero point are trained with the network (QAT with learned ranges, LSQ-style
+  gradients through :func:`~qbert.quant.functional.fake_quantize`).
+- ``estimate_train``: while the module is training, the estimator (an EMA) updates on every batch and
+  the input is quantized with the current range; in eval mode the last range is used (Q8BERT).
+
+Per-embedding-group (PEG) quantization splits the last dimension into K equal groups that share a
+scale and zero point. With ``permute`` the dimensions are first sorted by their calibrated range
+(``permutation``, stored as a buffer so exports can apply it), so the outlier dimensions share a group.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qbert.quant.estimators import RangeEstimator
+from qbert.quant.functional import fake_quantize, grid_limits, params_from_range
+from qbert.quant.spec import QuantSpec
+
+QuantState = Literal["estimate", "fixed", "learn", "estimate_train"]
+STATES = ("estimate", "fixed", "learn", "estimate_train")
+
+
+class Quantizer(nn.Module):
+    """Fake quantization of one site (an activation or a weight).
+
+    ``channels`` is the size of the quantized dimension (the last one for activations, the first for
+    weights); it is needed by per-channel and per-embedding-group granularity.
+    """
+
+    def __init__(
+        self, spec: QuantSpec, estimator: RangeEstimator, *, channels: int | None = None,
+        channel_dim: Literal[0, -1] = -1, site: str = "",
+    ) -> None:
+        super().__init__()
+        self.spec, self.estimator, self.channels, self.channel_dim, self.site = (
+            spec, estimator, channels, channel_dim, site,
+        )
+        self.qmin, self.qmax = grid_limits(spec.bits, spec.symmetric)
+        if spec.granularity == "per_tensor":
+            groups = 1
+        else:
+            if channels is None:
+                raise ValueError(f"{site}: {spec.granularity} needs a channel dimension")
+            if spec.granularity == "per_channel":
+                groups = channels
+            else:
+                groups = spec.groups or channels
+                if channels % groups:
+                    raise ValueError(f"{site}: {groups} groups do not divide {channels} embedding dimensions")
+        self.groups = groups
+        self.scale = nn.Parameter(torch.ones(groups), requires_grad=False)
+        self.zero_point = nn.Parameter(torch.zeros(groups), requires_grad=False)
+        if spec.granularity == "per_embedding_group":
+            self.register_buffer("permutation", torch.arange(channels))
+            self.register_buffer("dim_to_group", torch.arange(channels) * groups // channels)
+        else:
+            self.permutation = None
+            self.dim_to_group = None
+        self.state: QuantState = "estimate"
+        self.track_dimensions = False
+        """When set, ``observe`` also keeps per-dimension extremes (for permutations and reports)."""
+        self.dim_lo: torch.Tensor | None = None
+        self.dim_hi: torch.Tensor | None = None
+
+    # states -----------------------------------------------------------------------------------
+    def set_state(self, state: QuantState) -> None:
+        """Switch state; ``learn`` makes scale and zero point trainable, the others freeze them."""
+        if state not in STATES:
+            raise ValueError(f"unknown quantizer state {state!r}; one of {', '.join(STATES)}")
+        self.state = state
+        trainable = state == "learn"
+        self.scale.requires_grad_(trainable)
+        self.zero_point.requires_grad_(trainable and not self.spec.symmetric)
+
+    def freeze(self) -> None:
+        """Set scale and zero point from the estimator's range and switch to ``fixed``."""
+        self.set_range(*self.estimator.range())
+        self.set_state("fixed")
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Scale and zero point covering per-group ``[lo, hi]``."""
+        scale, zero_point = params_from_range(
+            lo.to(self.scale.device).reshape(-1).float(), hi.to(self.scale.device).reshape(-1).float(),
+            self.spec.bits, self.spec.symmetric,
+        )
+        self.scale.copy_(scale.expand(self.groups))
+        self.zero_point.copy_(zero_point.expand(self.groups))
+
+    def quant_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The representable per-group range ``[s (qmin - z), s (qmax - z)]``."""
+        s, z = self.scale.detach(), self.zero_point.detach()
+        return s * (self.qmin - z), s * (self.qmax - z)
+
+    @torch.no_grad()
+    def set_permutation(self, permutation: torch.Tensor) -> None:
+        """Range-based permutation: ``permutation[j]`` is the dimension placed at position ``j``."""
+        if self.permutation is None:
+            raise ValueError(f"{self.site}: only per-embedding-group quantizers take a permutation")
+        permutation = permutation.to(self.permutation.device).long()
+        self.permutation.copy_(permutation)
+        position = torch.empty_like(permutation)
+        position[permutation] = torch.arange(len(permutation), device=permutation.device)
+        self.dim_to_group.copy_(position * self.groups // self.channels)
+
+    # data -------------------------------------------------------------------------------------
+    def grouped(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` as a ``[groups, samples]`` matrix for the estimator, without positions masked out.
+
+        ``valid`` is a boolean mask over ``x``'s leading dimensions (tokens) or over all of them.
+        """
+        x = x.detach()
+        if valid is not None:
+            if valid.dim() == x.dim():
+                x = x[valid.expand_as(x)]
+            else:
+                x = x[valid.expand(x.shape[:-1])]
+        if self.spec.granularity == "per_tensor":
+            return x.reshape(1, -1)
+        if self.spec.granularity == "per_channel":
+            if self.channel_dim == 0:
+                return x.reshape(self.groups, -1)
+            return x.reshape(-1, self.channels).t()
+        rows = x.reshape(-1, self.channels)[:, self.permutation]
+        return rows.reshape(rows.shape[0], self.groups, -1).transpose(0, 1).reshape(self.groups, -1)
+
+    def observe(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Feed ``x`` (valid positions only) to the range estimator."""
+        self.estimator.update(self.grouped(x, valid))
+        if self.track_dimensions and self.channels is not None and self.channel_dim == -1:
+            rows = x.detach()
+            if valid is not None and valid.dim() < x.dim():
+                rows = rows[valid.expand(x.shape[:-1])]
+            rows = rows.reshape(-1, self.channels).float()
+            if rows.shape[0]:
+                lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+                self.dim_lo = lo if self.dim_lo is None else torch.minimum(self.dim_lo, lo)
+                self.dim_hi = hi if self.dim_hi is None else torch.maximum(self.dim_hi, hi)
+
+    def range_permutation(self) -> torch.Tensor:
+        """Dimensions sorted by their observed range ``max - min`` (ascending, stable): the
+        permutation of Bondarenko et al. sec. 4, which puts the outlier dimensions in the last group."""
+        if self.dim_lo is None or self.dim_hi is None:
+            raise RuntimeError(f"{self.site}: no per-dimension ranges were observed")
+        return torch.argsort(self.dim_hi - self.dim_lo, stable=True)
+
+    def _broadcast(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.granularity == "per_tensor":
+            return values
+        if self.spec.granularity == "per_embedding_group":
+            return values[self.dim_to_group]
+        if self.channel_dim == 0:
+            return values.view(-1, *([1] * (x.dim() - 1)))
+        return values
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with the current scale and zero point."""
+        scale = self._broadcast(self.scale, x)
+        zero_point = self._broadcast(self.zero_point, x)
+        if self.state == "learn" and not self.spec.symmetric:
+            zero_point = zero_point + (torch.round(zero_point) - zero_point).detach()
+        return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.state == "estimate":
+            self.observe(x, valid)
+            return x
+        if self.state == "estimate_train" and self.training:
+            self.observe(x, valid)
+            self.set_range(*self.estimator.range())
+        return self.quantize(x)
+
+    def extra_repr(self) -> str:
+        lo, hi = self.quant_range()
+        span = f"[{lo.min().item():.4g}, {hi.max().item():.4g}]" if self.state != "estimate" else "unset"
+        return (
+            f"site={self.site!r}, {self.spec.describe()}, estimator={self.estimator.name}, "
+            f"state={self.state}, range={span}"
+        )

@@ -1,0 +1,420 @@
+"""Sites: stable dotted names for every tensor of a BERT-family encoder a recipe may quantize.
+
+Activation sites, per layer ``i`` (13 per layer, in forward order)::
+
+    layer.i.attn.query  .key  .value      outputs of the Q/K/V projections
+    layer.i.attn.scores                   Q K^T (softmax input, before the 1/sqrt(d) scaling and the mask)
+    layer.i.attn.probs                    softmax output
+    layer.i.attn.context                  probabilities times values, heads concatenated
+    layer.i.attn.output                   output projection of the attention block
+    layer.i.attn.residual_sum             attention output + block input (LayerNorm input)
+    layer.i.ffn.input                     attention LayerNorm output = FFN input
+    layer.i.ffn.intermediate              first FFN linear after GELU
+    layer.i.ffn.output                    second FFN linear
+    layer.i.ffn.residual_sum              FFN output + FFN input (LayerNorm input)
+    layer.i.ffn.norm                      FFN LayerNorm output = the layer's output
+
+and ``embeddings.sum`` (word + position + token type), ``embeddings.output`` (after LayerNorm),
+``pooler.output`` (after tanh) and ``head.output`` (logits). Weight sites are the linear layers'
+weights, named after the activation site they produce (``layer.i.ffn.output.weight``,
+``pooler.output.weight``, ``head.output.weight``) and the embedding tables
+(``embeddings.word.weight``, ``embeddings.position.weight``, ``embeddings.token_type.weight``).
+Biases, LayerNorm parameters, softmax, GELU and LayerNorm arithmetic stay in floating point.
+
+Hooks, for transformers 5.x: linear outputs, LayerNorm inputs (residual sums) and outputs, the
+intermediate (GELU) output and the pooler use forward hooks; attention scores, probabilities and
+context use an attention function registered as ``"qbert"`` in ``ALL_ATTENTION_FUNCTIONS``; weights
+use ``torch.nn.utils.parametrize``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qbert.quant.quantizer import Quantizer
+from qbert.quant.spec import QuantSpec, SiteOverride
+
+LAYER_FAMILIES = (
+    "attn.query", "attn.key", "attn.value", "attn.scores", "attn.probs", "attn.context", "attn.output",
+    "attn.residual_sum", "ffn.input", "ffn.intermediate", "ffn.output", "ffn.residual_sum", "ffn.norm",
+)
+"""Activation sites of one encoder layer, in forward order."""
+
+LAYER_WEIGHTS = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
+"""Linear layers of one encoder layer (weight sites are these names plus ``.weight``)."""
+
+Layout = Literal["tokens", "attention", "vector", "weight"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One quantizable tensor."""
+
+    name: str
+    kind: Literal["activation", "weight"]
+    family: str
+    """The name without its ``layer.i.`` prefix, e.g. ``ffn.residual_sum``."""
+    layer: int | None
+    channels: int | None
+    """Size of the dimension per-channel / per-embedding-group granularity splits (None: none)."""
+    layout: Layout
+
+
+class UnsupportedModel(ValueError):
+    """The model is not a BERT-family encoder with the module layout qbert hooks into."""
+
+
+@dataclass
+class _Parts:
+    base: nn.Module
+    layers: list[nn.Module]
+    pooler: nn.Module | None
+    head: nn.Linear | None
+
+
+def _parts(model: nn.Module) -> _Parts:
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    needed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
+    if embeddings is None or layers is None or not all(hasattr(embeddings, n) for n in needed):
+        raise UnsupportedModel(
+            f"{type(model).__name__} is not a BERT-family encoder (expected embeddings.word_embeddings/"
+            "position_embeddings/token_type_embeddings and encoder.layer[i].attention/intermediate/output)"
+        )
+    for layer in layers:
+        ok = all(
+            hasattr(obj, attr)
+            for obj, attr in (
+                (layer, "attention"), (layer, "intermediate"), (layer, "output"),
+                (getattr(layer, "attention", None), "self"), (getattr(layer, "attention", None), "output"),
+            )
+        )
+        if not ok or getattr(layer, "add_cross_attention", False):
+            raise UnsupportedModel(f"{type(model).__name__}: encoder layers do not have BERT's layout")
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [m for n, m in model.named_children() if n != prefix and isinstance(m, nn.Linear)]
+    return _Parts(base, list(layers), getattr(base, "pooler", None), heads[0] if len(heads) == 1 else None)
+
+
+def enumerate_sites(model: nn.Module) -> list[Site]:
+    """Every activation and weight site of ``model`` in forward order (works on the meta device)."""
+    parts = _parts(model)
+    config = parts.base.config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    sites: list[Site] = []
+
+    def act(name: str, family: str, layer: int | None, channels: int | None, layout: Layout) -> None:
+        sites.append(Site(name, "activation", family, layer, channels, layout))
+
+    def weight(name: str, family: str, layer: int | None, rows: int) -> None:
+        sites.append(Site(name, "weight", family, layer, rows, "weight"))
+
+    emb = parts.base.embeddings
+    for table in ("word", "position", "token_type"):
+        weight(f"embeddings.{table}.weight", f"embeddings.{table}.weight", None,
+               getattr(emb, f"{table}_embeddings").num_embeddings)
+    act("embeddings.sum", "embeddings.sum", None, hidden, "tokens")
+    act("embeddings.output", "embeddings.output", None, hidden, "tokens")
+    for i, _ in enumerate(parts.layers):
+        for family in LAYER_WEIGHTS:
+            rows = inter if family == "ffn.intermediate" else hidden
+            weight(f"layer.{i}.{family}.weight", f"{family}.weight", i, rows)
+        for family in LAYER_FAMILIES:
+            channels = {"attn.scores": None, "attn.probs": None, "ffn.intermediate": inter}.get(family, hidden)
+            layout: Layout = "attention" if family in ("attn.scores", "attn.probs") else "tokens"
+            act(f"layer.{i}.{family}", family, i, channels, layout)
+    if parts.pooler is not None:
+        weight("pooler.output.weight", "pooler.output.weight", None, parts.pooler.dense.out_features)
+        act("pooler.output", "pooler.output", None, hidden, "vector")
+    if parts.head is not None:
+        weight("head.output.weight", "head.output.weight", None, parts.head.out_features)
+        act("head.output", "head.output", None, parts.head.out_features, "vector")
+    # weights are listed with the layer they belong to; keep activations in forward order
+    return sites
+
+
+# plans -----------------------------------------------------------------------------------------
+def pattern_matches(pattern: str, site: Site) -> bool:
+    """Glob match on the site name; a pattern without ``layer.i.`` also matches every layer's site."""
+    return fnmatch.fnmatchcase(site.name, pattern) or (
+        site.layer is not None and fnmatch.fnmatchcase(site.name, f"layer.*.{pattern}")
+    )
+
+
+class PlanError(ValueError):
+    """A site rule that cannot be applied; ``key`` is the config key to point at."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class SitePlan:
+    """The resolved plan: a spec (or None = floating point) per site."""
+
+    sites: list[Site]
+    specs: dict[str, QuantSpec | None]
+    permutation_sources: dict[str, str] = field(default_factory=dict)
+    """PEG sites sharing the permutation of another site (target -> source)."""
+
+    def quantized(self, kind: str | None = None) -> list[Site]:
+        return [s for s in self.sites if self.specs[s.name] is not None and (kind is None or s.kind == kind)]
+
+    def totals(self) -> dict[str, Any]:
+        """Counts per kind: quantized, floating point, and per bit width."""
+        out: dict[str, Any] = {}
+        for kind in ("activation", "weight"):
+            sites = [s for s in self.sites if s.kind == kind]
+            quantized = [s for s in sites if self.specs[s.name] is not None]
+            by_bits: dict[int, int] = {}
+            for s in quantized:
+                bits = self.specs[s.name].bits  # type: ignore[union-attr]
+                by_bits[bits] = by_bits.get(bits, 0) + 1
+            out[kind] = {"sites": len(sites), "quantized": len(quantized), "fp": len(sites) - len(quantized),
+                         "by_bits": dict(sorted(by_bits.items()))}
+        return out
+
+
+def resolve_plan(
+    sites: list[Site], *, weights: QuantSpec | None, activations: QuantSpec | None,
+    weight_base: QuantSpec, activation_base: QuantSpec,
+    rules: Iterable[tuple[str, SiteOverride | None, str]] = (),
+) -> SitePlan:
+    """Start from the per-kind defaults, then apply ``(pattern, override or None, config key)`` rules
+    in order; a later rule wins. ``*_base`` is what an override builds on for a site whose kind is
+    off by default (e.g. a weight-only recipe that quantizes one activation)."""
+    specs: dict[str, QuantSpec | None] = {s.name: weights if s.kind == "weight" else activations for s in sites}
+    for pattern, override, key in rules:
+        matched = [s for s in sites if pattern_matches(pattern, s)]
+        if not matched:
+            raise PlanError(
+                f"{pattern!r} matches no site of this model; `qbert inspect sites CONFIG` lists them", key
+            )
+        for s in matched:
+            if override is None:
+                specs[s.name] = None
+                continue
+            base = specs[s.name] or (weight_base if s.kind == "weight" else activation_base)
+            try:
+                specs[s.name] = override.apply(base)
+            except ValueError as exc:
+                raise PlanError(f"{s.name}: {_first_error(exc)}", key) from None
+    for s in sites:
+        spec = specs[s.name]
+        if spec is None:
+            continue
+        if spec.granularity != "per_tensor" and s.channels is None:
+            raise PlanError(f"{s.name} has no channel dimension for {spec.granularity}", "recipe")
+        if spec.granularity == "per_channel" and s.kind != "weight":
+            raise PlanError(f"{s.name}: per_channel is for weights; activations use per_embedding_group",
+                            "recipe")
+        if spec.granularity == "per_embedding_group":
+            if s.kind != "activation":
+                raise PlanError(f"{s.name}: per_embedding_group is for activations", "recipe")
+            if spec.groups and s.channels % spec.groups:  # type: ignore[operator]
+                raise PlanError(
+                    f"{s.name}: {spec.groups} groups do not divide its {s.channels} dimensions", "recipe.groups"
+                )
+    return SitePlan(sites, specs)
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(e["msg"].removeprefix("Value error, ") for e in errors())
+    return str(exc)
+
+
+# instrumentation --------------------------------------------------------------------------------
+class _TokenMask:
+    """The attention mask of the forward pass in flight, so statistics can skip padding."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        mask = self.mask
+        if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            return None
+        return mask
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor | None:
+        mask = self.mask
+        if mask is None or x.dim() != 4 or x.shape[0] != mask.shape[0] or x.shape[-1] != mask.shape[-1]:
+            return None
+        return mask[:, None, :, None] & mask[:, None, None, :]
+
+
+@dataclass
+class _AttentionQuantizers:
+    scores: Quantizer | None
+    probs: Quantizer | None
+    context: Quantizer | None
+    mask: _TokenMask
+
+
+def qbert_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's eager attention with quantizers on scores, probabilities and context."""
+    quant: _AttentionQuantizers | None = module.__dict__.get("_qbert_attention")
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if quant is not None and quant.scores is not None:
+        scores = quant.scores(scores, quant.mask.attention(scores))
+    scores = scores * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    if quant is not None and quant.probs is not None:
+        probs = quant.probs(probs, quant.mask.attention(probs))
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    context = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    if quant is not None and quant.context is not None:
+        batch, length = context.shape[:2]
+        flat = context.reshape(batch, length, -1)
+        context = quant.context(flat, quant.mask.tokens(flat)).view_as(context)
+    return context, probs
+
+
+_REGISTERED = False
+
+
+def _register_attention() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("qbert", qbert_attention)
+    AttentionMaskInterface.register("qbert", eager_mask)
+    _REGISTERED = True
+
+
+@dataclass
+class Instrumented:
+    """A model with quantizers in place: the plan, the quantizers by site, and the hook handles."""
+
+    model: nn.Module
+    plan: SitePlan
+    quantizers: dict[str, Quantizer]
+    handles: list[Any] = field(default_factory=list)
+    weight_tensors: dict[str, nn.Parameter] = field(default_factory=dict)
+    """The floating-point weight behind each weight quantizer."""
+
+    def activations(self) -> dict[str, Quantizer]:
+        return {n: q for n, q in self.quantizers.items() if not n.endswith(".weight")}
+
+    def weights(self) -> dict[str, Quantizer]:
+        return {n: q for n, q in self.quantizers.items() if n.endswith(".weight")}
+
+    def set_state(self, state: str, kind: str | None = None) -> None:
+        chosen = self.quantizers if kind is None else (self.weights() if kind == "weight" else self.activations())
+        for q in chosen.values():
+            q.set_state(state)  # type: ignore[arg-type]
+
+
+def instrument(
+    model: nn.Module, plan: SitePlan, make_quantizer: Callable[[Site, QuantSpec], Quantizer]
+) -> Instrumented:
+    """Put a quantizer on every site of ``plan`` that has a spec; returns the handle.
+
+    Activation quantizers are registered under ``model.qbert_quantizers`` (state-dict keys use ``/``
+    for the site's dots); weight quantizers live in the weights' parametrizations.
+    """
+    parts = _parts(model)
+    _register_attention()
+    mask = _TokenMask()
+    quantizers: dict[str, Quantizer] = {}
+    for site in plan.sites:
+        spec = plan.specs[site.name]
+        if spec is not None:
+            quantizers[site.name] = make_quantizer(site, spec)
+    container = nn.Module()
+    for name, q in quantizers.items():
+        if not name.endswith(".weight"):
+            container.add_module(name.replace(".", "/"), q)
+    model.qbert_quantizers = container
+    inst = Instrumented(model, plan, quantizers)
+
+    def capture_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        attention_mask = kwargs.get("attention_mask")
+        mask.mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+
+    inst.handles.append(model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+
+    def on_output(module: nn.Module, site: str) -> None:
+        q = quantizers.get(site)
+        if q is not None:
+            inst.handles.append(module.register_forward_hook(lambda _m, _a, out: q(out, mask.tokens(out))))
+
+    def on_input(module: nn.Module, site: str) -> None:
+        q = quantizers.get(site)
+        if q is not None:
+            inst.handles.append(module.register_forward_pre_hook(
+                lambda _m, args: (q(args[0], mask.tokens(args[0])), *args[1:])
+            ))
+
+    def on_weight(module: nn.Module, site: str) -> None:
+        q = quantizers.get(site)
+        if q is not None:
+            parametrize.register_parametrization(module, "weight", q, unsafe=True)
+            inst.weight_tensors[site] = module.parametrizations.weight.original
+
+    emb = parts.base.embeddings
+    for table in ("word", "position", "token_type"):
+        on_weight(getattr(emb, f"{table}_embeddings"), f"embeddings.{table}.weight")
+    on_input(emb.LayerNorm, "embeddings.sum")
+    on_output(emb.LayerNorm, "embeddings.output")
+    for i, layer in enumerate(parts.layers):
+        attn = layer.attention
+        linears = {
+            "attn.query": attn.self.query, "attn.key": attn.self.key, "attn.value": attn.self.value,
+            "attn.output": attn.output.dense, "ffn.intermediate": layer.intermediate.dense,
+            "ffn.output": layer.output.dense,
+        }
+        for family, linear in linears.items():
+            on_weight(linear, f"layer.{i}.{family}.weight")
+            if family != "ffn.intermediate":  # quantized after GELU instead
+                on_output(linear, f"layer.{i}.{family}")
+        attn.self.__dict__["_qbert_attention"] = _AttentionQuantizers(
+            quantizers.get(f"layer.{i}.attn.scores"), quantizers.get(f"layer.{i}.attn.probs"),
+            quantizers.get(f"layer.{i}.attn.context"), mask,
+        )
+        on_input(attn.output.LayerNorm, f"layer.{i}.attn.residual_sum")
+        on_output(attn.output.LayerNorm, f"layer.{i}.ffn.input")
+        on_output(layer.intermediate, f"layer.{i}.ffn.intermediate")
+        on_input(layer.output.LayerNorm, f"layer.{i}.ffn.residual_sum")
+        on_output(layer.output.LayerNorm, f"layer.{i}.ffn.norm")
+    if parts.pooler is not None:
+        on_weight(parts.pooler.dense, "pooler.output.weight")
+        on_output(parts.pooler, "pooler.output")
+    if parts.head is not None:
+        on_weight(parts.head, "head.output.weight")
+        on_output(parts.head, "head.output")
+    _set_attention_implementation(model, "qbert")
+    return inst
+
+
+def _set_attention_implementation(model: nn.Module, name: str) -> None:
+    config = model.config
+    config._attn_implementation = name
+    for sub in model.modules():
+        sub_config = getattr(sub, "config", None)
+        if sub_config is not None and sub_config is not config:
+            sub_config._attn_implementation = name

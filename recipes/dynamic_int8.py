@@ -1,0 +1,89 @@
+"""PyTorch dynamic quantization of every linear layer: int8 weights, activations quantized per batch
+at run time, real int8 kernels (the PyTorch tutorial "Dynamic quantization on BERT").
+
+Weights are int8, symmetric per tensor; activations are quantized on the fly from each batch's
+range (on x86, with ``reduce_range``: 7 bits of activation precision). Embeddings, LayerNorm,
+softmax and GELU stay in FP32. Runs on the CPU. The report gives, like the tutorial's table, the
+model size in MB and the evaluation time of the FP32 and the int8 model on the same evaluation
+features, measured one after the other in this process.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from typing import Any, Literal
+
+import torch
+
+from qbert.config import ExperimentConfig, RecipeParams
+from recipes.base import Recipe
+
+
+class DynamicInt8Params(RecipeParams):
+    """Dynamic int8 quantization has no parameters."""
+
+    name: Literal["dynamic_int8"] = "dynamic_int8"
+
+
+def state_dict_megabytes(model: torch.nn.Module) -> float:
+    """Size of the serialised state dict in MB (10^6 bytes), as the tutorial measures it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / 1e6
+
+
+class DynamicInt8(Recipe):
+    """``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` with ``qint8`` weights."""
+
+    name = "dynamic_int8"
+    Params = DynamicInt8Params
+    source = "PyTorch tutorial: Dynamic quantization on BERT (seed 003)"
+    simulated = False
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        if config.evaluate.precision != "fp32":
+            raise ValueError("evaluate.precision: dynamic int8 kernels take fp32 inputs; set evaluate.precision: fp32")
+
+    def evaluation_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")
+
+    def quantize(self, model: torch.nn.Module, ctx: Any) -> torch.nn.Module:
+        from qbert.pipeline.evaluate import predict
+
+        model = model.to("cpu").eval()
+        task = ctx.task
+        examples = task.load(task.eval_splits[0], ctx.config.data)
+        features = task.encode_eval(ctx.tokenizer, examples, ctx.config.finetune.max_seq_len)
+
+        def timed(m: torch.nn.Module) -> float:
+            start = time.perf_counter()
+            predict(m, features, question_answering=task.head == "question_answering",
+                    batch_size=ctx.config.evaluate.batch_size, pad_token_id=ctx.tokenizer.pad_token_id,
+                    device=torch.device("cpu"))
+            return time.perf_counter() - start
+
+        fp32_mb = state_dict_megabytes(model)
+        fp32_seconds = timed(model)
+        with warnings.catch_warnings():
+            # torch.ao.quantization announces its move to torchao; it is still the tutorial's API
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            int8_mb = state_dict_megabytes(quantized)
+            int8_seconds = timed(quantized)
+        self._report = {
+            "engine": torch.backends.quantized.engine,
+            "threads": torch.get_num_threads(),
+            "size_mb": {"fp32": round(fp32_mb, 2), "int8": round(int8_mb, 2)},
+            "eval_seconds": {"fp32": round(fp32_seconds, 3), "int8": round(int8_seconds, 3)},
+            "speedup": round(fp32_seconds / int8_seconds, 3),
+            "timed_split": task.eval_splits[0],
+            "timed_features": len(features),
+        }
+        return quantized
+
+    def report(self) -> dict[str, Any]:
+        return getattr(self, "_report", {})

@@ -1,0 +1,185 @@
+"""Static post-training quantization, per tensor: W8A8, and the weight-only (W8A32) and
+activation-only (W32A8) ablations of Bondarenko et al. 2021, Table 1; ``ptq`` for any bit widths.
+
+Symmetric weights, asymmetric activations, static ranges from calibration batches, every weight
+and every activation site quantized (inputs and outputs of every layer; see ``qbert inspect
+sites``). The shared machinery here (site rules, ``leave_out``, the plan) is what ``mp_ptq`` and
+``peg`` build on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from qbert.config import ExperimentConfig, RecipeParams
+from qbert.errors import QbertError
+from qbert.quant.spec import QuantSpec, SiteOverride
+from recipes.base import Recipe
+
+Rule = tuple[str, SiteOverride | None, str]
+
+
+class StaticQuantParams(RecipeParams):
+    """Options shared by every static (fake-quant) recipe."""
+
+    sites: dict[str, SiteOverride | None] = Field(
+        default_factory=dict,
+        description="Glob pattern over site names -> changes (bits, symmetric, granularity, groups, permute, "
+        "estimator) or null to keep those sites in floating point. Applied in order after the recipe's "
+        "own rules; a pattern without `layer.N.` matches that site in every layer.",
+    )
+    leave_out: list[str] = Field(
+        default_factory=list,
+        description="Site families or patterns kept in floating point (the leave-one-out ablation of "
+        "Bondarenko Table 2), e.g. [ffn.residual_sum] or [layer.10.ffn.residual_sum, layer.11.ffn.residual_sum].",
+    )
+
+
+class StaticQuantRecipe(Recipe):
+    """Base of the static fake-quant recipes: a site plan, calibration, frozen ranges."""
+
+    simulated = True
+    needs_calibration = True
+    weight_bits: ClassVar[int | None] = 8
+    activation_bits: ClassVar[int | None] = 8
+    weight_granularity: ClassVar[Literal["per_tensor", "per_channel"]] = "per_tensor"
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        if config.evaluate.precision != "fp32":
+            raise ValueError(
+                "evaluate.precision: fake quantization needs fp32 evaluation (bf16 cannot hold the "
+                "quantization grid); set evaluate.precision: fp32"
+            )
+
+    def bits(self) -> tuple[int | None, int | None]:
+        """Default weight and activation bits (None: that kind stays in floating point)."""
+        return self.weight_bits, self.activation_bits
+
+    def weight_spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, symmetric=True, granularity=self.weight_granularity,
+                         estimator=self.config.estimator.weights)
+
+    def activation_spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, symmetric=False, estimator=self.config.estimator.activations)
+
+    def recipe_rules(self, sites: list[Any]) -> list[Rule]:
+        """The recipe's own site rules (presets); subclasses override."""
+        return []
+
+    def rules(self, sites: list[Any]) -> list[Rule]:
+        params: StaticQuantParams = self.params  # type: ignore[assignment]
+        rules = list(self.recipe_rules(sites))
+        rules += [(pattern, override, f"recipe.sites.{pattern}") for pattern, override in params.sites.items()]
+        rules += [(pattern, None, "recipe.leave_out") for pattern in params.leave_out]
+        return rules
+
+    def site_plan(self, sites: list[Any]):
+        from qbert.quant.sites import PlanError, resolve_plan
+
+        weight_bits, activation_bits = self.bits()
+        try:
+            plan = resolve_plan(
+                sites,
+                weights=self.weight_spec(weight_bits) if weight_bits else None,
+                activations=self.activation_spec(activation_bits) if activation_bits else None,
+                weight_base=self.weight_spec(weight_bits or 8),
+                activation_base=self.activation_spec(activation_bits or 8),
+                rules=self.rules(sites),
+            )
+        except PlanError as exc:
+            raise QbertError(str(exc), key=exc.key) from None
+        plan.permutation_sources = self.permutation_sources(plan)
+        return plan
+
+    def permutation_sources(self, plan: Any) -> dict[str, str]:
+        """PEG sites that take their permutation from another site; default: each its own."""
+        return {}
+
+    def quantize(self, model, ctx):
+        from qbert.pipeline.quantize import quantize_ptq
+        from qbert.quant.sites import UnsupportedModel, enumerate_sites
+
+        try:
+            sites = enumerate_sites(model)
+        except UnsupportedModel as exc:
+            raise QbertError(str(exc), key="model") from None
+        _, self._report = quantize_ptq(model, self.site_plan(sites), ctx)
+        return model
+
+    def report(self) -> dict[str, Any]:
+        return getattr(self, "_report", {})
+
+
+class PtqParams(StaticQuantParams):
+    """Per-tensor static PTQ with any bit widths."""
+
+    name: Literal["ptq"] = "ptq"
+    weight_bits: int | None = Field(8, ge=2, le=16, description="Weight bits; null keeps weights in FP32.")
+    activation_bits: int | None = Field(8, ge=2, le=16, description="Activation bits; null keeps them in FP32.")
+    weight_granularity: Literal["per_tensor", "per_channel"] = Field(
+        "per_tensor", description="Weights: one range per tensor or per output channel."
+    )
+
+
+class Ptq(StaticQuantRecipe):
+    """Static PTQ with chosen bit widths (Bondarenko et al. 2021 sec. 3 setting)."""
+
+    name = "ptq"
+    Params = PtqParams
+    source = "Bondarenko et al. 2021, sec. 3 and Table 1 (generalised bit widths)"
+
+    def bits(self) -> tuple[int | None, int | None]:
+        params: PtqParams = self.params  # type: ignore[assignment]
+        return params.weight_bits, params.activation_bits
+
+    def weight_spec(self, bits: int) -> QuantSpec:
+        params: PtqParams = self.params  # type: ignore[assignment]
+        return QuantSpec(bits=bits, symmetric=True, granularity=params.weight_granularity,
+                         estimator=self.config.estimator.weights)
+
+
+class W8A8PtqParams(StaticQuantParams):
+    """W8A8: 8-bit weights and activations."""
+
+    name: Literal["w8a8_ptq"] = "w8a8_ptq"
+
+
+class W8A8Ptq(StaticQuantRecipe):
+    """8-bit symmetric per-tensor weights, 8-bit asymmetric per-tensor activations, every site."""
+
+    name = "w8a8_ptq"
+    Params = W8A8PtqParams
+    source = "Bondarenko et al. 2021, Table 1 (W8A8)"
+
+
+class W8A32PtqParams(StaticQuantParams):
+    """W8A32: weights only."""
+
+    name: Literal["w8a32_ptq"] = "w8a32_ptq"
+
+
+class W8A32Ptq(StaticQuantRecipe):
+    """8-bit weights, activations in floating point."""
+
+    name = "w8a32_ptq"
+    Params = W8A32PtqParams
+    source = "Bondarenko et al. 2021, Table 1 (W8A32)"
+    activation_bits = None
+
+
+class W32A8PtqParams(StaticQuantParams):
+    """W32A8: activations only."""
+
+    name: Literal["w32a8_ptq"] = "w32a8_ptq"
+
+
+class W32A8Ptq(StaticQuantRecipe):
+    """Weights in floating point, 8-bit activations."""
+
+    name = "w32a8_ptq"
+    Params = W32A8PtqParams
+    source = "Bondarenko et al. 2021, Table 1 (W32A8) and Table 2 (leave-one-out, with leave_out)"
+    weight_bits = None
