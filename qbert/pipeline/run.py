@@ -74,7 +74,28 @@ def preflight(config: ExperimentConfig) -> tuple[ModelSource, Task]:
     for split in ("train", *task.eval_splits):
         if not task.load(split, config.data):
             raise QbertError(f"the {config.task} {split} split has no examples", key="data")
+    check_site_plan(config)
     return source, task
+
+
+def check_site_plan(config: ExperimentConfig) -> Any:
+    """Resolve the recipe's site plan on the model's skeleton (meta device, no weights), so a site rule
+    that matches nothing or a group count that does not divide the hidden size fails before any work.
+    Returns the plan (None for recipes without static sites)."""
+    from qbert.models import model_skeleton
+    from qbert.quant.sites import UnsupportedModel, enumerate_sites
+    from recipes.base import Recipe
+
+    recipe_cls = get_recipe(config.recipe.name)
+    if recipe_cls.site_plan is Recipe.site_plan:
+        return None
+    task = get_task(config.task, config)
+    skeleton, _ = model_skeleton(config.model, task.head, task.num_labels)
+    try:
+        sites = enumerate_sites(skeleton)
+    except UnsupportedModel as exc:
+        raise QbertError(str(exc), key="model") from None
+    return recipe_cls(config.recipe, config).site_plan(sites)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,118 @@
+"""Every recipe end to end on tiny-random with small real MRPC data, plus the recipe configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qbert.config import load_config, parse_config
+from qbert.errors import QbertError
+from qbert.pipeline.run import check_site_plan, run_experiment
+from qbert.runs import read_json
+from recipes import available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPES = {
+    "fp32": {"name": "fp32"},
+    "w8a8_ptq": {"name": "w8a8_ptq"},
+    "w8a32_ptq": {"name": "w8a32_ptq"},
+    "w32a8_ptq": {"name": "w32a8_ptq", "leave_out": ["ffn.residual_sum"]},
+    "ptq": {"name": "ptq", "weight_bits": 4, "activation_bits": None, "weight_granularity": "per_channel"},
+    "mp_ptq": {"name": "mp_ptq"},
+    "peg": {"name": "peg", "groups": 4, "permute": True},
+    "dynamic_int8": {"name": "dynamic_int8"},
+}
+
+
+def test_every_registered_recipe_has_a_smoke_case():
+    assert set(available()) <= set(RECIPES)
+
+
+def tiny(real_data: Path, recipe: dict, **extra) -> object:
+    return parse_config({
+        "name": f"tiny_{recipe['name']}",
+        "model": "tiny-random",
+        "task": "mrpc",
+        "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+        "recipe": recipe,
+        "calibrate": {"batches": 2, "batch_size": 4},
+        **extra,
+    })
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_runs_end_to_end(real_data, tmp_path, name):
+    result = run_experiment(tiny(real_data, RECIPES[name]), root=tmp_path)
+    record = read_json(result.folder / "seed=0" / "metrics.json")
+    assert set(record["metrics"]) == {"f1", "accuracy"}
+    report = record["recipe_report"]
+    if name in ("fp32",):
+        assert record["simulated"] is False and report == {}
+    elif name == "dynamic_int8":
+        assert record["simulated"] is False
+        assert report["size_mb"]["int8"] < report["size_mb"]["fp32"]
+        assert report["eval_seconds"]["fp32"] > 0 and report["eval_seconds"]["int8"] > 0
+    else:
+        assert record["simulated"] is True
+        assert report["calibration"]["sequences"] == 8 and report["calibration"]["batches"] == 2
+        assert record["finetune"]["cached"] in (True, False)
+        plan = report["plan"]
+        if name == "w8a32_ptq":
+            assert plan["activation"]["quantized"] == 0 and plan["weight"]["fp"] == 0
+        if name == "w32a8_ptq":
+            assert plan["weight"]["quantized"] == 0 and plan["activation"]["fp"] == 2
+        if name == "peg":
+            assert "permutation_pass" in report
+        if name == "mp_ptq":
+            assert plan["activation"]["by_bits"]["16"] == 2 * 3 + 1
+
+
+def test_ptq_recipes_share_the_fp32_checkpoint(real_data, tmp_path):
+    first = run_experiment(tiny(real_data, {"name": "w8a8_ptq"}), root=tmp_path)
+    second = run_experiment(tiny(real_data, {"name": "peg", "groups": 4}), root=tmp_path)
+    a = read_json(first.folder / "seed=0" / "metrics.json")
+    b = read_json(second.folder / "seed=0" / "metrics.json")
+    assert a["checkpoint"] == b["checkpoint"] and b["finetune"]["cached"] is True
+
+
+def test_plan_errors_fail_before_any_work(real_data, tmp_path):
+    cfg = tiny(real_data, {"name": "peg", "groups": 6})
+    with pytest.raises(QbertError, match="6 groups do not divide") as info:
+        run_experiment(cfg, root=tmp_path)
+    assert info.value.key == "recipe.groups"
+    assert not any(tmp_path.rglob("metrics.json")) and not any(tmp_path.rglob("finetuned"))
+    cfg = tiny(real_data, {"name": "w8a8_ptq", "leave_out": ["ffn.residual"]})
+    with pytest.raises(QbertError, match="matches no site"):
+        run_experiment(cfg, root=tmp_path)
+
+
+def test_bf16_evaluation_is_rejected_for_fake_quantization(real_data):
+    with pytest.raises(QbertError, match="evaluate.precision"):
+        tiny(real_data, {"name": "w8a8_ptq"}, evaluate={"precision": "bf16"})
+
+
+def test_mnli_peg_is_the_paper_setting():
+    cfg = load_config(ROOT / "configs" / "mnli_peg.yaml")
+    assert cfg.model == "bert-base-uncased" and cfg.task == "mnli"
+    assert cfg.seeds == [1000, 1001, 1002, 1003, 1004]
+    assert (cfg.recipe.name, cfg.recipe.groups, cfg.recipe.permute, cfg.recipe.scope) == ("peg", 6, True, "ffn")
+    assert (cfg.finetune.lr, cfg.finetune.batch_size, cfg.finetune.epochs) == (2e-5, 16, 3)
+    # the plan resolves offline from the canonical BERT-base shape: 12 layers x 3 PEG sites
+    plan = check_site_plan(cfg)
+    peg = [n for n, s in plan.specs.items() if s and s.granularity == "per_embedding_group"]
+    assert len(peg) == 36 and all(plan.specs[n].groups == 6 and plan.specs[n].permute for n in peg)
+    assert plan.totals()["activation"]["sites"] == 160
+
+
+def test_default_config_is_peg_on_mrpc_sharing_the_fp32_checkpoint():
+    from qbert.pipeline.checkpoint import finetune_key
+
+    default = load_config(ROOT / "configs" / "default.yaml")
+    fp32 = load_config(ROOT / "configs" / "mrpc_fp32.yaml")
+    assert default.recipe.name == "peg" and default.recipe.groups == 6 and default.recipe.permute
+    identity = {"alias": "minilm-l6"}
+    assert finetune_key(default, 42, identity, {})[0] == finetune_key(fp32, 42, identity, {})[0]

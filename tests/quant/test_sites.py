@@ -1,0 +1,148 @@
+"""Site enumeration, plans and hooks on real BERT module layouts (tiny-random, MiniLM, BERT-base shape)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qbert.config import EstimatorConfig
+from qbert.models import load_model, model_skeleton, resolve_model
+from qbert.pipeline.quantize import quantizer_factory, range_weights
+from qbert.quant.sites import LAYER_FAMILIES, PlanError, enumerate_sites, instrument, resolve_plan
+from qbert.quant.spec import QuantSpec, SiteOverride
+
+W8 = QuantSpec(bits=8, symmetric=True)
+A8 = QuantSpec(bits=8)
+
+
+def test_bert_base_shape_has_160_activation_and_77_weight_sites() -> None:
+    model, origin = model_skeleton("bert-base-uncased", "classification", 3)
+    sites = enumerate_sites(model)
+    acts = [s for s in sites if s.kind == "activation"]
+    weights = [s for s in sites if s.kind == "weight"]
+    # 13 per layer x 12 + embeddings sum and output + pooler + head; Bondarenko et al. count 161
+    assert len(acts) == 12 * 13 + 4 == 160
+    # 6 linear layers x 12 + pooler + head + 3 embedding tables
+    assert len(weights) == 12 * 6 + 2 + 3 == 77
+    assert "table" in origin
+    assert acts[0].name == "embeddings.sum" and acts[-1].name == "head.output"
+    assert [s.family for s in acts if s.layer == 11] == list(LAYER_FAMILIES)
+
+
+def test_minilm_sites_and_channels() -> None:
+    model, _ = model_skeleton("minilm-l6", "regression")
+    sites = {s.name: s for s in enumerate_sites(model)}
+    assert sum(s.kind == "activation" for s in sites.values()) == 6 * 13 + 4
+    assert sites["layer.5.ffn.intermediate"].channels == 1536
+    assert sites["layer.5.ffn.residual_sum"].channels == 384
+    assert sites["layer.0.attn.scores"].channels is None
+    assert sites["embeddings.word.weight"].channels == 30522
+    assert sites["head.output"].channels == 1
+
+
+def test_question_answering_model_has_no_pooler_sites() -> None:
+    model, _ = model_skeleton("tiny-random", "question_answering")
+    names = {s.name for s in enumerate_sites(model)}
+    assert "pooler.output" not in names and "head.output" in names
+
+
+def test_rules_apply_in_order_and_patterns_cover_every_layer() -> None:
+    model, _ = model_skeleton("minilm-l6", "classification")
+    sites = enumerate_sites(model)
+    plan = resolve_plan(
+        sites, weights=W8, activations=A8, weight_base=W8, activation_base=A8,
+        rules=[("ffn.residual_sum", SiteOverride(bits=16), "k"), ("layer.5.ffn.residual_sum", None, "k"),
+               ("*.weight", SiteOverride(granularity="per_channel"), "k")],
+    )
+    assert plan.specs["layer.0.ffn.residual_sum"].bits == 16
+    assert plan.specs["layer.5.ffn.residual_sum"] is None
+    assert plan.specs["layer.3.attn.query.weight"].granularity == "per_channel"
+    totals = plan.totals()
+    assert totals["activation"]["by_bits"] == {8: 76, 16: 5} and totals["activation"]["fp"] == 1
+
+
+def test_a_pattern_matching_nothing_names_its_key() -> None:
+    model, _ = model_skeleton("tiny-random", "classification")
+    with pytest.raises(PlanError, match="matches no site") as info:
+        resolve_plan(enumerate_sites(model), weights=W8, activations=A8, weight_base=W8, activation_base=A8,
+                     rules=[("ffn.residual_summ", None, "recipe.leave_out")])
+    assert info.value.key == "recipe.leave_out"
+
+
+def test_groups_must_divide_the_hidden_size() -> None:
+    model, _ = model_skeleton("tiny-random", "classification")
+    with pytest.raises(PlanError, match="do not divide"):
+        resolve_plan(enumerate_sites(model), weights=None, activations=A8, weight_base=W8, activation_base=A8,
+                     rules=[("ffn.output", SiteOverride(granularity="per_embedding_group", groups=6), "k")])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return load_model(resolve_model("tiny-random"), "classification", 2).eval()
+
+
+def batch(pad_garbage: bool = False):
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    if pad_garbage:
+        ids = ids.clone()
+        ids[1, 3:] = torch.tensor([5000, 6000, 7000])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def instrumented(model, bits: int = 8):
+    sites = enumerate_sites(model)
+    spec_w, spec_a = QuantSpec(bits=bits, symmetric=True), QuantSpec(bits=bits)
+    plan = resolve_plan(sites, weights=spec_w, activations=spec_a, weight_base=spec_w, activation_base=spec_a)
+    return instrument(model, plan, quantizer_factory(EstimatorConfig(activations="minmax")))
+
+
+def test_estimate_state_leaves_the_model_unchanged_and_every_quantizer_sees_data() -> None:
+    model = tiny_model()
+    with torch.no_grad():
+        reference = model(**batch()).logits
+    inst = instrumented(model)
+    with torch.no_grad():
+        out = model(**batch()).logits
+    torch.testing.assert_close(out, reference)
+    assert model.config._attn_implementation == "qbert"
+    unseen = [n for n, q in inst.activations().items() if not q.estimator.observed]
+    assert unseen == []
+
+
+def test_padding_tokens_do_not_change_calibrated_ranges() -> None:
+    ranges = []
+    for garbage in (False, True):
+        model = tiny_model()
+        inst = instrumented(model)
+        with torch.no_grad():
+            model(**batch(pad_garbage=garbage))
+        ranges.append({n: [float(t) for t in q.estimator.range()] for n, q in inst.activations().items()})
+    assert ranges[0] == ranges[1]
+
+
+def test_sixteen_bit_model_is_closer_to_fp32_than_eight_bit() -> None:
+    errors = {}
+    for bits in (8, 16):
+        model = tiny_model()
+        with torch.no_grad():
+            reference = model(**batch()).logits
+        inst = instrumented(model, bits)
+        range_weights(inst)
+        with torch.no_grad():
+            model(**batch())
+        for q in inst.activations().values():
+            q.freeze()
+        with torch.no_grad():
+            errors[bits] = float((model(**batch()).logits - reference).abs().max())
+    assert 0 < errors[16] < errors[8] / 50
+
+
+def test_weight_quantizers_change_the_weights_the_model_uses() -> None:
+    model = tiny_model()
+    original = model.bert.encoder.layer[0].output.dense.weight.detach().clone()
+    inst = instrumented(model, bits=4)
+    range_weights(inst)
+    used = model.bert.encoder.layer[0].output.dense.weight
+    assert not torch.equal(used, original)
+    assert len(torch.unique(used)) <= 16
