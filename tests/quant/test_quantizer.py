@@ -150,3 +150,31 @@ def test_states_estimate_passes_through_and_fixed_quantizes() -> None:
     assert q.state == "fixed" and len(torch.unique(q(x))) <= 4
     with pytest.raises(ValueError, match="unknown quantizer state"):
         q.set_state("sleeping")  # type: ignore[arg-type]
+
+
+def test_estimate_train_updates_while_training_and_freezes_in_eval() -> None:
+    from qbert.quant.estimators import RunningMinMax
+
+    q = Quantizer(QuantSpec(bits=8), RunningMinMax(momentum=0.5))
+    q.set_state("estimate_train")
+    q.train()
+    q(torch.tensor([-1.0, 1.0]))
+    q(torch.tensor([-3.0, 3.0]))
+    lo, hi = q.quant_range()
+    assert float(hi) == pytest.approx(2.0, rel=0.01) and float(lo) == pytest.approx(-2.0, rel=0.01)
+    q.eval()
+    q(torch.tensor([-100.0, 100.0]))
+    assert float(q.quant_range()[1]) == pytest.approx(2.0, rel=0.01)
+
+
+def test_learn_state_gives_scale_and_offset_gradients() -> None:
+    q = Quantizer(QuantSpec(bits=4), CurrentMinMax())
+    q(torch.tensor([-1.0, 2.0]))
+    q.freeze()
+    q.set_state("learn")
+    assert q.scale.requires_grad and q.zero_point.requires_grad
+    x = torch.linspace(-3, 3, 50)
+    ((q(x) - x) ** 2).sum().backward()
+    assert q.scale.grad is not None and float(q.scale.grad.abs()) > 0
+    q.set_state("fixed")
+    assert not q.scale.requires_grad
