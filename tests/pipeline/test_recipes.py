@@ -116,3 +116,36 @@ def test_default_config_is_peg_on_mrpc_sharing_the_fp32_checkpoint():
     assert default.recipe.name == "peg" and default.recipe.groups == 6 and default.recipe.permute
     identity = {"alias": "minilm-l6"}
     assert finetune_key(default, 42, identity, {})[0] == finetune_key(fp32, 42, identity, {})[0]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "grouped", "group_count"),
+    [
+        ({"name": "peg", "groups": 6, "permute": True}, 18, 6),
+        ({"name": "peg", "groups": 3, "permute": False}, 18, 3),
+        ({"name": "peg", "groups": "per_embedding", "scope": "ffn"}, 18, None),
+        # every hidden-sized token activation: 2 embedding sites + 10 per layer
+        ({"name": "peg", "groups": "per_embedding", "scope": "all"}, 2 + 6 * 10, None),
+        ({"name": "peg", "groups": 1}, 18, 1),
+    ],
+)
+def test_peg_rows_of_table_5(recipe, grouped, group_count):
+    cfg = parse_config({"model": "minilm-l6", "task": "rte", "recipe": recipe})
+    plan = check_site_plan(cfg)
+    peg = {n: s for n, s in plan.specs.items() if s and s.granularity == "per_embedding_group"}
+    assert len(peg) == grouped
+    assert {s.groups for s in peg.values()} == {group_count}
+    assert all(s.permute == recipe.get("permute", True) for s in peg.values())
+    if recipe.get("scope", "ffn") == "ffn" and recipe.get("permute", True):
+        assert plan.permutation_sources["layer.3.ffn.residual_sum"] == "layer.3.ffn.output"
+
+
+def test_mp_ptq_presets_are_the_columns_of_table_4():
+    counts = {}
+    for preset in ("ffn_sum", "ffn_sum_io", "ffn_sum_io_output"):
+        cfg = parse_config({"model": "bert-base-uncased", "task": "rte", "recipe": {"name": "mp_ptq", "preset": preset}})
+        plan = check_site_plan(cfg)
+        counts[preset] = plan.totals()["activation"]["by_bits"][16]
+        if preset == "ffn_sum_io_output":
+            assert plan.specs["head.output"].estimator == "mse" and plan.specs["head.output"].bits == 16
+    assert counts == {"ffn_sum": 12, "ffn_sum_io": 36, "ffn_sum_io_output": 37}
