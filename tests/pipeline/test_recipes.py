@@ -143,7 +143,8 @@ def test_peg_rows_of_table_5(recipe, grouped, group_count):
 def test_mp_ptq_presets_are_the_columns_of_table_4():
     counts = {}
     for preset in ("ffn_sum", "ffn_sum_io", "ffn_sum_io_output"):
-        cfg = parse_config({"model": "bert-base-uncased", "task": "rte", "recipe": {"name": "mp_ptq", "preset": preset}})
+        recipe = {"name": "mp_ptq", "preset": preset}
+        cfg = parse_config({"model": "bert-base-uncased", "task": "rte", "recipe": recipe})
         plan = check_site_plan(cfg)
         counts[preset] = plan.totals()["activation"]["by_bits"][16]
         if preset == "ffn_sum_io_output":
