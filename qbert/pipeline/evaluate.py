@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from qbert.pipeline.batching import model_inputs, pad_batch, sorted_batches
 from qbert.pipeline.finetune import autocast
@@ -27,7 +28,8 @@ def predict(
     lengths = [len(f["input_ids"]) for f in features]
     results: list[Any] = [None] * len(features)
     batches = list(sorted_batches(lengths, batch_size))
-    with torch.inference_mode(), reporter.bar("evaluate", len(batches)) as advance:
+    # parametrize.cached: fake-quantized weights are computed once per evaluation, not once per batch
+    with torch.inference_mode(), parametrize.cached(), reporter.bar("evaluate", len(batches)) as advance:
         for indices in batches:
             batch = pad_batch([features[i] for i in indices], pad_token_id)
             with autocast(device, precision):
