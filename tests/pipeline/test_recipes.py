@@ -150,3 +150,19 @@ def test_mp_ptq_presets_are_the_columns_of_table_4():
         if preset == "ffn_sum_io_output":
             assert plan.specs["head.output"].estimator == "mse" and plan.specs["head.output"].bits == 16
     assert counts == {"ffn_sum": 12, "ffn_sum_io": 36, "ffn_sum_io_output": 37}
+
+
+@pytest.mark.parametrize("task", ["squad", "stsb"])
+def test_ptq_on_question_answering_and_regression_heads(fixture_data, real_data, tmp_path, task):
+    data_dir = fixture_data if task == "squad" else real_data
+    extra = {"max_seq_len": 64, "doc_stride": 32} if task == "squad" else {"max_seq_len": 64}
+    cfg = parse_config({
+        "model": "tiny-random", "task": task, "seeds": [0],
+        "data": {"dir": str(data_dir), "max_train_samples": 32, "max_eval_samples": 16},
+        "finetune": {"epochs": 1, "batch_size": 8, **extra},
+        "recipe": {"name": "mp_ptq"}, "calibrate": {"batches": 2, "batch_size": 2},
+    })
+    record = read_json(run_experiment(cfg, root=tmp_path).folder / "seed=0" / "metrics.json")
+    ranges = record["recipe_report"]["activation_ranges"]
+    assert "head.output" in ranges and ("pooler.output" in ranges) == (task != "squad")
+    assert record["metrics"]
