@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_serializer, field_validator
 
 from qbert.config import ExperimentConfig, RecipeParams
 from qbert.errors import QbertError
@@ -30,6 +30,26 @@ class StaticQuantParams(RecipeParams):
         "estimator) or null to keep those sites in floating point. Applied in order after the recipe's "
         "own rules; a pattern without `layer.N.` matches that site in every layer.",
     )
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _ordered_pairs(cls, value: Any) -> Any:
+        # the resolved config stores rules as a list of one-key mappings, so their order survives hashing
+        if isinstance(value, list):
+            merged: dict[str, Any] = {}
+            for item in value:
+                if not isinstance(item, dict) or len(item) != 1:
+                    raise ValueError("each rule is one `pattern: changes` mapping")
+                merged.update(item)
+            return merged
+        return value
+
+    @field_serializer("sites")
+    def _as_list(self, sites: dict[str, SiteOverride | None]) -> list[dict[str, Any]] | dict[str, Any]:
+        if not sites:
+            return {}  # keeps the hash of configs without rules stable
+        return [{pattern: None if o is None else o.model_dump(exclude_none=True)} for pattern, o in sites.items()]
+
     leave_out: list[str] = Field(
         default_factory=list,
         description="Site families or patterns kept in floating point (the leave-one-out ablation of "

@@ -114,3 +114,14 @@ def test_overrides_do_not_mutate_input():
     raw = {"finetune": {"lr": 1e-5}}
     apply_overrides(raw, ["finetune.lr=2e-5"])
     assert raw == {"finetune": {"lr": 1e-5}}
+
+
+def test_site_rules_keep_their_order_through_the_resolved_config():
+    rules = {"ffn.output": {"bits": 16}, "layer.1.ffn.output": None}
+    a = parse_config({"recipe": {"name": "w8a8_ptq", "sites": rules}})
+    b = parse_config({"recipe": {"name": "w8a8_ptq", "sites": dict(reversed(list(rules.items())))}})
+    assert a.config_hash() != b.config_hash()  # order decides which rule wins
+    again = parse_config(a.resolved())
+    assert again.config_hash() == a.config_hash() and list(again.recipe.sites) == list(rules)
+    # configs without rules hash as they did before rules were ordered
+    assert parse_config({"recipe": {"name": "w8a8_ptq"}}).resolved()["recipe"]["sites"] == {}
