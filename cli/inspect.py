@@ -46,8 +46,8 @@ def sites(
         cfg = load_config(config, overrides or [])
         console = Console()
         task = get_task(cfg.task, cfg)
-        _, origin = model_skeleton(cfg.model, task.head, task.num_labels)
-        plan = check_site_plan(cfg)
+        skeleton, origin = model_skeleton(cfg.model, task.head, task.num_labels)
+        plan = check_site_plan(cfg, skeleton)
         recipe = get_recipe(cfg.recipe.name)
         console.print(f"[bold]{cfg.name}[/]: recipe {cfg.recipe.name} ({recipe.source}); model {cfg.model} ({origin})")
         if plan is None:

@@ -9,12 +9,11 @@ sites``). The shared machinery here (site rules, ``leave_out``, the plan) is wha
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_serializer, field_validator
 
 from qbert.config import ExperimentConfig, RecipeParams
-from qbert.errors import QbertError
 from qbert.quant.spec import QuantSpec, SiteOverride
 from recipes.base import Recipe
 
@@ -62,9 +61,10 @@ class StaticQuantRecipe(Recipe):
 
     simulated = True
     needs_calibration = True
-    weight_bits: ClassVar[int | None] = 8
-    activation_bits: ClassVar[int | None] = 8
-    weight_granularity: ClassVar[Literal["per_tensor", "per_channel"]] = "per_tensor"
+    # defaults of the named recipes; ``ptq`` sets them per instance from its parameters
+    weight_bits: int | None = 8
+    activation_bits: int | None = 8
+    weight_granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
 
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
@@ -73,10 +73,6 @@ class StaticQuantRecipe(Recipe):
                 "evaluate.precision: fake quantization needs fp32 evaluation (bf16 cannot hold the "
                 "quantization grid); set evaluate.precision: fp32"
             )
-
-    def bits(self) -> tuple[int | None, int | None]:
-        """Default weight and activation bits (None: that kind stays in floating point)."""
-        return self.weight_bits, self.activation_bits
 
     def weight_spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, granularity=self.weight_granularity,
@@ -97,20 +93,16 @@ class StaticQuantRecipe(Recipe):
         return rules
 
     def site_plan(self, sites: list[Any]):
-        from qbert.quant.sites import PlanError, resolve_plan
+        from qbert.quant.sites import resolve_plan
 
-        weight_bits, activation_bits = self.bits()
-        try:
-            plan = resolve_plan(
-                sites,
-                weights=self.weight_spec(weight_bits) if weight_bits else None,
-                activations=self.activation_spec(activation_bits) if activation_bits else None,
-                weight_base=self.weight_spec(weight_bits or 8),
-                activation_base=self.activation_spec(activation_bits or 8),
-                rules=self.rules(sites),
-            )
-        except PlanError as exc:
-            raise QbertError(str(exc), key=exc.key) from None
+        plan = resolve_plan(
+            sites,
+            weights=self.weight_spec(self.weight_bits) if self.weight_bits else None,
+            activations=self.activation_spec(self.activation_bits) if self.activation_bits else None,
+            weight_base=self.weight_spec(self.weight_bits or 8),
+            activation_base=self.activation_spec(self.activation_bits or 8),
+            rules=self.rules(sites),
+        )
         plan.permutation_sources = self.permutation_sources(plan)
         return plan
 
@@ -120,13 +112,9 @@ class StaticQuantRecipe(Recipe):
 
     def quantize(self, model, ctx):
         from qbert.pipeline.quantize import quantize_ptq
-        from qbert.quant.sites import UnsupportedModel, enumerate_sites
+        from qbert.quant.sites import enumerate_sites
 
-        try:
-            sites = enumerate_sites(model)
-        except UnsupportedModel as exc:
-            raise QbertError(str(exc), key="model") from None
-        _, self._report = quantize_ptq(model, self.site_plan(sites), ctx)
+        _, self._report = quantize_ptq(model, self.site_plan(enumerate_sites(model)), ctx)
         return model
 
     def report(self) -> dict[str, Any]:
@@ -151,14 +139,10 @@ class Ptq(StaticQuantRecipe):
     Params = PtqParams
     source = "Bondarenko et al. 2021, sec. 3 and Table 1 (generalised bit widths)"
 
-    def bits(self) -> tuple[int | None, int | None]:
-        params: PtqParams = self.params  # type: ignore[assignment]
-        return params.weight_bits, params.activation_bits
-
-    def weight_spec(self, bits: int) -> QuantSpec:
-        params: PtqParams = self.params  # type: ignore[assignment]
-        return QuantSpec(bits=bits, symmetric=True, granularity=params.weight_granularity,
-                         estimator=self.config.estimator.weights)
+    def __init__(self, params: PtqParams, config: ExperimentConfig):
+        super().__init__(params, config)
+        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
+        self.weight_granularity = params.weight_granularity
 
 
 class W8A8PtqParams(StaticQuantParams):

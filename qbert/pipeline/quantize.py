@@ -71,9 +71,7 @@ def quantize_ptq(model: torch.nn.Module, plan: SitePlan, ctx: StageContext) -> t
         for name, q in permuted.items():
             q.set_permutation(activations[plan.permutation_sources.get(name, name)].range_permutation())
         for q in activations.values():
-            q.estimator.reset()
-            q.track_dimensions = False
-            q.dim_lo = q.dim_hi = None
+            q.restart_estimation()
 
     reported = [s.name for s in plan.sites if s.kind == "activation" and pattern_matches(REPORTED_DIMENSIONS, s)]
     for name in reported:

@@ -78,24 +78,21 @@ def preflight(config: ExperimentConfig) -> tuple[ModelSource, Task]:
     return source, task
 
 
-def check_site_plan(config: ExperimentConfig) -> Any:
+def check_site_plan(config: ExperimentConfig, skeleton: torch.nn.Module | None = None) -> Any:
     """Resolve the recipe's site plan on the model's skeleton (meta device, no weights), so a site rule
     that matches nothing or a group count that does not divide the hidden size fails before any work.
-    Returns the plan (None for recipes without static sites)."""
+    Returns the plan (None for recipes without static sites). ``skeleton``: one already built."""
     from qbert.models import model_skeleton
-    from qbert.quant.sites import UnsupportedModel, enumerate_sites
+    from qbert.quant.sites import enumerate_sites
     from recipes.base import Recipe
 
     recipe_cls = get_recipe(config.recipe.name)
     if recipe_cls.site_plan is Recipe.site_plan:
         return None
-    task = get_task(config.task, config)
-    skeleton, _ = model_skeleton(config.model, task.head, task.num_labels)
-    try:
-        sites = enumerate_sites(skeleton)
-    except UnsupportedModel as exc:
-        raise QbertError(str(exc), key="model") from None
-    return recipe_cls(config.recipe, config).site_plan(sites)
+    if skeleton is None:
+        task = get_task(config.task, config)
+        skeleton, _ = model_skeleton(config.model, task.head, task.num_labels)
+    return recipe_cls(config.recipe, config).site_plan(enumerate_sites(skeleton))
 
 
 @contextlib.contextmanager

@@ -120,12 +120,7 @@ class Quantizer(nn.Module):
 
         ``valid`` is a boolean mask over ``x``'s leading dimensions (tokens) or over all of them.
         """
-        x = x.detach()
-        if valid is not None:
-            if valid.dim() == x.dim():
-                x = x[valid.expand_as(x)]
-            else:
-                x = x[valid.expand(x.shape[:-1])]
+        x = _valid_positions(x.detach(), valid)
         if self.spec.granularity == "per_tensor":
             return x.reshape(1, -1)
         if self.spec.granularity == "per_channel":
@@ -139,14 +134,17 @@ class Quantizer(nn.Module):
         """Feed ``x`` (valid positions only) to the range estimator."""
         self.estimator.update(self.grouped(x, valid))
         if self.track_dimensions and self.channels is not None and self.channel_dim == -1:
-            rows = x.detach()
-            if valid is not None and valid.dim() < x.dim():
-                rows = rows[valid.expand(x.shape[:-1])]
-            rows = rows.reshape(-1, self.channels).float()
+            rows = _valid_positions(x.detach(), valid).reshape(-1, self.channels).float()
             if rows.shape[0]:
                 lo, hi = rows.amin(dim=0), rows.amax(dim=0)
                 self.dim_lo = lo if self.dim_lo is None else torch.minimum(self.dim_lo, lo)
                 self.dim_hi = hi if self.dim_hi is None else torch.maximum(self.dim_hi, hi)
+
+    def restart_estimation(self) -> None:
+        """Forget the estimator's statistics and the per-dimension extremes (after a permutation pass)."""
+        self.estimator.reset()
+        self.track_dimensions = False
+        self.dim_lo = self.dim_hi = None
 
     def range_permutation(self) -> torch.Tensor:
         """Dimensions sorted by their observed range ``max - min`` (ascending, stable): the
@@ -188,3 +186,13 @@ class Quantizer(nn.Module):
             f"site={self.site!r}, {self.spec.describe()}, estimator={self.estimator.name}, "
             f"state={self.state}, range={span}"
         )
+
+
+def _valid_positions(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The entries of ``x`` at valid positions: ``[n, channels]`` for a mask over the leading
+    (token) dimensions, flat for a mask over every dimension, ``x`` itself without a mask."""
+    if valid is None:
+        return x
+    if valid.dim() == x.dim():
+        return x[valid.expand_as(x)]
+    return x[valid.expand(x.shape[:-1])]

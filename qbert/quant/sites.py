@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from qbert.errors import QbertError
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec, SiteOverride
 
@@ -67,8 +68,11 @@ class Site:
     layout: Layout
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(QbertError):
     """The model is not a BERT-family encoder with the module layout qbert hooks into."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, key="model")
 
 
 @dataclass
@@ -149,12 +153,11 @@ def pattern_matches(pattern: str, site: Site) -> bool:
     )
 
 
-class PlanError(ValueError):
+class PlanError(QbertError):
     """A site rule that cannot be applied; ``key`` is the config key to point at."""
 
     def __init__(self, message: str, key: str) -> None:
-        super().__init__(message)
-        self.key = key
+        super().__init__(message, key=key)
 
 
 @dataclass
