@@ -189,9 +189,18 @@ class ExperimentConfig(Section):
                 f"finetune.doc_stride ({self.finetune.doc_stride}) must be well below "
                 f"finetune.max_seq_len ({self.finetune.max_seq_len}) for squad (e.g. 128 with 384)"
             )
+        from recipes import available as available_recipes
         from recipes import get_recipe
 
-        get_recipe(self.recipe.name).check(self)
+        recipe = get_recipe(self.recipe.name)
+        for fmt in self.export.formats:
+            if fmt not in recipe.export_formats:
+                able = ", ".join(sorted(n for n in available_recipes() if fmt in get_recipe(n).export_formats))
+                raise ValueError(
+                    f"export.formats: recipe {self.recipe.name} cannot write {fmt!r} (recipes that can: {able}); "
+                    f"remove it from export.formats"
+                )
+        recipe.check(self)
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import importlib
 
 from recipes.base import Recipe
 
-_MODULES = ("recipes.fp32", "recipes.ptq", "recipes.mp_ptq", "recipes.peg", "recipes.dynamic_int8")
+_MODULES = ("recipes.fp32", "recipes.ptq", "recipes.mp_ptq", "recipes.peg", "recipes.dynamic_int8",
+            "recipes.gobo")
 
 RECIPES: dict[str, type[Recipe]] = {}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import field_serializer, field_validator
+
 from qbert.config import RecipeParams
 
 if TYPE_CHECKING:
@@ -11,6 +13,34 @@ if TYPE_CHECKING:
 
     from qbert.config import ExperimentConfig
     from qbert.pipeline.context import StageContext
+
+
+class SiteRuleParams(RecipeParams):
+    """Parameters with ordered per-site rules: ``sites: {glob: changes or null}``.
+
+    Subclasses declare ``sites`` with their own change type. The resolved config stores the rules as
+    a list of one-key mappings, so their order (a later rule wins) survives saving and hashing.
+    """
+
+    sites: dict[str, Any] = {}
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _ordered_pairs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            merged: dict[str, Any] = {}
+            for item in value:
+                if not isinstance(item, dict) or len(item) != 1:
+                    raise ValueError("each rule is one `pattern: changes` mapping")
+                merged.update(item)
+            return merged
+        return value
+
+    @field_serializer("sites")
+    def _as_list(self, sites: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+        if not sites:
+            return {}  # keeps the hash of configs without rules stable
+        return [{pattern: None if o is None else o.model_dump(exclude_none=True)} for pattern, o in sites.items()]
 
 
 class Recipe:
@@ -30,6 +60,8 @@ class Recipe:
     trains_with_quantizers: ClassVar[bool] = False
     """True for QAT: fine-tuning happens with quantizers in place and is not shared with FP32."""
     needs_calibration: ClassVar[bool] = False
+    export_formats: ClassVar[tuple[str, ...]] = ()
+    """The ``export.formats`` this recipe can write."""
 
     def __init__(self, params: RecipeParams, config: ExperimentConfig):
         self.params = params

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_serializer, field_validator
+from pydantic import Field
 
-from qbert.config import ExperimentConfig, RecipeParams
+from qbert.config import ExperimentConfig
 from qbert.quant.spec import QuantSpec, SiteOverride
-from recipes.base import Recipe
+from recipes.base import Recipe, SiteRuleParams
 
 Rule = tuple[str, SiteOverride | None, str]
 
 
-class StaticQuantParams(RecipeParams):
+class StaticQuantParams(SiteRuleParams):
     """Options shared by every static (fake-quant) recipe."""
 
     sites: dict[str, SiteOverride | None] = Field(
@@ -29,25 +29,6 @@ class StaticQuantParams(RecipeParams):
         "estimator) or null to keep those sites in floating point. Applied in order after the recipe's "
         "own rules; a pattern without `layer.N.` matches that site in every layer.",
     )
-
-    @field_validator("sites", mode="before")
-    @classmethod
-    def _ordered_pairs(cls, value: Any) -> Any:
-        # the resolved config stores rules as a list of one-key mappings, so their order survives hashing
-        if isinstance(value, list):
-            merged: dict[str, Any] = {}
-            for item in value:
-                if not isinstance(item, dict) or len(item) != 1:
-                    raise ValueError("each rule is one `pattern: changes` mapping")
-                merged.update(item)
-            return merged
-        return value
-
-    @field_serializer("sites")
-    def _as_list(self, sites: dict[str, SiteOverride | None]) -> list[dict[str, Any]] | dict[str, Any]:
-        if not sites:
-            return {}  # keeps the hash of configs without rules stable
-        return [{pattern: None if o is None else o.model_dump(exclude_none=True)} for pattern, o in sites.items()]
 
     leave_out: list[str] = Field(
         default_factory=list,

@@ -226,7 +226,10 @@ def run_seed(
                 atomic_write_jsonl(folder / f"predictions{'' if i == 0 else '-' + split}.jsonl", output.predictions)
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
 
-        exports = {fmt: EXPORT_FORMATS[fmt](model, ctx) for fmt in config.export.formats}
+        start = time.perf_counter()
+        exports = {fmt: EXPORT_FORMATS[fmt](model, ctx, recipe) for fmt in config.export.formats}
+        if exports:
+            timings["export"] = round(time.perf_counter() - start, 2)
 
         record = {
             "name": config.name,

@@ -160,6 +160,14 @@ class PlanError(QbertError):
         super().__init__(message, key=key)
 
 
+def matching_sites(sites: list[Site], pattern: str, key: str) -> list[Site]:
+    """The sites a rule's pattern matches; a pattern that matches none is a PlanError at ``key``."""
+    matched = [s for s in sites if pattern_matches(pattern, s)]
+    if not matched:
+        raise PlanError(f"{pattern!r} matches no site of this model; `qbert inspect sites CONFIG` lists them", key)
+    return matched
+
+
 @dataclass
 class SitePlan:
     """The resolved plan: a spec (or None = floating point) per site."""
@@ -197,12 +205,7 @@ def resolve_plan(
     off by default (e.g. a weight-only recipe that quantizes one activation)."""
     specs: dict[str, QuantSpec | None] = {s.name: weights if s.kind == "weight" else activations for s in sites}
     for pattern, override, key in rules:
-        matched = [s for s in sites if pattern_matches(pattern, s)]
-        if not matched:
-            raise PlanError(
-                f"{pattern!r} matches no site of this model; `qbert inspect sites CONFIG` lists them", key
-            )
-        for s in matched:
+        for s in matching_sites(sites, pattern, key):
             if override is None:
                 specs[s.name] = None
                 continue
@@ -332,6 +335,31 @@ class Instrumented:
             q.set_state(state)  # type: ignore[arg-type]
 
 
+def _layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    attn = layer.attention
+    return {
+        "attn.query": attn.self.query, "attn.key": attn.self.key, "attn.value": attn.self.value,
+        "attn.output": attn.output.dense, "ffn.intermediate": layer.intermediate.dense,
+        "ffn.output": layer.output.dense,
+    }
+
+
+def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The module holding each weight site's ``weight`` (embedding tables, linears, pooler, head)."""
+    parts = _parts(model)
+    emb = parts.base.embeddings
+    modules: dict[str, nn.Module] = {
+        f"embeddings.{table}.weight": getattr(emb, f"{table}_embeddings") for table in ("word", "position", "token_type")
+    }
+    for i, layer in enumerate(parts.layers):
+        modules.update({f"layer.{i}.{family}.weight": m for family, m in _layer_linears(layer).items()})
+    if parts.pooler is not None:
+        modules["pooler.output.weight"] = parts.pooler.dense
+    if parts.head is not None:
+        modules["head.output.weight"] = parts.head
+    return modules
+
+
 def instrument(
     model: nn.Module, plan: SitePlan, make_quantizer: Callable[[Site, QuantSpec], Quantizer]
 ) -> Instrumented:
@@ -373,26 +401,18 @@ def instrument(
                 lambda _m, args: (q(args[0], mask.tokens(args[0])), *args[1:])
             ))
 
-    def on_weight(module: nn.Module, site: str) -> None:
+    for site, module in weight_modules(model).items():
         q = quantizers.get(site)
         if q is not None:
             parametrize.register_parametrization(module, "weight", q, unsafe=True)
             inst.weight_tensors[site] = module.parametrizations.weight.original
 
     emb = parts.base.embeddings
-    for table in ("word", "position", "token_type"):
-        on_weight(getattr(emb, f"{table}_embeddings"), f"embeddings.{table}.weight")
     on_input(emb.LayerNorm, "embeddings.sum")
     on_output(emb.LayerNorm, "embeddings.output")
     for i, layer in enumerate(parts.layers):
         attn = layer.attention
-        linears = {
-            "attn.query": attn.self.query, "attn.key": attn.self.key, "attn.value": attn.self.value,
-            "attn.output": attn.output.dense, "ffn.intermediate": layer.intermediate.dense,
-            "ffn.output": layer.output.dense,
-        }
-        for family, linear in linears.items():
-            on_weight(linear, f"layer.{i}.{family}.weight")
+        for family, linear in _layer_linears(layer).items():
             if family != "ffn.intermediate":  # quantized after GELU instead
                 on_output(linear, f"layer.{i}.{family}")
         attn.self.__dict__["_qbert_attention"] = _AttentionQuantizers(
@@ -405,10 +425,8 @@ def instrument(
         on_input(layer.output.LayerNorm, f"layer.{i}.ffn.residual_sum")
         on_output(layer.output.LayerNorm, f"layer.{i}.ffn.norm")
     if parts.pooler is not None:
-        on_weight(parts.pooler.dense, "pooler.output.weight")
         on_output(parts.pooler, "pooler.output")
     if parts.head is not None:
-        on_weight(parts.head, "head.output.weight")
         on_output(parts.head, "head.output")
     _set_attention_implementation(model, "qbert")
     return inst

@@ -1,0 +1,187 @@
+"""GOBO (Zadeh et al. 2020): every weight matrix clustered to ``2**bits`` FP32 centroids, with the
+rare outliers of its Gaussian kept exact. No retraining and no calibration data: it starts from the
+cached FP32 checkpoint and takes seconds.
+
+Which matrices: every linear layer (Q, K, V, attention output, FFN intermediate and output of
+every encoder layer, the pooler and the classifier head) and, with ``embeddings: true``, the word,
+position and token-type embedding tables. Per-site rules change the bits, policy or threshold of the
+sites a glob matches, or keep them FP32 (``null``): the RoBERTa setting of Table VI is
+``sites: {"layer.[0-5].attn.value.weight": {bits: 4}, "layer.[0-5].ffn.intermediate.weight": {bits: 4}}``.
+
+The evaluated model holds the decoded weights, which are exactly what the packed export
+(``export: {formats: [packed]}``) decodes to; arithmetic is FP32, as in the paper.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qbert.config import ExperimentConfig
+from recipes.base import Recipe, SiteRuleParams
+
+PolicyName = Literal["gobo", "kmeans", "linear"]
+
+
+class GoboSpec(BaseModel):
+    """How one matrix is clustered."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(3, ge=2, le=8, description="Index bits: 2**bits centroids (2 to 8).")
+    policy: PolicyName = Field("gobo", description="Centroid policy: gobo, kmeans or linear.")
+    threshold: float = Field(-4.0, description="Log-density at or below which a weight is an outlier.")
+
+    def describe(self) -> str:
+        return f"{self.bits}b {self.policy}, outliers at log-density <= {self.threshold:g}"
+
+
+class GoboOverride(BaseModel):
+    """A rule's changes to the matrices it matches; unset fields are inherited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int | None = Field(None, ge=2, le=8, description="Index bits (2 to 8).")
+    policy: PolicyName | None = Field(None, description="gobo, kmeans or linear.")
+    threshold: float | None = Field(None, description="Outlier log-density threshold.")
+
+    def apply(self, spec: GoboSpec) -> GoboSpec:
+        return spec.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class GoboParams(SiteRuleParams):
+    """GOBO's settings; ``sites`` rules refine them per matrix."""
+
+    name: Literal["gobo"] = "gobo"
+    bits: int = Field(3, ge=2, le=8, description="Index bits of every clustered matrix: 2**bits centroids.")
+    policy: PolicyName = Field(
+        "gobo", description="gobo (L1-monitored refinement), kmeans (to convergence) or linear (equal-width bins)."
+    )
+    threshold: float = Field(-4.0, description="Outliers: log-density under the matrix's Gaussian at or below this.")
+    embeddings: bool = Field(False, description="Also cluster the word, position and token-type embedding tables.")
+    sites: dict[str, GoboOverride | None] = Field(
+        default_factory=dict,
+        description="Glob over weight site names -> {bits, policy, threshold} or null (keep FP32), applied in "
+        "order; a pattern without `layer.N.` matches every layer.",
+    )
+
+
+class Gobo(Recipe):
+    """GOBO: outlier-aware clustering of every weight matrix to 2**bits FP32 centroids, no retraining."""
+
+    name = "gobo"
+    Params = GoboParams
+    source = "Zadeh et al. 2020, GOBO (seed 002): sec. IV, Tables III-VII"
+    simulated = False
+    export_formats = ("packed",)
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        if config.evaluate.precision != "fp32":
+            raise ValueError(
+                "evaluate.precision: GOBO's decoded weights are FP32 values and bf16 would round them again; "
+                "set evaluate.precision: fp32"
+            )
+
+    def site_plan(self, sites: list[Any]) -> Any:
+        from qbert.quant.sites import PlanError, SitePlan, matching_sites
+
+        p: GoboParams = self.params  # type: ignore[assignment]
+        default = GoboSpec(bits=p.bits, policy=p.policy, threshold=p.threshold)
+        specs: dict[str, GoboSpec | None] = {
+            s.name: default if s.kind == "weight" and (p.embeddings or not s.name.startswith("embeddings.")) else None
+            for s in sites
+        }
+        for pattern, override in p.sites.items():
+            key = f"recipe.sites.{pattern}"
+            matched = [s for s in matching_sites(sites, pattern, key) if s.kind == "weight"]
+            if not matched:
+                raise PlanError(f"{pattern!r} matches only activation sites; gobo clusters weights "
+                                f"(weight sites end in .weight, e.g. {pattern.rstrip('*.')}.weight)", key)
+            for s in matched:
+                specs[s.name] = None if override is None else override.apply(specs[s.name] or default)
+        return SitePlan(sites, specs)  # type: ignore[arg-type]
+
+    def quantize(self, model: Any, ctx: Any) -> Any:
+        import torch
+
+        from qbert.quant.gobo import quantize_matrix
+        from qbert.quant.sites import enumerate_sites, weight_modules
+
+        plan = self.site_plan(enumerate_sites(model))
+        modules = weight_modules(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        jobs = [(s.name, modules[s.name], plan.specs[s.name]) for s in plan.quantized("weight")]
+        threads = max(1, torch.get_num_threads())
+
+        def cluster(job: tuple[str, Any, GoboSpec]) -> Any:
+            _, module, spec = job
+            weights = module.weight.detach().float().cpu().numpy()
+            return quantize_matrix(weights, spec.bits, spec.policy, spec.threshold)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # numpy's sort and scans release the GIL
+            results = list(pool.map(cluster, jobs))
+        seconds = time.perf_counter() - start
+        self._codes = {}
+        matrices: dict[str, dict[str, Any]] = {}
+        with torch.no_grad():
+            for (site, module, _), (code, stats) in zip(jobs, results, strict=True):
+                decoded = torch.from_numpy(code.decode()).to(module.weight.device, module.weight.dtype)
+                module.weight.copy_(decoded)
+                self._codes[f"{names[id(module)]}.weight"] = code
+                matrices[site] = {
+                    "bits": stats.bits, "policy": stats.policy, "numel": stats.numel, "outliers": stats.outliers,
+                    "outlier_fraction": round(stats.outlier_fraction, 6), "iterations": stats.iterations,
+                    "converged": stats.converged, "l1": round(stats.l1, 4),
+                    "mean_abs_error": stats.l1 / stats.numel, "seconds": round(stats.seconds, 4),
+                }
+        self._report = summarize_matrices(matrices, seconds, threads)
+        ctx.log.info("gobo: %d matrices, %.4f%% outliers, %.2f s", len(jobs),
+                     100 * self._report["outlier_fraction"], seconds)
+        return model
+
+    def packed_codes(self) -> dict[str, Any]:
+        """The GOBO code of every clustered parameter, by parameter name (for the packed export)."""
+        return getattr(self, "_codes", {})
+
+    def report(self) -> dict[str, Any]:
+        return getattr(self, "_report", {})
+
+
+def summarize_matrices(matrices: dict[str, dict[str, Any]], seconds: float, threads: int) -> dict[str, Any]:
+    """Totals over all matrices and per block (embeddings, layer.i, pooler, head)."""
+
+    def block(site: str) -> str:
+        parts = site.split(".")
+        return ".".join(parts[:2]) if parts[0] == "layer" else parts[0]
+
+    def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        numel = sum(r["numel"] for r in rows)
+        outliers = sum(r["outliers"] for r in rows)
+        l1 = sum(r["l1"] for r in rows)
+        return {"numel": numel, "outliers": outliers, "outlier_fraction": outliers / numel if numel else 0.0,
+                "l1": round(l1, 4), "mean_abs_error": l1 / numel if numel else 0.0}
+
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    for site, row in matrices.items():
+        blocks.setdefault(block(site), []).append(row)
+    iterations = [r["iterations"] for r in matrices.values()]
+    by_bits: dict[int, int] = {}
+    for row in matrices.values():
+        by_bits[row["bits"]] = by_bits.get(row["bits"], 0) + 1
+    return {
+        **totals(list(matrices.values())),
+        "matrices": len(matrices),
+        "by_bits": dict(sorted(by_bits.items())),
+        "iterations": {"min": min(iterations, default=0), "max": max(iterations, default=0),
+                       "mean": sum(iterations) / len(iterations) if iterations else 0.0},
+        "all_converged": all(r["converged"] for r in matrices.values()),
+        "seconds": round(seconds, 3),
+        "threads": threads,
+        "blocks": {name: totals(rows) for name, rows in blocks.items()},
+        "per_matrix": matrices,
+    }
