@@ -118,7 +118,9 @@ def _padded(bits: int) -> int:
     return 8 * ((bits + 7) // 8)
 
 
-def count_bits(entries: dict[str, dict[str, Any]], unquantized: dict[str, np.ndarray], header_bytes: int) -> dict[str, int]:
+def count_bits(
+    entries: dict[str, dict[str, Any]], unquantized: dict[str, np.ndarray], header_bytes: int
+) -> dict[str, int]:
     """The ledger's parts from the codes' counts, the plain tensors and the header size."""
     parts = dict.fromkeys(LEDGER_PARTS, 0)
     for e in entries.values():

@@ -348,9 +348,8 @@ def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The module holding each weight site's ``weight`` (embedding tables, linears, pooler, head)."""
     parts = _parts(model)
     emb = parts.base.embeddings
-    modules: dict[str, nn.Module] = {
-        f"embeddings.{table}.weight": getattr(emb, f"{table}_embeddings") for table in ("word", "position", "token_type")
-    }
+    tables = ("word", "position", "token_type")
+    modules: dict[str, nn.Module] = {f"embeddings.{t}.weight": getattr(emb, f"{t}_embeddings") for t in tables}
     for i, layer in enumerate(parts.layers):
         modules.update({f"layer.{i}.{family}.weight": m for family, m in _layer_linears(layer).items()})
     if parts.pooler is not None:
