@@ -124,19 +124,31 @@ def outlier_bounds(mean: float, var: float, threshold: float) -> tuple[np.float3
     if r2 <= 0:  # the density is below the threshold everywhere: every weight is an outlier
         return np.float32(np.inf), np.float32(-np.inf)
     r = math.sqrt(r2)
-    lo, hi = np.float32(mean - r), np.float32(mean + r)
-    # round outwards-safe: the largest float32 <= mean - r and the smallest float32 >= mean + r
-    if float(lo) > mean - r:
-        lo = np.nextafter(lo, np.float32(-np.inf))
-    if float(hi) < mean + r:
-        hi = np.nextafter(hi, np.float32(np.inf))
-    return lo, hi
+    bounds = np.array([mean - r, mean + r])
+    return _float32_below(bounds[:1])[0], _float32_above(bounds[1:])[0]
+
+
+def _float32_below(values: np.ndarray) -> np.ndarray:
+    """The largest float32 <= each float64 value: for float32 ``x``, ``x <= v`` iff ``x <= result``."""
+    out = values.astype(np.float32)
+    over = out.astype(np.float64) > values
+    out[over] = np.nextafter(out[over], np.float32(-np.inf))
+    return out
+
+
+def _float32_above(values: np.ndarray) -> np.ndarray:
+    """The smallest float32 >= each float64 value: for float32 ``x``, ``x < v`` iff ``x < result``."""
+    out = values.astype(np.float32)
+    under = out.astype(np.float64) < values
+    out[under] = np.nextafter(out[under], np.float32(np.inf))
+    return out
 
 
 def midpoints(codebook: np.ndarray) -> np.ndarray:
-    """float32 decision thresholds between adjacent centroids; a weight equal to one goes to the lower bin."""
+    """float32 decision thresholds between adjacent centroids, exact for float32 weights: a weight
+    goes to the lower of two centroids iff it is at or below their midpoint."""
     c = codebook.astype(np.float64)
-    return ((c[:-1] + c[1:]) / 2).astype(np.float32)
+    return _float32_below((c[:-1] + c[1:]) / 2)
 
 
 class _SortedGroup:
@@ -151,7 +163,11 @@ class _SortedGroup:
         np.cumsum(self.prefix[1:], out=self.prefix[1:])
 
     def equal_population(self, k: int) -> np.ndarray:
-        return (np.arange(k + 1, dtype=np.int64) * self.n) // k
+        """Bin bounds of ``k`` equal-population bins, the first ``n % k`` one weight larger (``np.array_split``)."""
+        q, r = divmod(self.n, k)
+        sizes = np.full(k, q, dtype=np.int64)
+        sizes[:r] += 1
+        return np.concatenate(([0], np.cumsum(sizes)))
 
     def nearest(self, codebook: np.ndarray) -> np.ndarray:
         inner = np.searchsorted(self.x, midpoints(codebook), side="right")
@@ -168,12 +184,12 @@ class _SortedGroup:
                 means[empty] = previous[empty]
             else:  # the start with fewer weights than bins: the value at the bin's boundary
                 means[empty] = self.x[np.minimum(bounds[:-1][empty], max(self.n - 1, 0))] if self.n else 0.0
-        return means.astype(np.float32)
+        return means
 
     def l1(self, bounds: np.ndarray, codebook: np.ndarray) -> float:
         c = codebook.astype(np.float64)
         lo, hi = bounds[:-1], bounds[1:]
-        split = np.clip(np.searchsorted(self.x, codebook, side="left"), lo, hi)
+        split = np.clip(np.searchsorted(self.x, _float32_above(c), side="left"), lo, hi)  # first x >= c
         p = self.prefix
         below = c * (split - lo) - (p[split] - p[lo])
         above = (p[hi] - p[split]) - c * (hi - split)
@@ -181,10 +197,10 @@ class _SortedGroup:
 
 
 def _cluster(group: _SortedGroup, k: int, policy: str) -> tuple[np.ndarray, int, bool, list[float]]:
+    """float64 centroids, accepted rounds, whether the policy's stopping rule was met, L1 trace."""
     if policy == "linear":
         lo, hi = (float(group.x[0]), float(group.x[-1])) if group.n else (0.0, 0.0)
-        width = (hi - lo) / k
-        codebook = (lo + (np.arange(k) + 0.5) * width).astype(np.float32)
+        codebook = lo + (np.arange(k) + 0.5) * ((hi - lo) / k)
         return codebook, 0, True, [group.l1(group.nearest(codebook), codebook)]
     bounds = group.equal_population(k)
     codebook = group.means(bounds, None)
@@ -222,7 +238,8 @@ def quantize_matrix(
     positions = np.flatnonzero(is_outlier)
     inliers = w[~is_outlier] if positions.size else w
     group = _SortedGroup(np.sort(inliers))
-    codebook, iterations, converged, trace = _cluster(group, 2**bits, policy)
+    centroids, iterations, converged, trace = _cluster(group, 2**bits, policy)
+    codebook = centroids.astype(np.float32)  # what is stored; the final assignment is nearest in it
     indices = np.searchsorted(midpoints(codebook), inliers, side="left").astype(np.uint8)
     l1 = group.l1(group.nearest(codebook), codebook)
     code = GoboCode(tuple(weights.shape), bits, indices, codebook, positions.astype(np.int64), w[positions].copy())

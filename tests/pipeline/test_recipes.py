@@ -23,6 +23,7 @@ RECIPES = {
     "mp_ptq": {"name": "mp_ptq"},
     "peg": {"name": "peg", "groups": 4, "permute": True},
     "dynamic_int8": {"name": "dynamic_int8"},
+    "gobo": {"name": "gobo", "bits": 3, "embeddings": True},
 }
 
 
@@ -52,6 +53,10 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
     report = record["recipe_report"]
     if name in ("fp32",):
         assert record["simulated"] is False and report == {}
+    elif name == "gobo":
+        assert record["simulated"] is False and "calibration" not in report
+        assert report["matrices"] == 3 + 2 * 6 + 2 and report["all_converged"]
+        assert 0 < report["outlier_fraction"] < 0.01
     elif name == "dynamic_int8":
         assert record["simulated"] is False
         assert report["size_mb"]["int8"] < report["size_mb"]["fp32"]
