@@ -14,8 +14,6 @@ The evaluated model holds the decoded weights, which are exactly what the packed
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,40 +106,25 @@ class Gobo(Recipe):
     def quantize(self, model: Any, ctx: Any) -> Any:
         import torch
 
-        from qbert.quant.gobo import quantize_matrix
-        from qbert.quant.sites import enumerate_sites, weight_modules
+        from qbert.quant.gobo import quantize_model
+        from qbert.quant.sites import enumerate_sites
 
         plan = self.site_plan(enumerate_sites(model))
-        modules = weight_modules(model)
-        names = {id(m): n for n, m in model.named_modules()}
-        jobs = [(s.name, modules[s.name], plan.specs[s.name]) for s in plan.quantized("weight")]
-        threads = max(1, torch.get_num_threads())
-
-        def cluster(job: tuple[str, Any, GoboSpec]) -> Any:
-            _, module, spec = job
-            weights = module.weight.detach().float().cpu().numpy()
-            return quantize_matrix(weights, spec.bits, spec.policy, spec.threshold)
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # numpy's sort and scans release the GIL
-            results = list(pool.map(cluster, jobs))
-        seconds = time.perf_counter() - start
-        self._codes = {}
-        matrices: dict[str, dict[str, Any]] = {}
-        with torch.no_grad():
-            for (site, module, _), (code, stats) in zip(jobs, results, strict=True):
-                decoded = torch.from_numpy(code.decode()).to(module.weight.device, module.weight.dtype)
-                module.weight.copy_(decoded)
-                self._codes[f"{names[id(module)]}.weight"] = code
-                matrices[site] = {
-                    "bits": stats.bits, "policy": stats.policy, "numel": stats.numel, "outliers": stats.outliers,
-                    "outlier_fraction": round(stats.outlier_fraction, 6), "iterations": stats.iterations,
-                    "converged": stats.converged, "l1": round(stats.l1, 4),
-                    "mean_abs_error": stats.l1 / stats.numel, "seconds": round(stats.seconds, 4),
-                }
-        self._report = summarize_matrices(matrices, seconds, threads)
-        ctx.log.info("gobo: %d matrices, %.4f%% outliers, %.2f s", len(jobs),
-                     100 * self._report["outlier_fraction"], seconds)
+        specs = {s.name: plan.specs[s.name] for s in plan.quantized("weight")}
+        result = quantize_model(model, specs, threads=torch.get_num_threads())
+        self._codes = result.codes
+        matrices = {
+            site: {
+                "bits": st.bits, "policy": st.policy, "numel": st.numel, "outliers": st.outliers,
+                "outlier_fraction": round(st.outlier_fraction, 6), "iterations": st.iterations,
+                "converged": st.converged, "l1": round(st.l1, 4), "mean_abs_error": st.l1 / st.numel,
+                "seconds": round(st.seconds, 4),
+            }
+            for site, st in result.stats.items()
+        }
+        self._report = summarize_matrices(matrices, result.seconds, result.threads)
+        ctx.log.info("gobo: %d matrices, %.4f%% outliers, %.2f s", len(specs),
+                     100 * self._report["outlier_fraction"], result.seconds)
         return model
 
     def packed_codes(self) -> dict[str, Any]:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -67,14 +68,17 @@ class GoboCode:
     def outliers(self) -> int:
         return int(self.outlier_positions.size)
 
-    def decode(self) -> np.ndarray:
-        """The float32 matrix this code stands for."""
-        out = np.empty(self.numel, dtype=np.float32)
-        keep = np.ones(self.numel, dtype=bool)
-        keep[self.outlier_positions] = False
-        out[keep] = self.codebook[self.indices]
-        out[self.outlier_positions] = self.outlier_values
-        return out.reshape(self.shape)
+    def decode(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The float32 matrix this code stands for (written into ``out`` when given)."""
+        flat = np.empty(self.numel, dtype=np.float32) if out is None else out.reshape(-1)
+        if self.outliers:
+            keep = np.ones(self.numel, dtype=bool)
+            keep[self.outlier_positions] = False
+            flat[keep] = self.codebook[self.indices]
+            flat[self.outlier_positions] = self.outlier_values
+        else:
+            np.take(self.codebook, self.indices, out=flat)
+        return flat.reshape(self.shape)
 
 
 @dataclass
@@ -151,16 +155,31 @@ def midpoints(codebook: np.ndarray) -> np.ndarray:
     return _float32_below((c[:-1] + c[1:]) / 2)
 
 
+_BLOCK = 256
+
+
 class _SortedGroup:
-    """The sorted Gaussian group and its float64 prefix sums: bin sums and L1 errors in O(K log n)."""
+    """The sorted Gaussian group with float64 prefix sums per block of 256 weights: the sum of any
+    prefix is one block prefix plus at most 255 weights, so bin sums and L1 errors cost
+    ``O(K (log n + 256))`` per round and no n-sized float64 array is ever built."""
 
     def __init__(self, values: np.ndarray) -> None:
         self.x = values
         self.n = values.size
-        self.prefix = np.empty(self.n + 1, dtype=np.float64)
-        self.prefix[0] = 0.0
-        self.prefix[1:] = values
-        np.cumsum(self.prefix[1:], out=self.prefix[1:])
+        full = self.n // _BLOCK
+        block_sums = values[: full * _BLOCK].reshape(full, _BLOCK).sum(axis=1, dtype=np.float64)
+        self.block_prefix = np.concatenate(([0.0], np.cumsum(block_sums)))
+        self._columns = np.arange(_BLOCK)
+
+    def prefix(self, positions: np.ndarray) -> np.ndarray:
+        """``sum(x[:p])`` in float64 for every ``p`` in ``positions``."""
+        p = np.asarray(positions, dtype=np.int64)
+        block = p // _BLOCK
+        start = block * _BLOCK
+        take = self._columns[None, :] < (p - start)[:, None]
+        rows = np.minimum(start[:, None] + self._columns[None, :], max(self.n - 1, 0))
+        partial = np.where(take, self.x[rows] if self.n else 0.0, 0.0).sum(axis=1, dtype=np.float64)
+        return self.block_prefix[block] + partial
 
     def equal_population(self, k: int) -> np.ndarray:
         """Bin bounds of ``k`` equal-population bins, the first ``n % k`` one weight larger (``np.array_split``)."""
@@ -175,7 +194,7 @@ class _SortedGroup:
 
     def means(self, bounds: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
         counts = np.diff(bounds)
-        sums = self.prefix[bounds[1:]] - self.prefix[bounds[:-1]]
+        sums = np.diff(self.prefix(bounds))
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts
         empty = counts == 0
@@ -190,9 +209,9 @@ class _SortedGroup:
         c = codebook.astype(np.float64)
         lo, hi = bounds[:-1], bounds[1:]
         split = np.clip(np.searchsorted(self.x, _float32_above(c), side="left"), lo, hi)  # first x >= c
-        p = self.prefix
-        below = c * (split - lo) - (p[split] - p[lo])
-        above = (p[hi] - p[split]) - c * (hi - split)
+        at_bounds, at_split = np.split(self.prefix(np.concatenate((bounds, split))), [bounds.size])
+        below = c * (split - lo) - (at_split - at_bounds[:-1])
+        above = (at_bounds[1:] - at_split) - c * (hi - split)
         return float(np.sum(below + above))
 
 
@@ -222,6 +241,17 @@ def _cluster(group: _SortedGroup, k: int, policy: str) -> tuple[np.ndarray, int,
     return codebook, iterations, converged, trace
 
 
+def assign(weights: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """uint8 index of each weight's nearest centroid (the lower one at a tie)."""
+    mids = midpoints(codebook)
+    if mids.size > 31:
+        return np.searchsorted(mids, weights, side="left").astype(np.uint8)
+    indices = np.zeros(weights.shape, dtype=np.uint8)
+    for mid in mids:  # counting the thresholds below each weight: K-1 cheap passes beat a binary search
+        indices += weights > mid
+    return indices
+
+
 def quantize_matrix(
     weights: np.ndarray, bits: int, policy: str = "gobo", threshold: float = -4.0
 ) -> tuple[GoboCode, GoboStats]:
@@ -240,7 +270,7 @@ def quantize_matrix(
     group = _SortedGroup(np.sort(inliers))
     centroids, iterations, converged, trace = _cluster(group, 2**bits, policy)
     codebook = centroids.astype(np.float32)  # what is stored; the final assignment is nearest in it
-    indices = np.searchsorted(midpoints(codebook), inliers, side="left").astype(np.uint8)
+    indices = assign(inliers, codebook)
     l1 = group.l1(group.nearest(codebook), codebook)
     code = GoboCode(tuple(weights.shape), bits, indices, codebook, positions.astype(np.int64), w[positions].copy())
     stats = GoboStats(
@@ -249,3 +279,62 @@ def quantize_matrix(
         seconds=time.perf_counter() - start,
     )
     return code, stats
+
+
+class MatrixSpec(Protocol):
+    """How to cluster one matrix (``recipes.gobo.GoboSpec`` is one)."""
+
+    bits: int
+    policy: str
+    threshold: float
+
+
+@dataclass
+class ModelCodes:
+    """The result of :func:`quantize_model`: codes by parameter name, stats by site, wall time."""
+
+    codes: dict[str, GoboCode]
+    stats: dict[str, GoboStats]
+    parameter_names: dict[str, str]
+    """site -> parameter name."""
+    seconds: float
+    threads: int
+
+
+def quantize_model(model: Any, specs: dict[str, MatrixSpec], threads: int = 1) -> ModelCodes:
+    """Cluster the weight of every site in ``specs`` (weight site names, see ``qbert.quant.sites``) and
+    write the decoded weights into ``model`` in place. Matrices run on ``threads`` threads (numpy's
+    sort and scans release the GIL); ``seconds`` covers everything, writing the weights back included."""
+    import torch
+
+    from qbert.quant.sites import weight_modules
+
+    modules = weight_modules(model)
+    unknown = sorted(set(specs) - set(modules))
+    if unknown:
+        raise ValueError(f"not weight sites of this model: {', '.join(unknown)}")
+    names = {id(m): n for n, m in model.named_modules()}
+    # largest first, so the big embedding table does not start last on a busy thread
+    jobs = sorted(specs.items(), key=lambda item: -modules[item[0]].weight.numel())
+
+    def cluster(job: tuple[str, MatrixSpec]) -> tuple[GoboCode, GoboStats]:
+        site, spec = job
+        weight = modules[site].weight
+        on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+        array = weight.detach().numpy() if on_cpu else weight.detach().float().cpu().numpy()
+        code, stats = quantize_matrix(array, spec.bits, spec.policy, spec.threshold)
+        if on_cpu:  # decode straight into the parameter's memory (its values are no longer needed)
+            code.decode(out=array)
+        else:
+            with torch.no_grad():
+                weight.copy_(torch.from_numpy(code.decode()).to(weight.device, weight.dtype))
+        return code, stats
+
+    start = time.perf_counter()
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(cluster, jobs))
+    out = ModelCodes({}, {}, {}, time.perf_counter() - start, max(1, threads))
+    for (site, _), (code, stats) in zip(jobs, results, strict=True):
+        name = f"{names[id(modules[site])]}.weight"
+        out.codes[name], out.stats[site], out.parameter_names[site] = code, stats, name
+    return out

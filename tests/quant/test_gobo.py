@@ -1,5 +1,6 @@
 """GOBO clustering against independent computations: scikit-learn's GaussianMixture for the fit and
-the outliers, and a literal argmin/mean loop (the paper's procedure as written) for the centroids."""
+the outliers, and the paper's procedure written out literally (``qbert.quant.gobo_literal``: argmin
+reassignment and per-bin means) for the centroids, iterations and L1 trace."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from sklearn.mixture import GaussianMixture
 
 from qbert.quant.gobo import POLICIES, fit_gaussian, log_density, quantize_matrix
+from qbert.quant.gobo_literal import literal_gobo
 
 
 def heavy_tailed(shape: tuple[int, ...], seed: int = 0, std: float = 0.04) -> np.ndarray:
@@ -21,30 +23,8 @@ def heavy_tailed(shape: tuple[int, ...], seed: int = 0, std: float = 0.04) -> np
 
 
 def literal(weights: np.ndarray, bits: int, threshold: float = -4.0, policy: str = "gobo"):
-    """The paper's procedure written out directly: sklearn fit + score_samples, equal-population bins
-    of the sorted Gaussian group, then argmin reassignment and per-bin means, monitored by L1."""
-    flat = weights.reshape(-1).astype(np.float64)
-    gm = GaussianMixture(n_components=1, random_state=0).fit(flat[:, None])
-    outlier = gm.score_samples(flat[:, None]) <= threshold
-    g = np.sort(flat[~outlier])
-    k = 2**bits
-    bins = np.array_split(g, k)
-    centroids = np.array([b.mean() for b in bins])
-    assign = np.concatenate([np.full(len(b), i) for i, b in enumerate(bins)])
-    l1 = np.abs(g - centroids[assign]).sum()
-    trace = [l1]
-    for _ in range(1000):
-        new_assign = np.argmin(np.abs(g[:, None] - centroids[None, :]), axis=1)
-        if policy == "kmeans" and np.array_equal(new_assign, assign):
-            break
-        new_centroids = np.array([g[new_assign == i].mean() if (new_assign == i).any() else centroids[i]
-                                  for i in range(k)])
-        new_l1 = np.abs(g - new_centroids[new_assign]).sum()
-        if policy == "gobo" and new_l1 >= l1:
-            break
-        assign, centroids, l1 = new_assign, new_centroids, new_l1
-        trace.append(l1)
-    return outlier, centroids, trace
+    result = literal_gobo(weights, bits, threshold, policy)
+    return result.outliers, result.centroids, result.l1_trace
 
 
 def test_gaussian_fit_matches_scikit_learn():
