@@ -63,7 +63,7 @@ def sites(
                 source = plan.permutation_sources.get(site.name)
                 shared = f" (permutation of {source})" if source and source != site.name else ""
                 table.add_row(site.name, site.kind, spec.describe() + shared if spec else "[dim]fp32[/]",
-                              spec.estimator if spec else "")
+                              getattr(spec, "estimator", "") if spec else "")
             console.print(table)
         for kind_name, t in plan.totals().items():
             bits = ", ".join(f"{n} at {b} bits" for b, n in t["by_bits"].items()) or "none quantized"

@@ -34,7 +34,7 @@ class GoboSpec(BaseModel):
     threshold: float = Field(-4.0, description="Log-density at or below which a weight is an outlier.")
 
     def describe(self) -> str:
-        return f"{self.bits}b {self.policy}, outliers at log-density <= {self.threshold:g}"
+        return f"{self.bits}b {self.policy}, outliers logp<={self.threshold:g}"
 
 
 class GoboOverride(BaseModel):
