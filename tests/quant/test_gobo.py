@@ -142,3 +142,10 @@ def test_outlier_threshold_follows_the_density_not_a_fixed_sigma():
         expected = math.sqrt(-2 * (-4.0) - math.log(2 * math.pi * (stats.std**2 + 1e-6)))
         assert radius[-1] == pytest.approx(expected, rel=0.05)
     assert radius[0] > radius[1]
+
+
+def test_a_threshold_above_the_peak_density_keeps_every_weight_exact():
+    w = heavy_tailed((16, 16), seed=10)
+    code, stats = quantize_matrix(w, 3, threshold=50.0)
+    assert stats.outliers == w.size and code.indices.size == 0 and stats.l1 == 0.0
+    np.testing.assert_array_equal(code.decode(), w)
