@@ -29,7 +29,7 @@ class LiteralResult:
 
 
 def literal_gobo(weights: np.ndarray, bits: int, threshold: float = -4.0, policy: str = "gobo",
-                 max_iterations: int = 1000) -> LiteralResult:
+                 max_iterations: int = 10_000) -> LiteralResult:
     from sklearn.mixture import GaussianMixture
 
     flat = np.asarray(weights, dtype=np.float64).reshape(-1, 1)
