@@ -95,6 +95,8 @@ class Ledger:
     file_bytes: int
     fp32_bytes: int
     """4 bytes per parameter of the model (what an FP32 checkpoint of its tensors holds)."""
+    coded_fp32_bytes: int = 0
+    """4 bytes per parameter of the matrices stored as codes."""
 
     @property
     def total_bits(self) -> int:
@@ -104,11 +106,22 @@ class Ledger:
     def compression(self) -> float:
         return self.fp32_bytes / self.file_bytes
 
+    @property
+    def coded_bits(self) -> int:
+        """The bits of the coded matrices alone: indices, codebooks, outliers, with their padding."""
+        return sum(b for part, b in self.bits.items() if part not in ("unquantized", "header"))
+
+    @property
+    def coded_compression(self) -> float:
+        """FP32 size of the coded matrices over their coded size (GOBO's "compression ratio" of a layer)."""
+        return 8 * self.coded_fp32_bytes / self.coded_bits if self.coded_bits else 1.0
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "file_bytes": self.file_bytes,
             "fp32_bytes": self.fp32_bytes,
             "compression": round(self.compression, 3),
+            "coded_compression": round(self.coded_compression, 3),
             "bits": dict(self.bits),
             "megabytes": {part: round(b / 8e6, 4) for part, b in self.bits.items()},
         }
@@ -184,6 +197,7 @@ def write_packed(path: str | Path, model: Any, codes: dict[str, GoboCode]) -> Le
         bits=count_bits(entries, plain, _header_bytes(path)),
         file_bytes=path.stat().st_size,
         fp32_bytes=4 * sum(p.numel() for p in params.values()),
+        coded_fp32_bytes=4 * sum(code.numel for code in codes.values()),
     )
     if ledger.total_bits != 8 * ledger.file_bytes:
         raise RuntimeError(f"{path}: ledger counts {ledger.total_bits} bits, the file has {8 * ledger.file_bytes}")

@@ -92,6 +92,7 @@ def test_hand_counted_ledger_and_file_size(tmp_path):
     assert ledger.total_bits == 8 * len(raw)
     assert ledger.fp32_bytes == 4 * (70 + 10)
     assert ledger.compression == pytest.approx(ledger.fp32_bytes / len(raw))
+    assert ledger.coded_compression == pytest.approx(70 * 32 / (208 + 256 + 64 + 16))
     decoded = read_packed(path).tensors["dense.weight"]
     np.testing.assert_array_equal(decoded, code.decode())
 
