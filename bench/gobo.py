@@ -125,7 +125,9 @@ def compression(model: torch.nn.Module, threads: int) -> dict[str, object]:
                 ledger = write_packed(Path(tmp) / f"{bits}_{setting}.safetensors", model, result.codes)
                 restore(model, original)
                 row[setting] = {
-                    "compression": round(ledger.compression, 3), "file_mb": round(ledger.file_bytes / 1e6, 2),
+                    "compression": round(ledger.compression, 3),
+                    "coded_compression": round(ledger.coded_compression, 3),
+                    "file_mb": round(ledger.file_bytes / 1e6, 2),
                     "fp32_mb": round(ledger.fp32_bytes / 1e6, 2), "ledger_mb": ledger.as_dict()["megabytes"],
                 }
             row["paper"] = PAPER["compression"][str(bits)]
