@@ -338,9 +338,10 @@ def quantize_model(model: Any, specs: dict[str, MatrixSpec], threads: int = 1) -
 
     start = time.perf_counter()
     with torch.no_grad(), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(cluster, jobs))
+        results = dict(zip((site for site, _ in jobs), pool.map(cluster, jobs), strict=True))
     out = ModelCodes({}, {}, {}, time.perf_counter() - start, max(1, threads))
-    for (site, _), (code, stats) in zip(jobs, results, strict=True):
+    for site in specs:  # reported in the caller's (forward) order
+        code, stats = results[site]
         name = f"{names[id(modules[site])]}.weight"
         out.codes[name], out.stats[site], out.parameter_names[site] = code, stats, name
     return out
