@@ -62,6 +62,8 @@ class Recipe:
     needs_calibration: ClassVar[bool] = False
     export_formats: ClassVar[tuple[str, ...]] = ()
     """The ``export.formats`` this recipe can write."""
+    fp32_evaluation: ClassVar[str | None] = None
+    """Why this recipe must be evaluated in fp32 (None: bf16 evaluation is allowed)."""
 
     def __init__(self, params: RecipeParams, config: ExperimentConfig):
         self.params = params
@@ -70,6 +72,8 @@ class Recipe:
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
         """Reject impossible combinations of this recipe with the rest of the config (ValueError)."""
+        if cls.fp32_evaluation and config.evaluate.precision != "fp32":
+            raise ValueError(f"evaluate.precision: {cls.fp32_evaluation}; set evaluate.precision: fp32")
 
     def prepare_for_training(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         """Called before fine-tuning when ``trains_with_quantizers``; returns the model to train."""

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from qbert.config import ExperimentConfig, RecipeParams
+from qbert.config import RecipeParams
 from recipes.base import Recipe
 
 
@@ -42,11 +42,7 @@ class DynamicInt8(Recipe):
     Params = DynamicInt8Params
     source = "PyTorch tutorial: Dynamic quantization on BERT (seed 003)"
     simulated = False
-
-    @classmethod
-    def check(cls, config: ExperimentConfig) -> None:
-        if config.evaluate.precision != "fp32":
-            raise ValueError("evaluate.precision: dynamic int8 kernels take fp32 inputs; set evaluate.precision: fp32")
+    fp32_evaluation = "dynamic int8 kernels take fp32 inputs"
 
     def evaluation_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu")

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qbert.config import ExperimentConfig
 from recipes.base import Recipe, SiteRuleParams
 
 PolicyName = Literal["gobo", "kmeans", "linear"]
@@ -75,14 +74,7 @@ class Gobo(Recipe):
     source = "Zadeh et al. 2020, GOBO (seed 002): sec. IV, Tables III-VII"
     simulated = False
     export_formats = ("packed",)
-
-    @classmethod
-    def check(cls, config: ExperimentConfig) -> None:
-        if config.evaluate.precision != "fp32":
-            raise ValueError(
-                "evaluate.precision: GOBO's decoded weights are FP32 values and bf16 would round them again; "
-                "set evaluate.precision: fp32"
-            )
+    fp32_evaluation = "GOBO's decoded weights are FP32 values and bf16 would round them again"
 
     def site_plan(self, sites: list[Any]) -> Any:
         from qbert.quant.sites import PlanError, SitePlan, matching_sites

@@ -42,18 +42,11 @@ class StaticQuantRecipe(Recipe):
 
     simulated = True
     needs_calibration = True
+    fp32_evaluation = "fake quantization needs fp32 evaluation (bf16 cannot hold the quantization grid)"
     # defaults of the named recipes; ``ptq`` sets them per instance from its parameters
     weight_bits: int | None = 8
     activation_bits: int | None = 8
     weight_granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
-
-    @classmethod
-    def check(cls, config: ExperimentConfig) -> None:
-        if config.evaluate.precision != "fp32":
-            raise ValueError(
-                "evaluate.precision: fake quantization needs fp32 evaluation (bf16 cannot hold the "
-                "quantization grid); set evaluate.precision: fp32"
-            )
 
     def weight_spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, granularity=self.weight_granularity,
