@@ -30,7 +30,7 @@ from qbert.errors import QbertError
 
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad")
 TaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"]
-RangeEstimatorName = Literal["minmax", "running_minmax", "mse", "percentile"]
+RangeEstimatorName = Literal["minmax", "running_minmax", "running_absmax", "mse", "percentile"]
 
 
 class Section(BaseModel):

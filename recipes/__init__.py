@@ -8,7 +8,7 @@ import importlib
 from recipes.base import Recipe
 
 _MODULES = ("recipes.fp32", "recipes.ptq", "recipes.mp_ptq", "recipes.peg", "recipes.dynamic_int8",
-            "recipes.gobo")
+            "recipes.gobo", "recipes.qat", "recipes.adaround")
 
 RECIPES: dict[str, type[Recipe]] = {}
 

@@ -11,7 +11,7 @@ from qbert.config import RecipeParams
 if TYPE_CHECKING:
     import torch
 
-    from qbert.config import ExperimentConfig
+    from qbert.config import ExperimentConfig, FinetuneConfig
     from qbert.pipeline.context import StageContext
 
 
@@ -58,7 +58,10 @@ class Recipe:
     simulated: ClassVar[bool] = False
     """Whether evaluation numbers come from fake-quantized (simulated) arithmetic."""
     trains_with_quantizers: ClassVar[bool] = False
-    """True for QAT: fine-tuning happens with quantizers in place and is not shared with FP32."""
+    """True for QAT: the model trains with quantizers in place (after ``prepare_for_training``)."""
+    starts_from: ClassVar[str] = "finetuned"
+    """QAT only: ``pretrained`` (quantizers in from the first fine-tuning step, as Q8BERT) or
+    ``finetuned`` (the cached FP32 checkpoint, then QAT, as Bondarenko et al.)."""
     needs_calibration: ClassVar[bool] = False
     export_formats: ClassVar[tuple[str, ...]] = ()
     """The ``export.formats`` this recipe can write."""
@@ -78,6 +81,17 @@ class Recipe:
     def prepare_for_training(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         """Called before fine-tuning when ``trains_with_quantizers``; returns the model to train."""
         return model
+
+    def training_config(self, finetune: FinetuneConfig) -> FinetuneConfig:
+        """QAT: the training settings (default: the ``finetune`` section as is)."""
+        return finetune
+
+    def extra_parameter_groups(self) -> list[dict[str, Any]]:
+        """QAT: optimiser groups with their own settings (e.g. quantization ranges' learning rate)."""
+        return []
+
+    def before_step(self, step: int) -> None:
+        """QAT: called before every training step (e.g. to end a quantization delay)."""
 
     def quantize(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         """Turn the fine-tuned model into the model that is evaluated and exported."""

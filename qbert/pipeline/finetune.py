@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,11 +47,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay for weight matrices, none for biases and normalisation weights."""
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, exclude: set[int] = frozenset()  # type: ignore[assignment]
+) -> list[dict[str, Any]]:
+    """AdamW groups: decay for weight matrices, none for biases and normalisation weights
+    (parameters whose ``id`` is in ``exclude`` are left to the caller)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in exclude:
             continue
         if param.ndim < 2 or "LayerNorm" in name or name.endswith(".bias"):
             no_decay.append(param)
@@ -80,10 +84,13 @@ def finetune(
     device: torch.device,
     reporter: Reporter = SILENT,
     extra_parameter_groups: list[dict[str, Any]] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenized ``features``; returns what happened (steps, loss, time).
 
-    ``extra_parameter_groups`` lets QAT recipes train quantizer ranges with their own settings.
+    QAT hooks: ``extra_parameter_groups`` trains quantizer ranges with their own settings (their
+    parameters must not also be in the model's ordinary groups); ``before_step(step)`` runs before
+    every optimisation step (quantization delay).
     """
     if not features:
         from qbert.errors import QbertError
@@ -95,7 +102,9 @@ def finetune(
     batches_per_epoch = math.ceil(len(features) / cfg.batch_size)
     total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch))
     warmup_steps = int(cfg.warmup * total_steps)
-    groups = parameter_groups(model, cfg.weight_decay) + list(extra_parameter_groups or [])
+    extra = list(extra_parameter_groups or [])
+    separate = {id(p) for group in extra for p in group["params"]}
+    groups = parameter_groups(model, cfg.weight_decay, exclude=separate) + extra
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = linear_warmup_decay(optimizer, warmup_steps, total_steps)
 
@@ -106,6 +115,8 @@ def finetune(
             for indices in length_grouped_batches(lengths, cfg.batch_size, generator, cfg.group_by_length):
                 if step >= total_steps:
                     break
+                if before_step is not None:
+                    before_step(step)
                 batch = pad_batch([features[i] for i in indices], pad_token_id)
                 tokens += int(batch["attention_mask"].sum())
                 with autocast(device, cfg.precision):

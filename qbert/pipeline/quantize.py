@@ -9,6 +9,7 @@ pass over the same batches (Bondarenko et al.: the sorting happens once, before 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from qbert.pipeline.calibrate import calibration_batches, run_calibration
 from qbert.pipeline.context import StageContext
 from qbert.quant.estimators import make_estimator
 from qbert.quant.quantizer import Quantizer
+from qbert.quant.size import instrumented_size
 from qbert.quant.sites import Instrumented, Site, SitePlan, instrument, pattern_matches
 from qbert.quant.spec import QuantSpec
 
@@ -49,15 +51,24 @@ def range_weights(inst: Instrumented) -> None:
         q.freeze()
 
 
-def quantize_ptq(model: torch.nn.Module, plan: SitePlan, ctx: StageContext) -> tuple[Instrumented, dict[str, Any]]:
-    """Static PTQ of ``model`` following ``plan``; returns the instrumented model and a report."""
+def quantize_ptq(
+    model: torch.nn.Module, plan: SitePlan, ctx: StageContext,
+    round_weights: Callable[[Instrumented], dict[str, Any]] | None = None,
+) -> tuple[Instrumented, dict[str, Any]]:
+    """Static PTQ of ``model`` following ``plan``; returns the instrumented model and a report.
+
+    ``round_weights(inst)`` (AdaRound) runs after the weight ranges are set and before the
+    activations are calibrated; its report is kept under ``rounding``.
+    """
     config = ctx.config
     inst = instrument(model, plan, quantizer_factory(config.estimator))
     range_weights(inst)
+    report: dict[str, Any] = {"plan": plan.totals(), "size": instrumented_size(inst)}
+    if round_weights is not None:
+        report["rounding"] = round_weights(inst)
     activations = inst.activations()
     batches = calibration_batches(ctx.train_features, config.calibrate.batches, config.calibrate.batch_size, ctx.seed)
     pad = ctx.tokenizer.pad_token_id
-    report: dict[str, Any] = {"plan": plan.totals()}
 
     permuted = {n: q for n, q in activations.items() if q.spec.permute}
     if permuted:

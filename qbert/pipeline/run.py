@@ -174,17 +174,17 @@ def run_seed(
                 ctx.train_features = task.encode_train(tokenizer, examples, config.finetune.max_seq_len)
             return ctx.train_features
 
-        def train(model: torch.nn.Module) -> dict[str, Any]:
-            return finetune(model, train_features(), config.finetune, seed=seed,
-                            pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter)
+        def train(model: torch.nn.Module, cfg: Any = None, **hooks: Any) -> dict[str, Any]:
+            return finetune(model, train_features(), cfg or config.finetune, seed=seed,
+                            pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter, **hooks)
 
-        # fine-tune: QAT recipes train their own model; everything else shares the cached FP32 one
+        # fine-tune: the FP32 checkpoint is shared through the cache by every recipe that starts from it
         start = time.perf_counter()
         checkpoint = None
-        if recipe.trains_with_quantizers:
+        if recipe.trains_with_quantizers and recipe.starts_from == "pretrained":
+            training: dict[str, Any] | None = None
             seed_everything(seed)
-            model = recipe.prepare_for_training(load_model(source, task.head, task.num_labels), ctx)
-            training = {**train(model), "cached": False}
+            model = load_model(source, task.head, task.num_labels)
         else:
             key, key_data = finetune_key(config, seed, source.identity, task.data_fingerprint(config.data))
 
@@ -200,6 +200,18 @@ def run_seed(
             training, checkpoint = {**info, "cached": cached}, str(ckpt)
             model = load_finetuned(ckpt).to(device)
         timings["finetune"] = round(time.perf_counter() - start, 2)
+
+        # quantization-aware training: the same loop with the recipe's quantizers in place
+        qat = None
+        if recipe.trains_with_quantizers:
+            start = time.perf_counter()
+            train_features()
+            model = recipe.prepare_for_training(model.to(device), ctx)
+            seed_everything(seed)
+            qat = train(model, recipe.training_config(config.finetune),
+                        extra_parameter_groups=recipe.extra_parameter_groups(),
+                        before_step=recipe.before_step)
+            timings["qat"] = round(time.perf_counter() - start, 2)
 
         # calibrate + quantize: the recipe's business (calibration reads ctx's training features)
         if recipe.needs_calibration:
@@ -242,6 +254,7 @@ def run_seed(
             "simulated": recipe.simulated,
             "metrics": metrics,
             "finetune": training,
+            "qat": qat,
             "checkpoint": checkpoint,
             "evaluate": evaluation,
             "recipe_report": recipe.report(),

@@ -7,6 +7,8 @@ tokens already removed by the caller. ``range()`` returns per-row ``(lo, hi)``.
 - ``minmax``: current min-max, the range of the last batch seen (weights: of the tensor).
 - ``running_minmax``: exponential moving average of per-batch min and max (Krishnamoorthi 2018),
   ``r <- momentum * r + (1 - momentum) * r_batch``, initialised by the first batch.
+- ``running_absmax``: exponential moving average of the per-batch largest magnitude ``max |x|``,
+  range ``[-r, r]`` (Q8BERT's activation thresholds), same update rule as ``running_minmax``.
 - ``mse``: the clipping range ``alpha * [lo, hi]`` minimising the mean squared quantization error
   (Banner et al. 2019, Choukroun et al. 2019), by grid search or golden-section search over alpha.
 - ``percentile``: the ``p`` and ``100 - p`` percentiles of everything observed.
@@ -106,6 +108,34 @@ class RunningMinMax(RangeEstimator):
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_observed()
         return self.lo, self.hi  # type: ignore[return-value]
+
+
+class RunningAbsMax(RangeEstimator):
+    """Exponential moving average of the per-batch largest magnitude; a symmetric range."""
+
+    name = "running_absmax"
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.absmax: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.__init__(self.momentum)
+
+    def update(self, values: torch.Tensor) -> None:
+        if values.shape[1] == 0:
+            return
+        current = values.detach().float().abs().amax(dim=1)
+        if self.absmax is None:
+            self.absmax = current
+        else:
+            self.absmax = self.momentum * self.absmax + (1 - self.momentum) * current
+        self.batches += 1
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_observed()
+        return -self.absmax, self.absmax  # type: ignore[operator,return-value]
 
 
 class _Pooled(RangeEstimator):
@@ -244,6 +274,8 @@ def make_estimator(
         return CurrentMinMax()
     if name == "running_minmax":
         return RunningMinMax(momentum)
+    if name == "running_absmax":
+        return RunningAbsMax(momentum)
     if name == "mse":
         return MSE(bits, symmetric, mse_search, mse_candidates)  # type: ignore[arg-type]
     if name == "percentile":

@@ -10,6 +10,11 @@ States (Bondarenko et al. 2021 sec. 2; Q8BERT):
   gradients through :func:`~qbert.quant.functional.fake_quantize`).
 - ``estimate_train``: while the module is training, the estimator (an EMA) updates on every batch and
   the input is quantized with the current range; in eval mode the last range is used (Q8BERT).
+- ``disabled``: the input passes through untouched and unobserved (a quantization delay).
+
+Fake quantization is computed in float32 whatever the input's dtype (under bf16 autocast a bf16
+``x / s`` would misround near the grid's ends and a bf16 scale would move the grid), and the result
+is cast back.
 
 Per-embedding-group (PEG) quantization splits the last dimension into K equal groups that share a
 scale and zero point. With ``permute`` the dimensions are first sorted by their calibrated range
@@ -24,11 +29,11 @@ import torch
 from torch import nn
 
 from qbert.quant.estimators import RangeEstimator
-from qbert.quant.functional import fake_quantize, grid_limits, params_from_range
+from qbert.quant.functional import EPS, fake_quantize, grid_limits, params_from_range
 from qbert.quant.spec import QuantSpec
 
-QuantState = Literal["estimate", "fixed", "learn", "estimate_train"]
-STATES = ("estimate", "fixed", "learn", "estimate_train")
+QuantState = Literal["estimate", "fixed", "learn", "estimate_train", "disabled"]
+STATES = ("estimate", "fixed", "learn", "estimate_train", "disabled")
 
 
 class Quantizer(nn.Module):
@@ -78,10 +83,19 @@ class Quantizer(nn.Module):
         """Switch state; ``learn`` makes scale and zero point trainable, the others freeze them."""
         if state not in STATES:
             raise ValueError(f"unknown quantizer state {state!r}; one of {', '.join(STATES)}")
+        if self.state == "learn" and state != "learn":
+            self._settle()
         self.state = state
         trainable = state == "learn"
         self.scale.requires_grad_(trainable)
         self.zero_point.requires_grad_(trainable and not self.spec.symmetric)
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """Leaving ``learn``: the zero point becomes the integer the forward pass was using and the
+        scale stays positive, so the frozen quantizer computes exactly what training last did."""
+        self.scale.clamp_(min=EPS)
+        self.zero_point.copy_(torch.clamp(torch.round(self.zero_point), self.qmin, self.qmax))
 
     def freeze(self) -> None:
         """Set scale and zero point from the estimator's range and switch to ``fixed``."""
@@ -163,14 +177,20 @@ class Quantizer(nn.Module):
         return values
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with the current scale and zero point."""
+        """Fake-quantize ``x`` with the current scale and zero point (in float32, cast back)."""
         scale = self._broadcast(self.scale, x)
         zero_point = self._broadcast(self.zero_point, x)
-        if self.state == "learn" and not self.spec.symmetric:
-            zero_point = zero_point + (torch.round(zero_point) - zero_point).detach()
-        return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), self.qmin, self.qmax)
+        if self.state == "learn":
+            scale = scale.clamp(min=EPS)
+            if not self.spec.symmetric:
+                zero_point = torch.clamp(zero_point + (torch.round(zero_point) - zero_point).detach(),
+                                         self.qmin, self.qmax)
+        out = fake_quantize(x.float(), scale.float(), zero_point.float(), self.qmin, self.qmax)
+        return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.state == "disabled":
+            return x
         if self.state == "estimate":
             self.observe(x, valid)
             return x

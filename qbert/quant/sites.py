@@ -359,6 +359,27 @@ def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
+def linear_inputs(model: nn.Module) -> dict[str, str]:
+    """For each linear layer's weight site, the activation site that is its input: ``{weight site:
+    input site}`` (Q8BERT quantizes the inputs of the fully connected layers; bias scales follow them)."""
+    parts = _parts(model)
+    inputs: dict[str, str] = {}
+    previous = "embeddings.output"
+    for i, _ in enumerate(parts.layers):
+        for family in ("attn.query", "attn.key", "attn.value"):
+            inputs[f"layer.{i}.{family}.weight"] = previous
+        inputs[f"layer.{i}.attn.output.weight"] = f"layer.{i}.attn.context"
+        inputs[f"layer.{i}.ffn.intermediate.weight"] = f"layer.{i}.ffn.input"
+        inputs[f"layer.{i}.ffn.output.weight"] = f"layer.{i}.ffn.intermediate"
+        previous = f"layer.{i}.ffn.norm"
+    if parts.pooler is not None:
+        inputs["pooler.output.weight"] = previous
+        previous = "pooler.output"
+    if parts.head is not None:
+        inputs["head.output.weight"] = previous
+    return inputs
+
+
 def instrument(
     model: nn.Module, plan: SitePlan, make_quantizer: Callable[[Site, QuantSpec], Quantizer]
 ) -> Instrumented:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-EstimatorName = Literal["minmax", "running_minmax", "mse", "percentile"]
+EstimatorName = Literal["minmax", "running_minmax", "running_absmax", "mse", "percentile"]
 GranularityName = Literal["per_tensor", "per_channel", "per_embedding_group"]
 
 

@@ -24,6 +24,11 @@ RECIPES = {
     "peg": {"name": "peg", "groups": 4, "permute": True},
     "dynamic_int8": {"name": "dynamic_int8"},
     "gobo": {"name": "gobo", "bits": 3, "embeddings": True},
+    "q8bert": {"name": "q8bert", "start_step": 1},
+    "w8a8_qat": {"name": "w8a8_qat", "range_lr": 1e-3},
+    "w4a8_qat": {"name": "w4a8_qat", "embedding_bits": 2},
+    "w4a32_qat": {"name": "w4a32_qat"},
+    "adaround": {"name": "adaround", "sequences": 16, "iterations": 20},
 }
 
 
@@ -61,6 +66,24 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
         assert record["simulated"] is False
         assert report["size_mb"]["int8"] < report["size_mb"]["fp32"]
         assert report["eval_seconds"]["fp32"] > 0 and report["eval_seconds"]["int8"] > 0
+    elif name == "q8bert":  # from the pre-trained model, no FP32 fine-tuning
+        assert record["simulated"] is True and record["finetune"] is None and record["checkpoint"] is None
+        assert record["qat"]["steps"] == 4 and "qat" in record["timings"]
+        assert report["bias_int32"]["biases"] == 2 * 6 + 2 and report["start_step"] == 1
+        assert all(lo == pytest.approx(-hi * 128 / 127, rel=1e-3, abs=2e-5) for lo, hi in report["ranges"].values())  # symmetric
+        assert 3.5 < report["size"]["compression"] < 4
+    elif name in ("w8a8_qat", "w4a8_qat", "w4a32_qat"):  # from the cached FP32 checkpoint
+        assert record["simulated"] is True and record["finetune"]["cached"] in (True, False)
+        # Table 10 / 11 settings for MRPC: batch size 8, 3 epochs -> 64 / 8 * 3 steps
+        assert record["qat"]["steps"] == 24 and report["training"]["sources"]["batch_size"].startswith("Bondarenko")
+        init = report["initialisation"]
+        assert init["calibration"]["sequences"] == 8
+        moved = [r for r in report["ranges"].values() if r["initial"] != r["learned"]]
+        assert moved, "learned ranges did not move"
+        if name == "w4a8_qat":
+            assert init["plan"]["weight"]["by_bits"] == {"2": 1, "4": 2 + 2 * 6 + 2}
+        if name == "w4a32_qat":
+            assert init["plan"]["activation"]["quantized"] == 0
     else:
         assert record["simulated"] is True
         assert report["calibration"]["sequences"] == 8 and report["calibration"]["batches"] == 2
@@ -74,6 +97,10 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
             assert "permutation_pass" in report
         if name == "mp_ptq":
             assert plan["activation"]["by_bits"]["16"] == 2 * 3 + 1
+        if name == "adaround":
+            rounding = report["rounding"]
+            assert rounding["sequences"] == 16 and len(rounding["layers"]) == 2 * 6 + 2
+            assert plan["weight"]["by_bits"] == {"4": 3 + 2 * 6 + 2} and plan["activation"]["quantized"] == 0
 
 
 def test_ptq_recipes_share_the_fp32_checkpoint(real_data, tmp_path):

@@ -1,0 +1,55 @@
+"""Model size of a uniformly quantized model: what its weights take when stored as integers.
+
+Each quantized weight site costs ``bits`` per element plus its scale (and zero point) in FP32; every
+other parameter (biases, LayerNorm, weights kept in floating point) costs 32 bits; activation
+quantizers add their scale and zero point. Bondarenko et al. Table 7's "memory reduction" is
+this ratio against the FP32 model. (GOBO's packed files have their own byte ledger in
+:mod:`qbert.quant.packing`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from qbert.quant.quantizer import Quantizer
+
+MB = 1e6
+
+
+def model_size(model: nn.Module, weight_bits: dict[str, int]) -> dict[str, Any]:
+    """Sizes in MB (10^6 bytes) of ``model`` with the parameters named in ``weight_bits`` stored at
+    that many bits (parameter names as in ``model.named_parameters()``); quantizer parameters count
+    as metadata."""
+    quantizer_params = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    quantized_bits = other_bits = metadata_bits = 0
+    elements = {"quantized": 0, "other": 0}
+    for name, param in model.named_parameters():
+        if id(param) in quantizer_params:
+            metadata_bits += 32 * param.numel()
+        elif name in weight_bits:
+            quantized_bits += weight_bits[name] * param.numel()
+            elements["quantized"] += param.numel()
+        else:
+            other_bits += 32 * param.numel()
+            elements["other"] += param.numel()
+    fp32_bits = 32 * (elements["quantized"] + elements["other"])
+    total_bits = quantized_bits + other_bits + metadata_bits
+    return {
+        "mb": round(total_bits / 8 / MB, 3),
+        "fp32_mb": round(fp32_bits / 8 / MB, 3),
+        "compression": round(fp32_bits / total_bits, 3),
+        "quantized_weights_mb": round(quantized_bits / 8 / MB, 3),
+        "fp32_other_mb": round(other_bits / 8 / MB, 3),
+        "quantizer_metadata_bytes": metadata_bits // 8,
+        "quantized_elements": elements["quantized"],
+        "fp32_elements": elements["other"],
+    }
+
+
+def instrumented_size(inst: Any) -> dict[str, Any]:
+    """``model_size`` of an instrumented model: each weight quantizer's tensor at its bits."""
+    names = {id(p): n for n, p in inst.model.named_parameters()}
+    bits = {names[id(t)]: inst.quantizers[site].spec.bits for site, t in inst.weight_tensors.items()}
+    return model_size(inst.model, bits)

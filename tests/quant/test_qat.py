@@ -1,0 +1,227 @@
+"""QAT machinery against independent computations: learned-range gradients (hand formula and finite
+differences), frozen ranges at evaluation, Q8BERT's EMA and quantization delay, 2-bit embeddings,
+bias rounding, model size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qbert.config import parse_config
+from qbert.models import load_model, resolve_model
+from qbert.quant.estimators import RunningAbsMax
+from qbert.quant.functional import fake_quantize, fake_quantize_autograd
+from qbert.quant.quantizer import Quantizer
+from qbert.quant.size import model_size
+from qbert.quant.spec import QuantSpec
+from recipes import get_recipe
+
+
+def _grid(symmetric: bool, bits: int = 4) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_learned_range_gradient_matches_hand_formula_and_finite_differences(symmetric: bool) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1.5, size=400)  # wide enough that both grid ends clip
+    w = rng.normal(size=400)  # loss = sum(w * fake_quantize(x))
+    qmin, qmax = _grid(symmetric)
+    s0, z0 = 0.21, (0.0 if symmetric else 7.0)
+
+    xt = torch.tensor(x, requires_grad=True)
+    s = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
+    z = torch.tensor(z0, dtype=torch.float64, requires_grad=not symmetric)
+    (torch.tensor(w) * fake_quantize(xt, s, z, qmin, qmax)).sum().backward()
+
+    # hand formula (LSQ, Esser et al. 2019), numpy float64
+    v = np.round(x / s0) + z0
+    inside = (v >= qmin) & (v <= qmax)
+    q = np.clip(v, qmin, qmax)
+    ds = np.where(inside, (q - z0) - x / s0, q - z0)
+    dz = np.where(inside, 0.0, -s0)
+    np.testing.assert_allclose(s.grad.item(), (w * ds).sum(), rtol=1e-9)
+    np.testing.assert_allclose(xt.grad.numpy(), w * inside, rtol=0, atol=0)
+    if not symmetric:
+        np.testing.assert_allclose(z.grad.item(), (w * dz).sum(), rtol=1e-9)
+
+    # finite differences of the surrogate the STE differentiates: rounding residuals and the
+    # clipping pattern held at their values at s0
+    residual = np.round(x / s0) - x / s0
+
+    def surrogate(scale: float, zero: float) -> float:
+        v = x / scale + residual + zero
+        return float((w * (np.where(inside, v, np.clip(np.round(x / s0) + z0, qmin, qmax)) - zero) * scale).sum())
+
+    h = 1e-6
+    numeric_s = (surrogate(s0 + h, z0) - surrogate(s0 - h, z0)) / (2 * h)
+    np.testing.assert_allclose(s.grad.item(), numeric_s, rtol=1e-6)
+    if not symmetric:
+        numeric_z = (surrogate(s0, z0 + h) - surrogate(s0, z0 - h)) / (2 * h)
+        np.testing.assert_allclose(z.grad.item(), numeric_z, rtol=1e-6, atol=1e-8)
+
+
+def test_hand_written_backward_equals_autograd_of_the_elementwise_ops() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 12) * 2
+    scale = torch.rand(12) * 0.1 + 0.05  # per embedding dimension: reduced over the other dims
+    zero = torch.full((12,), 9.0)
+    grads = []
+    for fn in (fake_quantize, fake_quantize_autograd):
+        xs, ss, zs = (t.clone().requires_grad_(True) for t in (x, scale, zero))
+        out = fn(xs, ss, zs, 0, 15)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), xs.grad, ss.grad, zs.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load_model(resolve_model("tiny-random"), "classification", 2)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 1000, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def _config(recipe: dict, **extra) -> object:
+    return parse_config({"model": "tiny-random", "task": "mrpc", "recipe": recipe, **extra})
+
+
+def _instrumented(recipe: dict) -> tuple[object, torch.nn.Module]:
+    """A recipe's quantizers on the tiny model, ranged from one batch (no pipeline, no data files)."""
+    from qbert.pipeline.quantize import quantizer_factory, range_weights
+    from qbert.quant.sites import enumerate_sites, instrument
+
+    config = _config(recipe)
+    r = get_recipe(recipe["name"])(config.recipe, config)
+    model = _tiny_model()
+    inst = instrument(model, r.site_plan(enumerate_sites(model)), quantizer_factory(config.estimator))
+    range_weights(inst)
+    model.eval()
+    with torch.no_grad():
+        model(**{k: v for k, v in _batch().items() if k != "labels"})
+    for q in inst.activations().values():
+        q.freeze()
+    return inst, model
+
+
+def test_qat_model_in_eval_mode_equals_the_model_with_fixed_ranges() -> None:
+    inst, model = _instrumented({"name": "w8a8_qat"})
+    inst.set_state("learn")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(**_batch()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    zero_points = [float(q.zero_point[0]) for q in inst.activations().values()]
+    assert any(z != round(z) for z in zero_points), "zero points should have moved off the integers"
+    model.eval()
+    inputs = {k: v for k, v in _batch().items() if k != "labels"}
+    with torch.no_grad():
+        learned = model(**inputs).logits
+        inst.set_state("fixed")
+        fixed = model(**inputs).logits
+        again = model(**inputs).logits
+    assert torch.equal(learned, fixed) and torch.equal(fixed, again)
+    assert all(float(q.zero_point[0]).is_integer() for q in inst.activations().values())
+    assert all(float(q.scale.min()) > 0 for q in inst.quantizers.values())
+
+
+def test_running_absmax_follows_the_ema_formula() -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(0, 1 + i, size=(1, 50)) for i in range(6)]
+    est = RunningAbsMax(momentum=0.9)
+    expected = None
+    for b in batches:
+        est.update(torch.tensor(b))
+        current = np.abs(b).max()
+        expected = current if expected is None else 0.9 * expected + 0.1 * current
+    lo, hi = est.range()
+    assert float(hi) == pytest.approx(expected, rel=1e-6) and float(lo) == pytest.approx(-expected, rel=1e-6)
+
+
+def test_q8bert_quantization_delay_and_ema_ranges() -> None:
+    delay, decay = 2, 0.5
+    config = _config({"name": "q8bert", "start_step": delay, "ema_decay": decay})
+    recipe = get_recipe("q8bert")(config.recipe, config)
+    model = _tiny_model()
+    reference = _tiny_model()  # same weights, never quantized
+    recipe.prepare_for_training(model, ctx=None)
+    inst = recipe._inst
+    site = inst.quantizers["layer.0.ffn.input"]
+    seen: list[float] = []
+    model.base_model.encoder.layer[0].attention.output.LayerNorm.register_forward_hook(
+        lambda _m, _a, out: seen.append(float(out.detach()[_batch()["attention_mask"].bool()].abs().max())),
+        prepend=True,  # before the quantizer's hook: the unquantized LayerNorm output
+    )
+    model.train(), reference.train()
+    for step in range(delay + 3):
+        recipe.before_step(step)
+        torch.manual_seed(step)
+        out = model(**_batch()).logits
+        torch.manual_seed(step)
+        ref = reference(**_batch()).logits
+        if step < delay:  # quantization off: the FP32 model, and no statistics
+            assert torch.equal(out, ref) and not site.estimator.observed
+        else:
+            assert not torch.equal(out, ref)
+    # EMA over the quantized steps only, initialised by the first of them
+    expected = seen[delay]
+    for value in seen[delay + 1:]:
+        expected = decay * expected + (1 - decay) * value
+    assert float(site.quant_range()[1]) == pytest.approx(expected, rel=1e-6)
+    # frozen at evaluation: eval-mode passes leave the range alone
+    model.eval()
+    before = site.scale.clone()
+    with torch.no_grad():
+        model(**_batch())
+    assert torch.equal(site.scale, before)
+    # Q8BERT's sites: symmetric 8-bit, only the inputs of fully connected layers
+    assert {q.spec.symmetric for q in inst.quantizers.values()} == {True}
+    assert "layer.0.attn.scores" not in inst.quantizers and "layer.0.ffn.residual_sum" not in inst.quantizers
+    assert {"embeddings.word.weight", "layer.0.attn.context", "pooler.output"} <= set(inst.quantizers)
+
+
+def test_two_bit_embeddings_use_four_levels() -> None:
+    inst, model = _instrumented({"name": "w4a8_qat", "embedding_bits": 2})
+    word = model.base_model.embeddings.word_embeddings.weight
+    levels = torch.unique(word.detach())
+    assert len(levels) == 4
+    scale = float(inst.quantizers["embeddings.word.weight"].scale)
+    assert sorted(levels.tolist()) == pytest.approx([-2 * scale, -scale, 0.0, scale])
+    other = torch.unique(model.base_model.encoder.layer[0].output.dense.weight.detach())
+    assert 8 < len(other) <= 16  # 4-bit grid everywhere else
+
+
+def test_biases_become_int32_multiples_of_input_times_weight_scale() -> None:
+    from qbert.quant.sites import linear_inputs, weight_modules
+    from recipes.qat import quantize_biases
+
+    inst, model = _instrumented({"name": "q8bert"})
+    inputs = linear_inputs(model)
+    report = quantize_biases(inst, inputs)
+    assert report["biases"] == 2 * 6 + 2
+    for site, module in weight_modules(model).items():
+        if site in inputs:
+            step = float(inst.quantizers[site].scale) * float(inst.quantizers[inputs[site]].scale)
+            codes = module.bias.detach().double() / step
+            np.testing.assert_allclose(codes.numpy(), np.round(codes.numpy()), atol=1e-3)
+
+
+def test_model_size_counts_bits_per_quantized_weight() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 5, bias=False))
+    size = model_size(model, {"0.weight": 4, "1.weight": 2})
+    bits = 200 * 4 + 100 * 2 + 20 * 32
+    assert size["mb"] == pytest.approx(bits / 8 / 1e6, abs=1e-3)
+    assert size["compression"] == pytest.approx(320 * 32 / bits, rel=1e-3)
+    q = Quantizer(QuantSpec(bits=4, symmetric=True), RunningAbsMax())
+    model.add_module("q", q)  # quantizer parameters are metadata, not model weights
+    assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 2 * 4
