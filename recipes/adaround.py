@@ -100,7 +100,7 @@ class AdaRound(StaticQuantRecipe):
         from qbert.quant.sites import enumerate_sites
 
         float_model = copy.deepcopy(model).eval()
-        _, self._report = quantize_ptq(
+        self._inst, self._report = quantize_ptq(
             model, self.site_plan(enumerate_sites(model)), ctx,
             round_weights=lambda inst: self.round_weights(inst, float_model, ctx),
         )

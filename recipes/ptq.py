@@ -42,6 +42,7 @@ class StaticQuantRecipe(Recipe):
 
     simulated = True
     needs_calibration = True
+    export_formats = ("integer",)
     fp32_evaluation = "fake quantization needs fp32 evaluation (bf16 cannot hold the quantization grid)"
     # defaults of the named recipes; ``ptq`` sets them per instance from its parameters
     weight_bits: int | None = 8
@@ -88,8 +89,13 @@ class StaticQuantRecipe(Recipe):
         from qbert.pipeline.quantize import quantize_ptq
         from qbert.quant.sites import enumerate_sites
 
-        _, self._report = quantize_ptq(model, self.site_plan(enumerate_sites(model)), ctx)
+        self._inst, self._report = quantize_ptq(model, self.site_plan(enumerate_sites(model)), ctx)
         return model
+
+    @property
+    def instrumented(self) -> Any:
+        """The quantized model's quantizers (after ``quantize``), for exports."""
+        return self._inst
 
     def report(self) -> dict[str, Any]:
         return getattr(self, "_report", {})

@@ -146,9 +146,6 @@ class QatRecipe(StaticQuantRecipe):
             for lo, hi in [q.quant_range()]
         }
 
-    def report(self) -> dict[str, Any]:
-        return getattr(self, "_report", {})
-
 
 class LearnedRangeQat(QatRecipe):
     """PTQ-initialised ranges, then learned (Bondarenko et al.)."""
@@ -330,5 +327,6 @@ def quantize_biases(inst: Any, inputs: dict[str, str]) -> dict[str, Any]:
         rounded = codes * scale
         largest = max(largest, float((rounded - bias).abs().max()))
         bias.copy_(rounded)
+        inst.integer_biases[site] = source
         count += 1
     return {"biases": count, "max_abs_change": largest}

@@ -20,8 +20,8 @@ from qbert.pipeline.calibrate import calibration_batches, run_calibration
 from qbert.pipeline.context import StageContext
 from qbert.quant.estimators import make_estimator
 from qbert.quant.quantizer import Quantizer
-from qbert.quant.size import instrumented_size
 from qbert.quant.sites import Instrumented, Site, SitePlan, instrument, pattern_matches
+from qbert.quant.size import instrumented_size
 from qbert.quant.spec import QuantSpec
 
 REPORTED_DIMENSIONS = "ffn.residual_sum"

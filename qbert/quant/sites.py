@@ -322,6 +322,8 @@ class Instrumented:
     handles: list[Any] = field(default_factory=list)
     weight_tensors: dict[str, nn.Parameter] = field(default_factory=dict)
     """The floating-point weight behind each weight quantizer."""
+    integer_biases: dict[str, str] = field(default_factory=dict)
+    """Linear layers whose bias was rounded to int32 (weight site -> its input's activation site)."""
 
     def activations(self) -> dict[str, Quantizer]:
         return {n: q for n, q in self.quantizers.items() if not n.endswith(".weight")}

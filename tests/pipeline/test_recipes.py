@@ -24,7 +24,7 @@ RECIPES = {
     "peg": {"name": "peg", "groups": 4, "permute": True},
     "dynamic_int8": {"name": "dynamic_int8"},
     "gobo": {"name": "gobo", "bits": 3, "embeddings": True},
-    "q8bert": {"name": "q8bert", "start_step": 1},
+    "q8bert": {"name": "q8bert", "start_step": 1},  # with export.formats [integer], below
     "w8a8_qat": {"name": "w8a8_qat", "range_lr": 1e-3},
     "w4a8_qat": {"name": "w4a8_qat", "embedding_bits": 2},
     "w4a32_qat": {"name": "w4a32_qat"},
@@ -52,7 +52,8 @@ def tiny(real_data: Path, recipe: dict, **extra) -> object:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_end_to_end(real_data, tmp_path, name):
-    result = run_experiment(tiny(real_data, RECIPES[name]), root=tmp_path)
+    extra = {"export": {"formats": ["integer"]}} if name in ("q8bert", "w4a8_qat") else {}
+    result = run_experiment(tiny(real_data, RECIPES[name], **extra), root=tmp_path)
     record = read_json(result.folder / "seed=0" / "metrics.json")
     assert set(record["metrics"]) == {"f1", "accuracy"}
     report = record["recipe_report"]
@@ -70,8 +71,12 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
         assert record["simulated"] is True and record["finetune"] is None and record["checkpoint"] is None
         assert record["qat"]["steps"] == 4 and "qat" in record["timings"]
         assert report["bias_int32"]["biases"] == 2 * 6 + 2 and report["start_step"] == 1
-        assert all(lo == pytest.approx(-hi * 128 / 127, rel=1e-3, abs=2e-5) for lo, hi in report["ranges"].values())  # symmetric
+        symmetric = pytest.approx  # every grid symmetric: lo = -hi * 128 / 127
+        assert all(lo == symmetric(-hi * 128 / 127, rel=1e-3, abs=2e-5) for lo, hi in report["ranges"].values())
         assert 3.5 < report["size"]["compression"] < 4
+        export = record["exports"]["integer"]
+        assert export["bit_exact"] and export["entries"]["bias_int32"] == 2 * 6 + 2
+        assert 3.5 < export["compression"] < 4
     elif name in ("w8a8_qat", "w4a8_qat", "w4a32_qat"):  # from the cached FP32 checkpoint
         assert record["simulated"] is True and record["finetune"]["cached"] in (True, False)
         # Table 10 / 11 settings for MRPC: batch size 8, 3 epochs -> 64 / 8 * 3 steps
@@ -82,6 +87,9 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
         assert moved, "learned ranges did not move"
         if name == "w4a8_qat":
             assert init["plan"]["weight"]["by_bits"] == {"2": 1, "4": 2 + 2 * 6 + 2}
+            export = record["exports"]["integer"]
+            assert export["bit_exact"] and "bias_int32" not in export["entries"]  # asymmetric inputs
+            assert export["file_bytes"] < 1.05 * report["size"]["mb"] * 1e6 + 20_000  # + header
         if name == "w4a32_qat":
             assert init["plan"]["activation"]["quantized"] == 0
     else:

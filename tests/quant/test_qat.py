@@ -73,7 +73,7 @@ def test_hand_written_backward_equals_autograd_of_the_elementwise_ops() -> None:
         out = fn(xs, ss, zs, 0, 15)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append((out.detach(), xs.grad, ss.grad, zs.grad))
-    for ours, reference in zip(*grads):
+    for ours, reference in zip(*grads, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -121,7 +121,7 @@ def test_qat_model_in_eval_mode_equals_the_model_with_fixed_ranges() -> None:
         model(**_batch()).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    zero_points = [float(q.zero_point[0]) for q in inst.activations().values()]
+    zero_points = [float(q.zero_point.detach()[0]) for q in inst.activations().values()]
     assert any(z != round(z) for z in zero_points), "zero points should have moved off the integers"
     model.eval()
     inputs = {k: v for k, v in _batch().items() if k != "labels"}
@@ -225,3 +225,28 @@ def test_model_size_counts_bits_per_quantized_weight() -> None:
     q = Quantizer(QuantSpec(bits=4, symmetric=True), RunningAbsMax())
     model.add_module("q", q)  # quantizer parameters are metadata, not model weights
     assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 2 * 4
+
+
+def test_integer_file_holds_grid_codes_and_int32_biases(tmp_path) -> None:
+    from safetensors.numpy import load_file
+
+    from qbert.quant.integer import read_integer, write_integer
+    from qbert.quant.sites import linear_inputs
+    from recipes.qat import quantize_biases
+
+    inst, model = _instrumented({"name": "q8bert"})
+    quantize_biases(inst, linear_inputs(model))
+    path = tmp_path / "model.safetensors"
+    write_integer(path, inst)
+    raw = load_file(str(path))
+    params, entries = read_integer(path)
+    name = "bert.encoder.layer.0.output.dense"
+    assert raw[f"{name}.bias"].dtype == np.int32 and entries[f"{name}.bias"]["kind"] == "bias_int32"
+    assert raw[f"{name}.weight"].dtype == np.uint8 and raw[f"{name}.weight"].size == 64 * 128  # 8 bits each
+    # independent de-quantization of the stored codes: (u + qmin) * scale
+    weight = (raw[f"{name}.weight"].astype(np.float32) - 128) * raw[f"{name}.weight.scale"]
+    np.testing.assert_array_equal(weight.reshape(64, 128), params[f"{name}.weight"])
+    effective = model.base_model.encoder.layer[0].output.dense.weight.detach().numpy()
+    np.testing.assert_array_equal(params[f"{name}.weight"], effective)
+    bias = raw[f"{name}.bias"].astype(np.float64) * raw[f"{name}.bias.scale"].astype(np.float64)
+    np.testing.assert_allclose(bias, model.base_model.encoder.layer[0].output.dense.bias.detach().numpy(), rtol=1e-6)
