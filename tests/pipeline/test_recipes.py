@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qbert.config import load_config, parse_config
@@ -206,3 +207,15 @@ def test_ptq_on_question_answering_and_regression_heads(fixture_data, real_data,
     ranges = record["recipe_report"]["activation_ranges"]
     assert "head.output" in ranges and ("pooler.output" in ranges) == (task != "squad")
     assert record["metrics"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_qat_trains_in_fp32_and_bf16(real_data, tmp_path, precision):
+    cfg = tiny(real_data, {"name": "w4a8_qat", "epochs": 1, "range_lr": 1e-3},
+               finetune={"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64, "precision": precision})
+    record = read_json(run_experiment(cfg, root=tmp_path).folder / "seed=0" / "metrics.json")
+    assert record["qat"]["precision"] == precision and record["qat"]["steps"] == 64 // 8
+    assert np.isfinite(record["qat"]["final_loss"])
+    ranges = record["recipe_report"]["ranges"]
+    assert any(r["initial"] != r["learned"] for name, r in ranges.items() if not name.endswith(".weight"))
+    assert any(r["initial"] != r["learned"] for name, r in ranges.items() if name.endswith(".weight"))
