@@ -19,6 +19,7 @@ al. 2021 (sec. 4-5, Tables 6, 7, 10-12), in the ordinary fine-tune loop with the
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -279,6 +280,12 @@ class Q8Bert(QatRecipe):
         from qbert.pipeline.quantize import quantizer_factory
         from qbert.quant.sites import enumerate_sites, instrument
 
+        if ctx is not None and ctx.train_features:
+            cfg = self.training_config(self.config.finetune)
+            steps = math.ceil(cfg.epochs * math.ceil(len(ctx.train_features) / cfg.batch_size))
+            if self.params.start_step >= steps:
+                raise QbertError(f"start_step {self.params.start_step} is not below the {steps} training steps, so "
+                                 "quantization would never start; lower it", key="recipe.start_step")
         self._prepare(model)
         estimators = self.config.estimator.model_copy(update={"momentum": self.params.ema_decay})
         self._inst = instrument(model, self.site_plan(enumerate_sites(model)), quantizer_factory(estimators))

@@ -219,3 +219,10 @@ def test_qat_trains_in_fp32_and_bf16(real_data, tmp_path, precision):
     ranges = record["recipe_report"]["ranges"]
     assert any(r["initial"] != r["learned"] for name, r in ranges.items() if not name.endswith(".weight"))
     assert any(r["initial"] != r["learned"] for name, r in ranges.items() if name.endswith(".weight"))
+
+
+def test_q8bert_delay_beyond_training_fails_before_training(real_data, tmp_path):
+    cfg = tiny(real_data, {"name": "q8bert", "start_step": 4})  # 64 examples / 16 per batch = 4 steps
+    with pytest.raises(QbertError, match="start_step 4 is not below the 4 training steps") as info:
+        run_experiment(cfg, root=tmp_path)
+    assert info.value.key == "recipe.start_step" and not any(tmp_path.rglob("metrics.json"))
