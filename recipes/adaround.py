@@ -20,8 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from qbert.quant.spec import QuantSpec, SiteOverride
-from recipes.ptq import Rule, StaticQuantParams, StaticQuantRecipe
+from recipes.ptq import LowBitWeights, StaticQuantParams, StaticQuantRecipe
 
 
 class AdaRoundParams(StaticQuantParams):
@@ -77,23 +76,12 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, batches: list[dict[
     return torch.cat(inputs), (torch.cat(outputs) if with_output else None)
 
 
-class AdaRound(StaticQuantRecipe):
+class AdaRound(LowBitWeights, StaticQuantRecipe):
     """W4A32 PTQ with learned rounding of every linear layer."""
 
     name = "adaround"
     Params = AdaRoundParams
     source = "Nagel et al. 2020 (AdaRound), as in Bondarenko et al. 2021 Table 7 (W4A32 AdaRound)"
-
-    def __init__(self, params: AdaRoundParams, config):
-        super().__init__(params, config)
-        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
-
-    def weight_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, estimator="mse")
-
-    def recipe_rules(self, sites: list[Any]) -> list[Rule]:
-        bits = self.params.embedding_bits  # type: ignore[attr-defined]
-        return [] if bits is None else [("embeddings.word.weight", SiteOverride(bits=bits), "recipe.embedding_bits")]
 
     def quantize(self, model, ctx):
         from qbert.pipeline.quantize import quantize_ptq

@@ -101,6 +101,23 @@ class StaticQuantRecipe(Recipe):
         return getattr(self, "_report", {})
 
 
+class LowBitWeights:
+    """Mixin for recipes with ``weight_bits``, ``activation_bits`` and ``embedding_bits`` parameters:
+    weights on symmetric grids from the MSE estimator (Bondarenko et al. sec. 5 use MSE below 8 bits),
+    the word embedding table at ``embedding_bits`` when set."""
+
+    def __init__(self, params: Any, config: ExperimentConfig):
+        super().__init__(params, config)  # type: ignore[call-arg]
+        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
+
+    def weight_spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, symmetric=True, estimator="mse")
+
+    def recipe_rules(self, sites: list[Any]) -> list[Rule]:
+        bits = self.params.embedding_bits  # type: ignore[attr-defined]
+        return [] if bits is None else [("embeddings.word.weight", SiteOverride(bits=bits), "recipe.embedding_bits")]
+
+
 class PtqParams(StaticQuantParams):
     """Per-tensor static PTQ with any bit widths."""
 

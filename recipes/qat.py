@@ -27,8 +27,8 @@ from pydantic import Field
 
 from qbert.config import FinetuneConfig
 from qbert.errors import QbertError
-from qbert.quant.spec import QuantSpec, SiteOverride
-from recipes.ptq import Rule, StaticQuantParams, StaticQuantRecipe
+from qbert.quant.spec import QuantSpec
+from recipes.ptq import LowBitWeights, Rule, StaticQuantParams, StaticQuantRecipe
 
 # Bondarenko et al. Appendix B.3-B.4: the best configuration per task (bold in the paper) and the
 # search space. Where the extracted table does not show which epoch count was bold (W8A8 STS-B,
@@ -208,7 +208,7 @@ class W4A32QatParams(LowBitQatParams):
     activation_bits: int | None = Field(None, ge=2, le=16, description="Activation bits; null = floating point.")
 
 
-class W4A8Qat(LearnedRangeQat):
+class W4A8Qat(LowBitWeights, LearnedRangeQat):
     """4-bit weights from the MSE estimator, 8-bit activations, then QAT with learned ranges."""
 
     name = "w4a8_qat"
@@ -216,19 +216,6 @@ class W4A8Qat(LearnedRangeQat):
     source = "Bondarenko et al. 2021, Table 7 and 12 (W4A8 QAT, 2-bit embd.), Table 11 (settings)"
     defaults = TABLE_11
     defaults_source = "Bondarenko Table 11"
-
-    def __init__(self, params, config):
-        super().__init__(params, config)
-        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
-
-    def weight_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, estimator="mse")  # sec. 5: MSE for < 8-bit weights
-
-    def recipe_rules(self, sites: list[Any]) -> list[Rule]:
-        bits = self.params.embedding_bits  # type: ignore[attr-defined]
-        if bits is None:
-            return []
-        return [("embeddings.word.weight", SiteOverride(bits=bits), "recipe.embedding_bits")]
 
 
 class W4A32Qat(W4A8Qat):
