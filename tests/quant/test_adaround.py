@@ -28,7 +28,7 @@ def _layer(seed: int = 0):
 
 def test_adaround_moves_at_most_one_step_and_beats_nearest_rounding() -> None:
     weight, bias, scale, x, target = _layer()
-    settings = AdaRoundSettings(iterations=600, batch_tokens=512, lr=1e-2)
+    settings = AdaRoundSettings(iterations=400, batch_tokens=256, lr=1e-2)
     result = adaround_layer(weight, bias, scale, -8, 7, x, target, settings, torch.Generator().manual_seed(0))
     nearest = torch.clamp(torch.round(weight / scale), -8, 7)
     floor = torch.floor(weight / scale)
