@@ -1,13 +1,14 @@
 """Quantization-aware training: Q8BERT (Zafrir et al. 2019) and the per-tensor QAT of Bondarenko et
 al. 2021 (sec. 4-5, Tables 6, 7, 10-12), in the ordinary fine-tune loop with the quantizers in place.
 
-- ``q8bert``: from the pre-trained model. Symmetric 8-bit weights of every fully connected layer
-  and of the three embedding tables, ranged from the weight's current max at every step; symmetric
+- ``q8bert``: from the pre-trained model. Symmetric 8-bit grids ``[-127, 127]``: weights of every
+  fully connected layer and of the three embedding tables, ranged from the weight's current max at every step; symmetric
   8-bit *inputs* of every fully connected layer, ranged by an exponential moving average of
   ``max |x|`` (decay ``ema_decay``) that is frozen at evaluation. Softmax, LayerNorm, GELU, the
   attention matmuls and the GEMM outputs stay in floating point (no requantization). Optional
   quantization delay (``start_step``). After training, every bias becomes an int32 multiple of
-  ``s_input * s_weight`` (what integer inference adds to the int32 accumulator).
+  ``s_input * s_weight`` (what integer inference adds to the int32 accumulator). The
+  straight-through gradient is the identity, also where an input is clipped (NLP Architect's).
 - ``w8a8_qat``: from the fine-tuned FP32 checkpoint. Every site quantized per tensor (symmetric
   weights, asymmetric activations), ranges initialised by the W8A8 PTQ calibration (the
   ``estimator`` and ``calibrate`` sections), then scale and zero point learned with the network
@@ -239,6 +240,9 @@ class Q8BertParams(QatParams):
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="Decay of the EMA of max|x| per step.")
     start_step: int = Field(0, ge=0, description="Quantization delay: training steps run in FP32 before "
                             "fake quantization (and the EMA) start.")
+    ste: Literal["identity", "clipped"] = Field(
+        "identity", description="Straight-through gradient: identity passes it everywhere (NLP Architect's "
+        "Q8BERT); clipped zeroes it outside the range, as the Bondarenko recipes.")
 
 
 class Q8Bert(QatRecipe):
@@ -250,10 +254,10 @@ class Q8Bert(QatRecipe):
     starts_from = "pretrained"
 
     def weight_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, estimator="minmax")
+        return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self.params.ste, estimator="minmax")
 
     def activation_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, estimator="running_absmax")
+        return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self.params.ste, estimator="running_absmax")
 
     def recipe_rules(self, sites: list[Any]) -> list[Rule]:
         from qbert.quant.sites import pattern_matches

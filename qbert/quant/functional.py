@@ -16,10 +16,11 @@ EPS = 1e-8
 """Smallest scale: a range of width zero still gives a valid (if useless) grid."""
 
 
-def grid_limits(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range ``(qmin, qmax)`` of a ``bits``-bit grid."""
+def grid_limits(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a ``bits``-bit grid; ``narrow`` drops a symmetric grid's
+    most negative code (``[-127, 127]`` at 8 bits, as Q8BERT)."""
     if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -50,18 +51,21 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                qmax: int) -> torch.Tensor:
+                qmax: int, clipped_ste: bool) -> torch.Tensor:
         q = torch.round(x / scale).add_(zero_point)
         inside = ((q >= qmin) & (q <= qmax)).to(x.dtype)  # float: bool x float products are slow on CPU
         out = q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
         ctx.save_for_backward(x, out, inside, scale)
+        ctx.clipped_ste = clipped_ste
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, out, inside, scale = ctx.saved_tensors
         inside_grad = grad * inside
-        grad_x = inside_grad if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = inside_grad if ctx.clipped_ste else grad
         grad_scale = grad_zero_point = None
         if ctx.needs_input_grad[1]:
             # d out / d s = (q - z) - x / s inside the grid, (q - z) where clipped; (q - z) = out / s
@@ -69,19 +73,21 @@ class _FakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # d out / d z = 0 inside the grid (round's STE), -s where clipped
             grad_zero_point = (inside_grad - grad).sum_to_size(scale.shape) * scale
-        return grad_x, grad_scale, grad_zero_point, None, None
+        return grad_x, grad_scale, grad_zero_point, None, None, None
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+    clipped_ste: bool = True,
 ) -> torch.Tensor:
     """Quantize and de-quantize ``x`` (scale and zero point broadcast against it; same dtype).
 
     ``(clip(round(x / s) + z, qmin, qmax) - z) * s``. Gradients: identity for ``x`` inside the
-    grid, zero where it is clipped (straight-through estimator); ``scale`` and ``zero_point``
-    receive the LSQ gradients (Esser et al. 2019) when they require grad.
+    grid, zero where it is clipped (straight-through estimator; ``clipped_ste=False`` passes the
+    gradient everywhere, as Q8BERT's NLP Architect code); ``scale`` and ``zero_point`` receive the
+    LSQ gradients (Esser et al. 2019) when they require grad.
     """
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste)
 
 
 def fake_quantize_autograd(

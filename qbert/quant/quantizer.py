@@ -51,7 +51,7 @@ class Quantizer(nn.Module):
         self.spec, self.estimator, self.channels, self.channel_dim, self.site = (
             spec, estimator, channels, channel_dim, site,
         )
-        self.qmin, self.qmax = grid_limits(spec.bits, spec.symmetric)
+        self.qmin, self.qmax = grid_limits(spec.bits, spec.symmetric, spec.narrow)
         if spec.granularity == "per_tensor":
             groups = 1
         else:
@@ -185,7 +185,8 @@ class Quantizer(nn.Module):
             if not self.spec.symmetric:
                 zero_point = torch.clamp(zero_point + (torch.round(zero_point) - zero_point).detach(),
                                          self.qmin, self.qmax)
-        out = fake_quantize(x.float(), scale.float(), zero_point.float(), self.qmin, self.qmax)
+        out = fake_quantize(x.float(), scale.float(), zero_point.float(), self.qmin, self.qmax,
+                            clipped_ste=self.spec.ste == "clipped")
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

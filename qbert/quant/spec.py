@@ -32,16 +32,22 @@ class QuantSpec(BaseModel):
     )
     permute: bool = Field(False, description="per_embedding_group: sort dimensions by calibrated range first.")
     estimator: EstimatorName = Field("minmax", description="Range estimator.")
+    narrow: bool = Field(False, description="Symmetric grid without its most negative code: [-127, 127] at 8 bits.")
+    ste: Literal["clipped", "identity"] = Field(
+        "clipped", description="Input gradient: clipped = zero outside the grid's range; identity = passed everywhere."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantSpec:
         if self.granularity != "per_embedding_group" and (self.groups is not None or self.permute):
             raise ValueError("groups and permute apply only to granularity per_embedding_group")
+        if self.narrow and not self.symmetric:
+            raise ValueError("narrow applies only to symmetric grids")
         return self
 
     def describe(self) -> str:
         """Short form for tables: ``8b asym per-tensor``, ``8b asym PEG K=6+P``."""
-        kind = "sym" if self.symmetric else "asym"
+        kind = ("sym narrow" if self.narrow else "sym") if self.symmetric else "asym"
         if self.granularity == "per_tensor":
             gran = "per-tensor"
         elif self.granularity == "per_channel":

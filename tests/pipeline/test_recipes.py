@@ -72,8 +72,8 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
         assert record["simulated"] is True and record["finetune"] is None and record["checkpoint"] is None
         assert record["qat"]["steps"] == 4 and "qat" in record["timings"]
         assert report["bias_int32"]["biases"] == 2 * 6 + 2 and report["start_step"] == 1
-        symmetric = pytest.approx  # every grid symmetric: lo = -hi * 128 / 127
-        assert all(lo == symmetric(-hi * 128 / 127, rel=1e-3, abs=2e-5) for lo, hi in report["ranges"].values())
+        # every grid symmetric and narrow ([-127, 127]): lo = -hi
+        assert all(lo == pytest.approx(-hi, rel=1e-6, abs=1e-9) for lo, hi in report["ranges"].values())
         assert 3.5 < report["size"]["compression"] < 4
         export = record["exports"]["integer"]
         assert export["bit_exact"] and export["entries"]["bias_int32"] == 2 * 6 + 2

@@ -188,6 +188,38 @@ def test_q8bert_quantization_delay_and_ema_ranges() -> None:
     assert {q.spec.symmetric for q in inst.quantizers.values()} == {True}
     assert "layer.0.attn.scores" not in inst.quantizers and "layer.0.ffn.residual_sum" not in inst.quantizers
     assert {"embeddings.word.weight", "layer.0.attn.context", "pooler.output"} <= set(inst.quantizers)
+    assert {(q.qmin, q.qmax, q.spec.ste) for q in inst.quantizers.values()} == {(-127, 127, "identity")}
+
+
+def test_q8bert_grid_and_identity_ste_follow_the_post() -> None:
+    """Quantize(x, scale, bits) = clip(round(x * scale), -(2^(b-1) - 1), 2^(b-1) - 1) with
+    scale = 127 / threshold (the Q8BERT post), and NLP Architect's straight-through gradient: the
+    identity, also for the inputs clipped by a threshold below their max."""
+    rng = np.random.default_rng(3)
+    x_np = rng.normal(size=(4, 50)).astype(np.float32)
+    x_np[0, 0] = -5.0  # well outside the threshold below: clipped at -127, not -128
+    threshold = np.float32(2.5)
+    scale_np = np.float32(127) / threshold
+    expected = np.clip(np.round(x_np * scale_np), -127, 127) / scale_np
+    q = Quantizer(QuantSpec(bits=8, symmetric=True, narrow=True, ste="identity", estimator="minmax"), RunningAbsMax())
+    q.set_range(torch.tensor(-threshold), torch.tensor(threshold))
+    q.set_state("fixed")
+    x = torch.from_numpy(x_np).requires_grad_(True)
+    out = q(x)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=0, atol=1e-6)
+    assert float(out.min()) == pytest.approx(-float(threshold), rel=1e-6)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    # the Bondarenko quantizers' STE zeroes the clipped inputs' gradient
+    clipped = Quantizer(QuantSpec(bits=8, symmetric=True, estimator="minmax"), RunningAbsMax())
+    clipped.set_range(torch.tensor(-threshold), torch.tensor(threshold))
+    clipped.set_state("fixed")
+    x2 = torch.from_numpy(x_np).requires_grad_(True)
+    clipped(x2).sum().backward()
+    codes = np.round(x_np / (threshold / np.float32(127)))
+    outside = (codes < -128) | (codes > 127)
+    assert outside[0, 0] and outside.sum() > 1
+    np.testing.assert_array_equal(x2.grad.numpy(), (~outside).astype(np.float32))
 
 
 def test_two_bit_embeddings_use_four_levels() -> None:
@@ -243,8 +275,9 @@ def test_integer_file_holds_grid_codes_and_int32_biases(tmp_path) -> None:
     name = "bert.encoder.layer.0.output.dense"
     assert raw[f"{name}.bias"].dtype == np.int32 and entries[f"{name}.bias"]["kind"] == "bias_int32"
     assert raw[f"{name}.weight"].dtype == np.uint8 and raw[f"{name}.weight"].size == 64 * 128  # 8 bits each
-    # independent de-quantization of the stored codes: (u + qmin) * scale
-    weight = (raw[f"{name}.weight"].astype(np.float32) - 128) * raw[f"{name}.weight.scale"]
+    # independent de-quantization of the stored codes: (u + qmin) * scale, qmin = -127 (Q8BERT's grid)
+    weight = (raw[f"{name}.weight"].astype(np.float32) - 127) * raw[f"{name}.weight.scale"]
+    assert raw[f"{name}.weight"].max() <= 254
     np.testing.assert_array_equal(weight.reshape(64, 128), params[f"{name}.weight"])
     effective = model.base_model.encoder.layer[0].output.dense.weight.detach().numpy()
     np.testing.assert_array_equal(params[f"{name}.weight"], effective)
