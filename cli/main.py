@@ -7,6 +7,8 @@ import typer
 from cli import inspect as inspect_cmd
 from cli import ls as ls_cmd
 from cli import run as run_cmd
+from cli import sweep as sweep_cmd
+from cli import table as table_cmd
 from cli import validate as validate_cmd
 
 app = typer.Typer(
@@ -20,8 +22,15 @@ app = typer.Typer(
 )
 
 app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 seeds=[1,2,3]")(run_cmd.run)
+app.command(
+    "sweep",
+    epilog="Example: qbert sweep configs/mrpc_w8a8_ptq.yaml --grid calibrate.batches=1,4,16 --seeds 42..44 --workers 2",
+)(sweep_cmd.sweep)
+app.command("table", epilog="Example: qbert table configs/papers/bondarenko2021/table6.yaml model=minilm-l6")(
+    table_cmd.table
+)
 app.command("validate", epilog="Example: qbert validate configs/*.yaml")(validate_cmd.validate)
-app.command("ls", epilog="Example: qbert ls --runs-dir runs")(ls_cmd.ls)
+app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
 app.add_typer(inspect_cmd.app, name="inspect")
 
 

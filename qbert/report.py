@@ -43,6 +43,15 @@ def results_table(result: Any) -> Table:
     return table
 
 
+def run_status(row: dict[str, Any]) -> str:
+    """A config folder's status: done (every planned seed), incomplete, or the other seed states."""
+    states = row["states"]
+    done = sum(1 for s in states.values() if s == "done")
+    planned = len({str(s) for s in row["config"].get("seeds") or []} | set(states))
+    others = sorted({s for s in states.values() if s != "done"})
+    return "done" if done == planned and not others else ", ".join(others) or "incomplete"
+
+
 def runs_table(rows: list[dict[str, Any]]) -> Table:
     """`qbert ls`: one row per config folder with seed states and the headline median."""
     table = Table(title="runs")
@@ -52,9 +61,8 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
         cfg = row["config"]
         states = row["states"]
         done = sum(1 for s in states.values() if s == "done")
-        planned = len(cfg.get("seeds") or states)
-        others = sorted({s for s in states.values() if s != "done"})
-        status = "done" if done == planned and not others else ", ".join(others) or "incomplete"
+        planned = len({str(s) for s in cfg.get("seeds") or []} | set(states))
+        status = run_status(row)
         summary = row["summary"]
         headline = "-"
         if summary:
@@ -64,4 +72,34 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
             str(cfg.get("name", row["path"].parent.name)), row["path"].name, str(cfg.get("model")),
             str(cfg.get("task")), str((cfg.get("recipe") or {}).get("name")), f"{done}/{planned}", status, headline,
         )
+    return table
+
+
+def sweep_table(result: Any) -> Table:
+    """`qbert sweep`: one row per seed of every cell: state, headline metric, or the error and its log."""
+    table = Table(title=f"sweep {result.name}")
+    for column in ("run", "hash", "seed", "state", "result"):
+        table.add_column(column)
+    style = {"done": "green", "skipped": "dim", "failed": "red"}
+    for outcome in result.outcomes:
+        if outcome.state == "failed":
+            detail = f"{outcome.error}\nlog: {outcome.log}"
+        else:
+            h = outcome.headline or next(iter(outcome.metrics), None)
+            detail = f"{h} {fmt(outcome.metrics.get(h))}" if h else "-"
+        table.add_row(outcome.name, outcome.hash, str(outcome.seed),
+                      f"[{style.get(outcome.state, '')}]{outcome.state}[/]", detail)
+    return table
+
+
+def sweeps_table(rows: list[dict[str, Any]]) -> Table:
+    """`qbert ls --sweeps`: one row per recorded sweep with its seeds' states."""
+    table = Table(title="sweeps")
+    for column in ("sweep", "cells", "done", "failed", "pending / running", "updated", "command"):
+        table.add_column(column)
+    for row in rows:
+        counts = row["counts"]
+        other = sum(v for k, v in counts.items() if k not in ("done", "failed"))
+        table.add_row(row["name"], str(row["cells"]), str(counts.get("done", 0)), str(counts.get("failed", 0)),
+                      str(other), row["updated"], row["command"])
     return table

@@ -113,12 +113,12 @@ def _seed_log(folder: Path) -> Iterator[None]:
 
 def run_experiment(
     config: ExperimentConfig, *, root: str | Path | None = None, force: bool = False,
-    reporter: Reporter = SILENT, on_start: Any = None, on_seed: Any = None,
+    reporter: Reporter = SILENT, on_start: Any = None, on_seed: Any = None, seeds: list[int] | None = None,
 ) -> ExperimentResult:
     """Run every seed of ``config`` (finished seeds are skipped unless ``force``) and summarise.
 
     ``on_start(folder)`` is called once the model and data are known to be usable, ``on_seed(outcome)``
-    after each seed.
+    after each seed. ``seeds``: only these of the config's seeds (a sweep runs one seed per job).
     """
     source, task = preflight(config)
     results_root = runs_root(root)
@@ -127,7 +127,7 @@ def run_experiment(
         on_start(folder)
     write_config(folder / "config.yaml", config.resolved())
     outcomes = []
-    for seed in config.seeds:
+    for seed in seeds or config.seeds:
         sfolder = seed_dir(results_root, config.name, config.config_hash(), seed)
         if is_done(sfolder) and not force:
             outcome = SeedOutcome(seed, "skipped", sfolder, read_json(sfolder / "metrics.json")["metrics"])

@@ -1,0 +1,46 @@
+"""``qbert table``: a paper's table from run outputs, next to the paper's numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import RUNS_DIR_HELP, user_errors
+
+
+def table(
+    spec: Annotated[Path, typer.Argument(help="Table spec (configs/papers/...), or a folder of them.",
+                                         show_default=False)],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value overrides of every cell, e.g. model=minilm-l6.", show_default=False),
+    ] = None,
+    md: Annotated[Path | None, typer.Option("--md", help="Also write Markdown here.", show_default=False)] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also write CSV here.", show_default=False)] = None,
+    tex: Annotated[Path | None, typer.Option("--tex", help="Also write LaTeX here.", show_default=False)] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)] = None,
+) -> None:
+    """Render a table spec from finished runs: our median (min-max, n) beside the paper's number.
+
+    Reads only run outputs; cells not run say so, and the table ends with the qbert sweep command
+    that fills them. With a folder, every spec in it is rendered (files get the spec's name).
+    """
+    with user_errors(source=spec):
+        from rich.console import Console
+
+        from qbert.runs import atomic_write_text, runs_root
+        from qbert.tables import build_table, spec_files, to_csv, to_latex, to_markdown, to_rich
+
+        console = Console()
+        specs = spec_files(spec) if spec.is_dir() else [spec]
+        for path in specs:
+            rendered = build_table(path, runs_root(runs_dir), overrides or [])
+            console.print(to_rich(rendered))
+            for target, render, suffix in ((md, to_markdown, ".md"), (csv, to_csv, ".csv"), (tex, to_latex, ".tex")):
+                if target is None:
+                    continue
+                out = target / f"{path.stem}{suffix}" if spec.is_dir() else target
+                atomic_write_text(out, render(rendered))
+                console.print(f"wrote {out}")

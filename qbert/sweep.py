@@ -1,0 +1,593 @@
+"""Sweeps: a grid over config keys expanded into runs of the ordinary pipeline, run by an executor.
+
+A sweep is one config (or a config path template such as ``configs/{task}_{method}.yaml`` with
+``vars``) and a ``grid`` of dotted config keys, each with a list of values. Every combination is a
+*cell*: an ordinary experiment, identified like any run by the hash of its resolved config. The unit
+of work is one seed of one cell, so a finished seed is skipped, an interrupted one restarts, and one
+failure does not stop the others.
+
+Executors: ``local`` (worker processes, each with its own thread count) and ``ray`` (each seed a Ray
+task with the CPUs and GPUs it declares). Both write the same ``runs/`` layout; the fine-tuned FP32
+checkpoint a cell needs comes from the checkpoint cache, whose lock makes sure no two workers train
+the same one at once.
+
+Sweep file (YAML)::
+
+    name: bondarenko_table6                   # the sweep's name (default: the file's stem)
+    config: ../../{task}_{method}.yaml        # relative to this file; {var}s from vars
+    vars: {task: [mrpc, rte], method: [fp32, w8a8_ptq]}
+    grid: {finetune.lr: [2.0e-5, 3.0e-5]}     # dotted config keys
+    set: {model: minilm-l6}                   # fixed overrides for every cell
+    seeds: [42, 43, 44]
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import itertools
+import logging
+import multiprocessing
+import os
+import re
+import string
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from qbert.config import (
+    ExperimentConfig,
+    Section,
+    apply_overrides,
+    parse_config,
+    parse_override,
+    read_yaml,
+    stable_hash,
+)
+from qbert.errors import QbertError
+from qbert.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    config_dir,
+    is_done,
+    now,
+    read_json,
+    read_status,
+    reset_seed_dir,
+    runs_root,
+    seed_dir,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+
+SWEEP_KEYS = ("config", "vars", "grid", "set", "parts")
+"""Top-level keys that make a YAML file a sweep file rather than an experiment config."""
+
+SWEEPS_DIR = ".sweeps"
+
+
+# ---------------------------------------------------------------- the sweep file
+
+
+class SweepPart(Section):
+    """One block of cells: a config (template), its template variables and a grid of config keys."""
+
+    config: str = Field(description="Config file, relative to the sweep file; may hold {var} placeholders.")
+    vars: dict[str, list[Any]] = Field(default_factory=dict, description="Values of the {var}s in config "
+                                       "(a var the template does not use is a label of the part's cells).")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted config key -> values.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value, every cell.")
+
+    @field_validator("vars", "grid")
+    @classmethod
+    def _non_empty(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in axes.items():
+            if not values:
+                raise ValueError(f"{key} has no values")
+        return axes
+
+
+class SweepSpec(Section):
+    """A sweep: one part (config, vars, grid, set) or a list of ``parts``, fixed overrides, seeds."""
+
+    name: str | None = Field(None, description="The sweep's name (default: the file's stem).")
+    config: str | None = Field(None, description="As in a part, when the sweep has one.")
+    vars: dict[str, list[Any]] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value, every cell.")
+    parts: list[SweepPart] = Field(default_factory=list, description="Blocks of cells with their own configs.")
+    seeds: list[int] | None = Field(None, min_length=1, description="Seeds of every cell (default: the config's).")
+
+    def resolved_parts(self) -> list[SweepPart]:
+        if self.config is not None:
+            if self.parts:
+                raise QbertError("give either config (one part) or parts, not both", source=self.name, key="parts")
+            return [SweepPart(config=self.config, vars=self.vars, grid=self.grid)]
+        if not self.parts:
+            raise QbertError("a sweep file needs config (or parts: [{config: ...}, ...])", source=self.name,
+                             key="config")
+        return self.parts
+
+
+def is_sweep_file(data: dict[str, Any]) -> bool:
+    """Whether a YAML mapping is a sweep file (experiment configs never have these keys)."""
+    return any(key in data for key in SWEEP_KEYS)
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
+    """A sweep file, or an experiment config seen as a sweep of one cell, and the folder its paths
+    are relative to."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not is_sweep_file(data):
+        return SweepSpec(name=data.get("name") or path.stem, config=path.name), path.parent
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = (f"unknown key (a sweep file has: name, {', '.join(SWEEP_KEYS)}, seeds; "
+                       "a part: config, vars, grid, set)")
+        raise QbertError(message, source=str(path), key=key) from None
+    spec.name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name or path.stem.removesuffix(".sweep"))
+    return spec, path.parent
+
+
+def parse_grid_option(text: str) -> tuple[str, list[Any]]:
+    """``key=v1,v2,...`` (values parsed as YAML; commas inside brackets do not split) -> key, values."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise QbertError(f"--grid {text!r} is not key=v1,v2,... (e.g. finetune.lr=2e-5,3e-5)", source="command line")
+    parts, depth, current = [], 0, ""
+    for char in raw:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    values = [parse_override(f"{key.strip()}={part.strip()}")[1] for part in parts]
+    return key.strip(), values
+
+
+def parse_seeds_option(text: str) -> list[int]:
+    """``1000..1004`` (inclusive) or ``42,43,44``."""
+    try:
+        if ".." in text:
+            first, last = (int(x) for x in text.split("..", 1))
+            if last < first:
+                raise ValueError
+            return list(range(first, last + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise QbertError(f"--seeds {text!r} is not a range A..B or a list A,B,C (e.g. 1000..1004)",
+                         source="command line") from None
+
+
+# ---------------------------------------------------------------- expansion
+
+
+@dataclass
+class Cell:
+    """One experiment of a sweep and the grid coordinates that made it."""
+
+    config: ExperimentConfig
+    coords: dict[str, Any]
+    source: str
+
+    @property
+    def hash(self) -> str:
+        return self.config.config_hash()
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.coords.items()) or self.config.name
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return str(value)
+
+
+def _name_suffix(key: str, value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return f"{key.rsplit('.', 1)[-1]}-{stable_hash(value, 6)}"
+    return f"{key.rsplit('.', 1)[-1]}-{value}"
+
+
+def _placeholders(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _as_override(key: str, value: Any) -> str:
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()}"
+
+
+def expand(spec: SweepSpec, base_dir: Path, *, grid: dict[str, list[Any]] | None = None,
+           overrides: list[str] | None = None, seeds: list[int] | None = None) -> list[Cell]:
+    """Every cell of a sweep: for each part, template vars x grid; ``overrides`` for all cells and
+    ``seeds`` if given.
+
+    ``grid`` (from the command line) replaces the values of a part's var or grid key of the same
+    name, or adds an axis.
+    """
+    cells = []
+    for part in spec.resolved_parts():
+        cells += _expand_part(spec, part, base_dir, grid or {}, overrides or [], seeds or spec.seeds)
+    return cells
+
+
+def _expand_part(spec: SweepSpec, part: SweepPart, base_dir: Path, grid: dict[str, list[Any]],
+                 overrides: list[str], seeds: list[int] | None) -> list[Cell]:
+    variables = dict(part.vars)
+    axes = dict(part.grid)
+    for key, values in grid.items():
+        (variables if key in variables else axes)[key] = values
+    needed = _placeholders(part.config)
+    missing = [name for name in needed if name not in variables]
+    if missing:
+        raise QbertError(f"{{{missing[0]}}} in {part.config!r} has no values (add vars.{missing[0]} or "
+                         f"--grid {missing[0]}=...)", source=spec.name, key="config")
+    fixed = [_as_override(k, v) for k, v in {**spec.set, **part.set}.items()] + overrides
+    cells = []
+    var_names = list(variables)
+    for var_values in itertools.product(*(variables[n] for n in var_names)):
+        bound = dict(zip(var_names, var_values, strict=True))
+        path = base_dir / part.config.format(**{n: bound[n] for n in needed})
+        if not path.is_file():
+            raise QbertError(f"config file {path} not found (from {part.config!r} with {bound})",
+                             source=spec.name, key="config")
+        raw = read_yaml(path)
+        raw.setdefault("name", path.stem)
+        raw = apply_overrides(raw, fixed)
+        for axis_values in itertools.product(*axes.values()):
+            point = dict(zip(axes, axis_values, strict=True))
+            data = apply_overrides(raw, [_as_override(k, v) for k, v in point.items()])
+            if point:
+                data["name"] = "-".join([str(data["name"]), *(_name_suffix(k, v) for k, v in point.items())])
+            if seeds:
+                data["seeds"] = list(seeds)
+            where = f"{path} in sweep {spec.name}" + (f" ({point})" if point else "")
+            cells.append(Cell(parse_config(data, where), {**bound, **point}, str(path)))
+    return cells
+
+
+# ---------------------------------------------------------------- running one seed
+
+
+@dataclass
+class TaskOutcome:
+    """One seed of one cell: done (ran now), skipped (finished before) or failed."""
+
+    name: str
+    hash: str
+    seed: int
+    state: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    headline: str | None = None
+    error: str | None = None
+    log: str | None = None
+    seconds: float = 0.0
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _error_log(root: Path, sweep: str, name: str, config_hash: str, seed: int) -> Path:
+    return root / SWEEPS_DIR / sweep / "logs" / f"{name}-{config_hash}-seed{seed}.log"
+
+
+def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: int | None = None,
+             collect_files: bool = False) -> TaskOutcome:
+    """Run one seed of one cell (``data``: its resolved config) and report, never raise.
+
+    A failure's traceback goes to ``<root>/.sweeps/<sweep>/logs/``; the outcome names that file.
+    ``collect_files``: return the seed folder's small files, for executors on other machines.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from qbert.pipeline.run import run_experiment
+
+    start = time.perf_counter()
+    config = parse_config(data, f"sweep {sweep}")
+    config_hash = config.config_hash()
+    root_path = Path(root)
+    folder = seed_dir(root_path, config.name, config_hash, seed)
+    try:
+        result = run_experiment(config, root=root_path, seeds=[seed])
+        outcome = result.seeds[0]
+        metrics = read_json(folder / "metrics.json") or {}
+        task = TaskOutcome(config.name, config_hash, seed, outcome.state, outcome.metrics,
+                           headline=metrics.get("headline"), log=str(folder / "run.log"))
+    except BaseException as exc:  # a failing run must not stop the sweep; KeyboardInterrupt still stops it
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        path = _error_log(root_path, sweep, config.name, config_hash, seed)
+        atomic_write_text(path, "".join(traceback.format_exception(exc)))
+        task = TaskOutcome(config.name, config_hash, seed, "failed", error=f"{type(exc).__name__}: {first}",
+                           log=str(path))
+    task.seconds = round(time.perf_counter() - start, 2)
+    if collect_files and folder.is_dir():
+        task.files = {p.name: p.read_bytes() for p in folder.iterdir()
+                      if p.is_file() and p.stat().st_size < 64 << 20}
+    return task
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- executors
+
+
+@dataclass
+class Job:
+    """One seed of one cell, as sent to an executor."""
+
+    cell: Cell
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.cell.config.name, self.cell.hash, self.seed
+
+
+def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: int | None,
+              on_done: Callable[[Job, TaskOutcome], None]) -> None:
+    """Run jobs in ``workers`` processes (in this process when 1). A worker that dies fails the jobs
+    it held; the others go on in a fresh pool."""
+    if workers <= 1:
+        _worker_init(threads)
+        for job in jobs:
+            on_done(job, run_task(job.cell.config.resolved(), job.seed, str(root), sweep, threads))
+        return
+    pending = list(jobs)
+    context = multiprocessing.get_context("spawn")
+    while pending:
+        broken = False
+        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                         initargs=(threads,)) as pool:
+            running: dict[futures.Future, Job] = {}
+            try:
+                while (pending or running) and not broken:
+                    while pending and len(running) < workers:
+                        job = pending.pop(0)
+                        running[pool.submit(run_task, job.cell.config.resolved(), job.seed, str(root), sweep,
+                                            threads)] = job
+                    done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                    for future in done:
+                        job = running.pop(future)
+                        try:
+                            on_done(job, future.result())
+                        except futures.process.BrokenProcessPool:
+                            broken = True
+                            on_done(job, _died(job, root, sweep))
+                if broken:
+                    for job in running.values():
+                        on_done(job, _died(job, root, sweep))
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
+def _died(job: Job, root: Path, sweep: str) -> TaskOutcome:
+    name, config_hash, seed = job.key
+    folder = seed_dir(root, name, config_hash, seed)
+    return TaskOutcome(name, config_hash, seed, "failed",
+                       error="worker process died (killed or out of memory); rerun the sweep to resume",
+                       log=str(folder / "run.log"))
+
+
+def ray_module() -> Any:
+    """Ray, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise QbertError("the ray executor needs Ray: pip install 'qbert[ray]' (or pip install ray)",
+                         key="--executor") from None
+    return ray
+
+
+def run_ray(jobs: list[Job], root: Path, sweep: str, address: str | None, threads: int | None,
+            gpus: float, on_done: Callable[[Job, TaskOutcome], None]) -> None:
+    """Send every job to a Ray cluster as a task with the CPUs and GPUs it declares, and write what
+    comes back into ``root`` (a no-op where the workers share its filesystem)."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    remote = ray.remote(run_task)
+    refs = {}
+    for job in jobs:
+        cfg = job.cell.config
+        cpus = threads or cfg.finetune.threads or 1
+        job_gpus = gpus or (1 if cfg.finetune.device == "cuda" else 0)
+        ref = remote.options(num_cpus=cpus, num_gpus=job_gpus, max_retries=0).remote(
+            cfg.resolved(), job.seed, str(root.resolve()), sweep, cpus, True)
+        refs[ref] = job
+    remaining = list(refs)
+    try:
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            job = refs[ready[0]]
+            try:
+                outcome = ray.get(ready[0])
+            except Exception as exc:  # the task's process died (ray.exceptions.WorkerCrashedError and kin)
+                outcome = _died(job, root, sweep)
+                outcome.error = f"Ray task failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+            _gather(root, outcome)
+            on_done(job, outcome)
+    except BaseException:
+        for ref in remaining:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _gather(root: Path, outcome: TaskOutcome) -> None:
+    folder = seed_dir(root, outcome.name, outcome.hash, outcome.seed)
+    for name, content in outcome.files.items():
+        target = folder / name
+        if not target.is_file() or target.read_bytes() != content:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{name}.gathered")
+            tmp.write_bytes(content)
+            os.replace(tmp, target)
+    outcome.files = {}
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: one outcome per seed of every cell, and where its record is."""
+
+    name: str
+    cells: list[Cell]
+    outcomes: list[TaskOutcome]
+    record: Path
+
+    def count(self, state: str) -> int:
+        return sum(1 for o in self.outcomes if o.state == state)
+
+
+def _record(root: Path, name: str, cells: list[Cell], command: str, executor: str,
+            outcomes: dict[tuple[str, str, int], TaskOutcome], started: str) -> Path:
+    path = root / SWEEPS_DIR / f"{name}.json"
+    atomic_write_json(path, {
+        "name": name,
+        "command": command,
+        "executor": executor,
+        "started": started,
+        "updated": now(),
+        "cells": [
+            {
+                "name": c.config.name, "hash": c.hash, "coords": c.coords, "source": c.source,
+                "task": c.config.task, "model": c.config.model, "recipe": c.config.recipe.name,
+                "seeds": {str(s): _state(outcomes.get((c.config.name, c.hash, s))) for s in c.config.seeds},
+            }
+            for c in cells
+        ],
+    })
+    return path
+
+
+def _state(outcome: TaskOutcome | None) -> dict[str, Any]:
+    if outcome is None:
+        return {"state": "pending"}
+    return {"state": outcome.state, **({"error": outcome.error, "log": outcome.log} if outcome.error else {})}
+
+
+def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, executor: str = "local",
+              workers: int = 1, threads: int | None = None, address: str | None = None, gpus: float = 0,
+              force: bool = False, command: str = "",
+              on_done: Callable[[Job, TaskOutcome], None] | None = None) -> SweepResult:
+    """Run every seed of every cell; finished seeds are skipped (unless ``force``), failures recorded."""
+    root = runs_root(root)
+    started = now()
+    outcomes: dict[tuple[str, str, int], TaskOutcome] = {}
+    jobs: list[Job] = []
+    seen: set[tuple[str, str, int]] = set()
+    for cell in cells:
+        for seed in cell.config.seeds:
+            job = Job(cell, seed)
+            if job.key in seen:
+                continue
+            seen.add(job.key)
+            folder = seed_dir(root, *job.key)
+            if not force:
+                folder = finished_seed(root, job.cell.hash, seed) or folder
+            if not force and is_done(folder):
+                finished = read_json(folder / "metrics.json") or {}
+                outcome = TaskOutcome(folder.parent.parent.name, job.cell.hash, seed, "skipped",
+                                      finished.get("metrics", {}), headline=finished.get("headline"),
+                                      log=str(folder / "run.log"))
+                outcomes[job.key] = outcome
+                if on_done:
+                    on_done(job, outcome)
+            else:
+                if force:
+                    reset_seed_dir(folder)
+                jobs.append(job)
+    record = _record(root, name, cells, command, executor, outcomes, started)
+
+    def done(job: Job, outcome: TaskOutcome) -> None:
+        outcomes[job.key] = outcome
+        _record(root, name, cells, command, executor, outcomes, started)
+        if on_done:
+            on_done(job, outcome)
+
+    try:
+        if jobs:
+            if executor == "local":
+                run_local(jobs, root, name, workers, threads, done)
+            elif executor == "ray":
+                run_ray(jobs, root, name, address, threads, gpus, done)
+            else:
+                raise QbertError(f"unknown executor {executor!r} (local or ray)", key="--executor")
+    finally:
+        for cell in cells:
+            folder = config_dir(root, cell.config.name, cell.hash)
+            if folder.is_dir():
+                summarize(folder)
+        _record(root, name, cells, command, executor, outcomes, started)
+    ordered = [outcomes[k] for k in _keys(cells) if k in outcomes]
+    return SweepResult(name, cells, ordered, record)
+
+
+def finished_seed(root: Path, config_hash: str, seed: int) -> Path | None:
+    """The finished seed folder of a config hash under any run name (runs are identified by hash)."""
+    for folder in sorted(root.glob(f"*/{config_hash}/seed={seed}")):
+        if is_done(folder):
+            return folder
+    return None
+
+
+def _keys(cells: Iterable[Cell]) -> list[tuple[str, str, int]]:
+    keys, seen = [], set()
+    for cell in cells:
+        for seed in cell.config.seeds:
+            key = (cell.config.name, cell.hash, seed)
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+    return keys
+
+
+def list_sweeps(root: Path) -> list[dict[str, Any]]:
+    """Every sweep recorded under ``root``, newest first, with live seed states from the run folders."""
+    rows = []
+    for path in (root / SWEEPS_DIR).glob("*.json"):
+        record = read_json(path)
+        if not record:
+            continue
+        counts: dict[str, int] = {}
+        for cell in record.get("cells", []):
+            for seed, info in cell.get("seeds", {}).items():
+                folder = seed_dir(root, cell["name"], cell["hash"], int(seed))
+                state = read_status(folder).get("state") if folder.is_dir() else info.get("state", "pending")
+                state = "done" if state == "skipped" else (state or "pending")
+                if state == "missing":
+                    state = "pending"
+                counts[state] = counts.get(state, 0) + 1
+        rows.append({"name": record.get("name", path.stem), "path": path, "cells": len(record.get("cells", [])),
+                     "counts": counts, "command": record.get("command", ""), "updated": record.get("updated", ""),
+                     "executor": record.get("executor", "")})
+    return sorted(rows, key=lambda r: r["updated"], reverse=True)
+

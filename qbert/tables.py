@@ -1,0 +1,354 @@
+"""Paper tables from run outputs: a table spec names a sweep, which of its coordinates are rows and
+columns, the metric of each column and the paper's numbers; each cell is our median over seeds (with
+min-max and n) beside the paper's number and the difference.
+
+Only run outputs are read (each seed's ``metrics.json``, found by the cell's config hash), never
+recomputed. Spec (YAML)::
+
+    title: "Bondarenko et al. (2021), Table 6"
+    source: "seeds/004, Table 6"
+    model: bert-base-uncased             # the paper's model; `model=...` on the command line re-targets
+    sweep: table6.sweep.yaml             # relative to the spec
+    rows:
+      by: method                         # a sweep coordinate (var or grid key)
+      items:
+        - {value: fp32, label: FP32, paper: {cola: 57.27, mrpc: 88.36}}
+        - {value: q8bert_ptq, label: Q8BERT PTQ, missing: "no recipe: Q8BERT's dynamic PTQ"}
+    columns:
+      by: task                           # or null: every column reads the row's one cell
+      items:
+        - {value: mrpc, label: MRPC, metric: [f1, accuracy]}   # a list: per-seed mean of the metrics
+        - {value: cola, label: CoLA, metric: matthews}
+    glue: true                           # a GLUE score column (macro average, WNLI excluded)
+    notes: ["..."]
+
+A metric with a dot is a path into ``metrics.json`` (``recipe_report.size.mb``, ``timings.evaluate``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shlex
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from qbert.config import Section, read_yaml
+from qbert.errors import QbertError
+from qbert.runs import SEED_PREFIX, is_done, read_json
+from qbert.sweep import Cell, expand, load_sweep
+
+GLUE_EXCLUDED = ("wnli",)
+GLUE_METRICS = {
+    "cola": "Matthews correlation", "sst2": "accuracy", "mrpc": "mean of F1 and accuracy",
+    "stsb": "mean of Pearson and Spearman", "qqp": "mean of F1 and accuracy", "mnli": "matched accuracy",
+    "qnli": "accuracy", "rte": "accuracy",
+}
+
+
+class Item(Section):
+    """A row or a column: the coordinate value it selects, its label, and (columns) its metric."""
+
+    value: Any = None
+    label: str
+    metric: str | list[str] | None = None
+    digits: int = 2
+    paper: dict[str, float | None] = Field(default_factory=dict, description="Row: column value -> number.")
+    missing: str | None = Field(None, description="Why this row cannot be run here (e.g. no recipe).")
+
+
+class Axis(Section):
+    by: str | None = None
+    items: list[Item]
+
+
+class TableSpec(Section):
+    """A paper table: which sweep produces it, its rows and columns, and the paper's numbers."""
+
+    title: str
+    source: str = ""
+    model: str | None = None
+    sweep: str
+    rows: Axis
+    columns: Axis
+    glue: bool = False
+    notes: list[str] = Field(default_factory=list)
+
+
+def load_table_spec(path: str | Path) -> TableSpec:
+    path = Path(path)
+    data = read_yaml(path)
+    try:
+        return TableSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (a table spec has: title, source, model, sweep, rows, columns, glue, notes)"
+        raise QbertError(message, source=str(path), key=".".join(str(p) for p in err["loc"])) from None
+
+
+# ---------------------------------------------------------------- cells
+
+
+@dataclass
+class Value:
+    """Our number for one cell: median, min, max, n over finished seeds, or why there is none."""
+
+    status: str  # ok | not run | no recipe | not in sweep
+    median: float | None = None
+    low: float | None = None
+    high: float | None = None
+    n: int = 0
+    planned: int = 0
+    simulated: bool = False
+    paper: float | None = None
+    note: str | None = None
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def delta(self) -> float | None:
+        if self.median is None or self.paper is None:
+            return None
+        return self.median - self.paper
+
+
+def _lookup(record: dict[str, Any], metric: str) -> float | None:
+    node: Any = record if "." in metric else record.get("metrics", {})
+    for part in metric.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+
+
+def seed_records(root: Path, cell: Cell) -> dict[int, dict[str, Any]]:
+    """The finished seeds of a cell's config hash, under any run name (the folder with most seeds)."""
+    best: dict[int, dict[str, Any]] = {}
+    for folder in root.glob(f"*/{cell.hash}"):
+        records = {}
+        for seed_folder in folder.glob(f"{SEED_PREFIX}*"):
+            seed = seed_folder.name[len(SEED_PREFIX):]
+            if seed.isdigit() and int(seed) in cell.config.seeds and is_done(seed_folder):
+                records[int(seed)] = read_json(seed_folder / "metrics.json")
+        if len(records) > len(best):
+            best = records
+    return best
+
+
+def cell_value(root: Path, cell: Cell, metric: str | list[str] | None) -> Value:
+    """A cell's number from its seeds' ``metrics.json`` (``metric`` None: the task's headline)."""
+    records = seed_records(root, cell)
+    per_seed = []
+    for seed in sorted(records):
+        metrics = [records[seed]["headline"]] if metric is None else [metric] if isinstance(metric, str) else metric
+        values = [_lookup(records[seed], m) for m in metrics]
+        if all(v is not None for v in values):
+            per_seed.append(sum(values) / len(values))
+    planned = len(cell.config.seeds)
+    if not per_seed:
+        return Value("not run", planned=planned)
+    return Value("ok", statistics.median(per_seed), min(per_seed), max(per_seed), len(per_seed), planned,
+                 simulated=any(r.get("simulated") for r in records.values()), seeds=sorted(records))
+
+
+@dataclass
+class RenderedTable:
+    """A table spec filled from run outputs."""
+
+    spec: TableSpec
+    spec_path: Path
+    model: str
+    rows: list[Item]
+    columns: list[Item]
+    values: dict[tuple[int, int], Value]
+    glue: dict[int, Value]
+    fill_command: str
+    not_run: int
+
+    def metric_note(self) -> str:
+        parts = []
+        for col in self.columns:
+            m = col.metric if isinstance(col.metric, str) else " + ".join(col.metric or ["headline"])
+            parts.append(f"{col.label}: {m}")
+        return "; ".join(parts)
+
+
+def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None = None) -> RenderedTable:
+    """Fill a table spec from the run outputs under ``root`` (``overrides``: e.g. ``model=minilm-l6``)."""
+    spec_path = Path(spec_path)
+    spec = load_table_spec(spec_path)
+    sweep_path = spec_path.parent / spec.sweep
+    sweep, base = load_sweep(sweep_path)
+    if spec.model and not any(o.startswith("model=") for o in overrides or []):
+        overrides = [f"model={spec.model}", *(overrides or [])]
+    cells = expand(sweep, base, overrides=overrides)
+    model = cells[0].config.model if cells else (spec.model or "?")
+    values: dict[tuple[int, int], Value] = {}
+    for r, row in enumerate(spec.rows.items):
+        for c, col in enumerate(spec.columns.items):
+            paper = row.paper.get(str(col.value) if col.value is not None else col.label)
+            if row.missing:
+                values[r, c] = Value("no recipe", paper=paper, note=row.missing)
+                continue
+            match = [cell for cell in cells
+                     if _matches(cell, spec.rows.by, row.value) and _matches(cell, spec.columns.by, col.value)]
+            if not match:
+                values[r, c] = Value("not in sweep", paper=paper)
+                continue
+            value = cell_value(root, match[0], col.metric)
+            value.paper = paper
+            values[r, c] = value
+    glue = {}
+    if spec.glue:
+        glue_cols = [c for c, col in enumerate(spec.columns.items) if str(col.value) not in GLUE_EXCLUDED]
+        for r in range(len(spec.rows.items)):
+            ours = [values[r, c].median for c in glue_cols]
+            theirs = [values[r, c].paper for c in glue_cols]
+            glue[r] = Value(
+                "ok" if all(v is not None for v in ours) else "incomplete",
+                statistics.fmean(ours) if all(v is not None for v in ours) else None,
+                paper=statistics.fmean(theirs) if all(v is not None for v in theirs) else None,
+                simulated=any(values[r, c].simulated for c in glue_cols),
+            )
+    not_run = sum(1 for v in values.values() if v.status == "not run")
+    command = " ".join(["qbert sweep", shlex.quote(str(sweep_path)), *(shlex.quote(o) for o in overrides or [])])
+    return RenderedTable(spec, spec_path, model, spec.rows.items, spec.columns.items, values, glue, command, not_run)
+
+
+def _matches(cell: Cell, by: str | None, value: Any) -> bool:
+    return by is None or cell.coords.get(by) == value
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ours_text(value: Value, digits: int = 2, mark: str = "†") -> str:
+    if value.status != "ok":
+        return value.status
+    text = _num(value.median, digits)
+    if value.n > 1:
+        text += f" ({_num(value.low, digits)}-{_num(value.high, digits)})"
+    text += f" n={value.n}" + (f"/{value.planned}" if value.planned and value.n < value.planned else "")
+    return text + (mark if value.simulated else "")
+
+
+def delta_text(value: Value, digits: int = 2) -> str:
+    return "" if value.delta is None else f"{value.delta:+.{digits}f}"
+
+
+def _grid(table: RenderedTable) -> tuple[list[str], list[list[str]]]:
+    header = [""]
+    for col in table.columns:
+        header += [f"{col.label} ours", f"{col.label} paper", f"{col.label} Δ"]
+    if table.glue:
+        header += ["GLUE ours", "GLUE paper", "GLUE Δ"]
+    body = []
+    for r, row in enumerate(table.rows):
+        line = [row.label]
+        for c, col in enumerate(table.columns):
+            v = table.values[r, c]
+            line += [ours_text(v, col.digits), _num(v.paper, col.digits) if v.paper is not None else "", delta_text(v)]
+        if table.glue:
+            g = table.glue[r]
+            line += [_num(g.median) + ("†" if g.simulated and g.median is not None else "")
+                     if g.status == "ok" else "incomplete", _num(g.paper) if g.paper is not None else "",
+                     delta_text(g)]
+        body.append(line)
+    return header, body
+
+
+def footnotes(table: RenderedTable) -> list[str]:
+    notes = [f"Ours: {table.model}, median (min-max) over seeds, n = finished seeds; paper: {table.spec.model or '?'}"
+             f" ({table.spec.source})." if table.spec.source else
+             f"Ours: {table.model}, median (min-max) over seeds; paper: {table.spec.model or '?'}."]
+    notes.append(f"Metrics: {table.metric_note()}.")
+    if any(v.simulated for v in table.values.values()):
+        notes.append("† simulated: fake-quantized model evaluated in floating point, not integer kernels.")
+    if table.glue:
+        used = [str(c.value) for c in table.columns if str(c.value) not in GLUE_EXCLUDED]
+        notes.append("GLUE: macro average over the tasks shown (" + ", ".join(
+            f"{t.upper()} {GLUE_METRICS.get(t, 'headline')}" for t in used) + "; WNLI excluded), ours and the "
+            "paper's over the same tasks.")
+    for row in table.rows:
+        if row.missing:
+            notes.append(f"{row.label}: {row.missing}.")
+    notes += table.spec.notes
+    if table.not_run:
+        notes.append(f"{table.not_run} cells not run; fill them with: {table.fill_command}")
+    return notes
+
+
+def to_markdown(table: RenderedTable) -> str:
+    header, body = _grid(table)
+    lines = [f"**{table.spec.title}**", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body]
+    lines += [""] + [f"- {note}" for note in footnotes(table)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: RenderedTable) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["row", "column", "metric", "status", "median", "min", "max", "n", "planned", "simulated",
+                     "paper", "delta", "model"])
+    for r, row in enumerate(table.rows):
+        for c, col in enumerate(table.columns):
+            v = table.values[r, c]
+            metric = col.metric if isinstance(col.metric, str) else "+".join(col.metric or [])
+            writer.writerow([row.label, col.label, metric, v.status, v.median, v.low, v.high, v.n, v.planned,
+                             v.simulated, v.paper, v.delta, table.model])
+        if table.glue:
+            g = table.glue[r]
+            writer.writerow([row.label, "GLUE", "macro average", g.status, g.median, "", "", "", "", g.simulated,
+                             g.paper, g.delta, table.model])
+    return out.getvalue()
+
+
+_LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
+                  "†": r"$^\dagger$", "Δ": r"$\Delta$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def to_latex(table: RenderedTable) -> str:
+    header, body = _grid(table)
+    groups = len(table.columns) + (1 if table.glue else 0)
+    labels = [c.label for c in table.columns] + (["GLUE"] if table.glue else [])
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "rrr" * groups + "}", r"\toprule",
+             " & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{_tex(lab)}}}" for lab in labels) + r" \\",
+             " & " + " & ".join(["ours & paper & $\\Delta$"] * groups) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(cell) for cell in line) + r" \\" for line in body]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(table.spec.title)}. "
+              + _tex(" ".join(footnotes(table)[:3])) + "}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_rich(table: RenderedTable) -> Any:
+    from rich.table import Table
+
+    header, body = _grid(table)
+    out = Table(title=table.spec.title, caption="\n".join(footnotes(table)), caption_justify="left")
+    for i, name in enumerate(header):
+        out.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
+    for line in body:
+        out.add_row(*line)
+    return out
+
+
+def spec_files(folder: Path) -> list[Path]:
+    """Every table spec under ``folder`` (files that are not sweep files)."""
+    return sorted(p for p in folder.rglob("*.yaml") if not p.name.endswith(".sweep.yaml"))
