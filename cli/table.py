@@ -17,6 +17,10 @@ def table(
         list[str] | None,
         typer.Argument(help="key=value overrides of every cell, e.g. model=minilm-l6.", show_default=False),
     ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", "-g", help="key=v1,v2: re-target a sweep axis, e.g. task=stsb.", show_default=False),
+    ] = None,
     md: Annotated[Path | None, typer.Option("--md", help="Also write Markdown here.", show_default=False)] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write CSV here.", show_default=False)] = None,
     tex: Annotated[Path | None, typer.Option("--tex", help="Also write LaTeX here.", show_default=False)] = None,
@@ -31,12 +35,14 @@ def table(
         from rich.console import Console
 
         from qbert.runs import atomic_write_text, runs_root
+        from qbert.sweep import parse_grid_option
         from qbert.tables import build_table, spec_files, to_csv, to_latex, to_markdown, to_rich
 
         console = Console()
         specs = spec_files(spec) if spec.is_dir() else [spec]
         for path in specs:
-            rendered = build_table(path, runs_root(runs_dir), overrides or [])
+            rendered = build_table(path, runs_root(runs_dir), overrides or [],
+                                   dict(parse_grid_option(text) for text in grid or []))
             console.print(to_rich(rendered))
             for target, render, suffix in ((md, to_markdown, ".md"), (csv, to_csv, ".csv"), (tex, to_latex, ".tex")):
                 if target is None:

@@ -42,7 +42,6 @@ from qbert.errors import QbertError
 from qbert.runs import SEED_PREFIX, is_done, read_json
 from qbert.sweep import Cell, expand, load_sweep
 
-GLUE_EXCLUDED = ("wnli",)
 GLUE_METRICS = {
     "cola": "Matthews correlation", "sst2": "accuracy", "mrpc": "mean of F1 and accuracy",
     "stsb": "mean of Pearson and Spearman", "qqp": "mean of F1 and accuracy", "mnli": "matched accuracy",
@@ -55,8 +54,10 @@ class Item(Section):
 
     value: Any = None
     label: str
+    where: dict[str, Any] | None = Field(None, description="Coordinates to match instead of the axis' by=value.")
     metric: str | list[str] | None = None
     digits: int = 2
+    scale: float = Field(1.0, description="Multiplies our values (e.g. bytes -> MiB); the paper's are as given.")
     paper: dict[str, float | None] = Field(default_factory=dict, description="Row: column value -> number.")
     missing: str | None = Field(None, description="Why this row cannot be run here (e.g. no recipe).")
 
@@ -118,29 +119,37 @@ class Value:
 
 
 def _lookup(record: dict[str, Any], metric: str) -> float | None:
+    """A metric name, or a dotted path into ``metrics.json`` (keys may hold dots: the longest match wins)."""
     node: Any = record if "." in metric else record.get("metrics", {})
-    for part in metric.split("."):
-        if not isinstance(node, dict) or part not in node:
+    parts = metric.split(".")
+    while parts:
+        if not isinstance(node, dict):
             return None
-        node = node[part]
+        for n in range(len(parts), 0, -1):
+            key = ".".join(parts[:n])
+            if key in node:
+                node, parts = node[key], parts[n:]
+                break
+        else:
+            return None
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
 def seed_records(root: Path, cell: Cell) -> dict[int, dict[str, Any]]:
-    """The finished seeds of a cell's config hash, under any run name (the folder with most seeds)."""
-    best: dict[int, dict[str, Any]] = {}
-    for folder in root.glob(f"*/{cell.hash}"):
-        records = {}
-        for seed_folder in folder.glob(f"{SEED_PREFIX}*"):
-            seed = seed_folder.name[len(SEED_PREFIX):]
-            if seed.isdigit() and int(seed) in cell.config.seeds and is_done(seed_folder):
-                records[int(seed)] = read_json(seed_folder / "metrics.json")
-        if len(records) > len(best):
-            best = records
-    return best
+    """The finished seeds of a cell's config hash under any run name; where a seed finished in more
+    than one folder, the newest result."""
+    newest: dict[int, tuple[float, Path]] = {}
+    for seed_folder in root.glob(f"*/{cell.hash}/{SEED_PREFIX}*"):
+        seed = seed_folder.name[len(SEED_PREFIX):]
+        if seed.isdigit() and int(seed) in cell.config.seeds and is_done(seed_folder):
+            mtime = (seed_folder / "metrics.json").stat().st_mtime
+            if int(seed) not in newest or mtime > newest[int(seed)][0]:
+                newest[int(seed)] = (mtime, seed_folder)
+    records = {seed: read_json(folder / "metrics.json") for seed, (_, folder) in newest.items()}
+    return {seed: record for seed, record in records.items() if record is not None}
 
 
-def cell_value(root: Path, cell: Cell, metric: str | list[str] | None) -> Value:
+def cell_value(root: Path, cell: Cell, metric: str | list[str] | None, scale: float = 1.0) -> Value:
     """A cell's number from its seeds' ``metrics.json`` (``metric`` None: the task's headline)."""
     records = seed_records(root, cell)
     per_seed = []
@@ -148,10 +157,11 @@ def cell_value(root: Path, cell: Cell, metric: str | list[str] | None) -> Value:
         metrics = [records[seed]["headline"]] if metric is None else [metric] if isinstance(metric, str) else metric
         values = [_lookup(records[seed], m) for m in metrics]
         if all(v is not None for v in values):
-            per_seed.append(sum(values) / len(values))
+            per_seed.append(scale * sum(values) / len(values))
     planned = len(cell.config.seeds)
     if not per_seed:
-        return Value("not run", planned=planned)
+        return Value("n/a" if records else "not run", planned=planned,
+                     note=f"{metric} is not in the runs' metrics.json" if records else None)
     return Value("ok", statistics.median(per_seed), min(per_seed), max(per_seed), len(per_seed), planned,
                  simulated=any(r.get("simulated") for r in records.values()), seeds=sorted(records))
 
@@ -178,15 +188,17 @@ class RenderedTable:
         return "; ".join(parts)
 
 
-def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None = None) -> RenderedTable:
-    """Fill a table spec from the run outputs under ``root`` (``overrides``: e.g. ``model=minilm-l6``)."""
+def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None = None,
+                grid: dict[str, list[Any]] | None = None) -> RenderedTable:
+    """Fill a table spec from the run outputs under ``root`` (``overrides``: e.g. ``model=minilm-l6``;
+    ``grid``: re-targets a sweep axis, e.g. ``{"task": ["stsb"]}``)."""
     spec_path = Path(spec_path)
     spec = load_table_spec(spec_path)
     sweep_path = spec_path.parent / spec.sweep
     sweep, base = load_sweep(sweep_path)
     if spec.model and not any(o.startswith("model=") for o in overrides or []):
         overrides = [f"model={spec.model}", *(overrides or [])]
-    cells = expand(sweep, base, overrides=overrides)
+    cells = expand(sweep, base, overrides=overrides, grid=grid)
     model = cells[0].config.model if cells else (spec.model or "?")
     values: dict[tuple[int, int], Value] = {}
     for r, row in enumerate(spec.rows.items):
@@ -195,17 +207,18 @@ def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None =
             if row.missing:
                 values[r, c] = Value("no recipe", paper=paper, note=row.missing)
                 continue
-            match = [cell for cell in cells
-                     if _matches(cell, spec.rows.by, row.value) and _matches(cell, spec.columns.by, col.value)]
+            wanted = {**_where(spec.rows, row), **_where(spec.columns, col)}
+            match = [cell for cell in cells if all(cell.coords.get(k) == v for k, v in wanted.items())]
             if not match:
                 values[r, c] = Value("not in sweep", paper=paper)
                 continue
-            value = cell_value(root, match[0], col.metric)
+            metric, scale = (col.metric, col.scale) if col.metric is not None else (row.metric, row.scale)
+            value = cell_value(root, match[0], metric, scale)
             value.paper = paper
             values[r, c] = value
     glue = {}
     if spec.glue:
-        glue_cols = [c for c, col in enumerate(spec.columns.items) if str(col.value) not in GLUE_EXCLUDED]
+        glue_cols = _glue_columns(spec, values)
         for r in range(len(spec.rows.items)):
             ours = [values[r, c].median for c in glue_cols]
             theirs = [values[r, c].paper for c in glue_cols]
@@ -216,12 +229,22 @@ def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None =
                 simulated=any(values[r, c].simulated for c in glue_cols),
             )
     not_run = sum(1 for v in values.values() if v.status == "not run")
-    command = " ".join(["qbert sweep", shlex.quote(str(sweep_path)), *(shlex.quote(o) for o in overrides or [])])
+    command = " ".join(["qbert sweep", shlex.quote(str(sweep_path)), *(shlex.quote(o) for o in overrides or []),
+                        *(f"--grid {shlex.quote(k + '=' + ','.join(map(str, v)))}" for k, v in (grid or {}).items())])
     return RenderedTable(spec, spec_path, model, spec.rows.items, spec.columns.items, values, glue, command, not_run)
 
 
-def _matches(cell: Cell, by: str | None, value: Any) -> bool:
-    return by is None or cell.coords.get(by) == value
+def _where(axis: Axis, item: Item) -> dict[str, Any]:
+    if item.where is not None:
+        return item.where
+    return {axis.by: item.value} if axis.by else {}
+
+
+def _glue_columns(spec: TableSpec, values: dict[tuple[int, int], Value]) -> list[int]:
+    """Columns of GLUE tasks (WNLI excluded) that the sweep covers."""
+    return [c for c, col in enumerate(spec.columns.items)
+            if col.where is None and str(col.value) in GLUE_METRICS
+            and any(values[r, c].status != "not in sweep" for r in range(len(spec.rows.items)))]
 
 
 # ---------------------------------------------------------------- formats
@@ -256,7 +279,8 @@ def _grid(table: RenderedTable) -> tuple[list[str], list[list[str]]]:
         line = [row.label]
         for c, col in enumerate(table.columns):
             v = table.values[r, c]
-            line += [ours_text(v, col.digits), _num(v.paper, col.digits) if v.paper is not None else "", delta_text(v)]
+            paper = _num(v.paper, col.digits) if v.paper is not None else ""
+            line += [ours_text(v, col.digits), paper, delta_text(v, col.digits)]
         if table.glue:
             g = table.glue[r]
             line += [_num(g.median) + ("†" if g.simulated and g.median is not None else "")
@@ -274,9 +298,9 @@ def footnotes(table: RenderedTable) -> list[str]:
     if any(v.simulated for v in table.values.values()):
         notes.append("† simulated: fake-quantized model evaluated in floating point, not integer kernels.")
     if table.glue:
-        used = [str(c.value) for c in table.columns if str(c.value) not in GLUE_EXCLUDED]
-        notes.append("GLUE: macro average over the tasks shown (" + ", ".join(
-            f"{t.upper()} {GLUE_METRICS.get(t, 'headline')}" for t in used) + "; WNLI excluded), ours and the "
+        used = [table.columns[c] for c in _glue_columns(table.spec, table.values)]
+        notes.append("GLUE: macro average over the tasks in the sweep (" + ", ".join(
+            f"{c.label} {GLUE_METRICS[str(c.value)]}" for c in used) + "; WNLI excluded), ours and the "
             "paper's over the same tasks.")
     for row in table.rows:
         if row.missing:

@@ -110,7 +110,9 @@ class Gobo(Recipe):
                 "bits": st.bits, "policy": st.policy, "numel": st.numel, "outliers": st.outliers,
                 "outlier_fraction": round(st.outlier_fraction, 6), "iterations": st.iterations,
                 "converged": st.converged, "l1": round(st.l1, 4), "mean_abs_error": st.l1 / st.numel,
-                "seconds": round(st.seconds, 4),
+                "seconds": round(st.seconds, 4), "fp32_bytes": 4 * st.numel,
+                "coded_bytes": coded_bytes(st.numel, st.bits, st.outliers),
+                "compression": round(4 * st.numel / coded_bytes(st.numel, st.bits, st.outliers), 3),
             }
             for site, st in result.stats.items()
         }
@@ -127,6 +129,14 @@ class Gobo(Recipe):
         return getattr(self, "_report", {})
 
 
+def coded_bytes(numel: int, bits: int, outliers: int) -> int:
+    """Bytes of one matrix in the packed format: indices, codebook, outlier values and positions."""
+    from qbert.quant.packing import count_bits, position_bits
+
+    entry = {"count": numel, "bits": bits, "outliers": outliers, "position_bits": position_bits(numel)}
+    return sum(count_bits({"m": entry}, {}, 0).values()) // 8
+
+
 def summarize_matrices(matrices: dict[str, dict[str, Any]], seconds: float, threads: int) -> dict[str, Any]:
     """Totals over all matrices and per block (embeddings, layer.i, pooler, head)."""
 
@@ -139,6 +149,8 @@ def summarize_matrices(matrices: dict[str, dict[str, Any]], seconds: float, thre
         outliers = sum(r["outliers"] for r in rows)
         l1 = sum(r["l1"] for r in rows)
         return {"numel": numel, "outliers": outliers, "outlier_fraction": outliers / numel if numel else 0.0,
+                "fp32_bytes": sum(r.get("fp32_bytes", 0) for r in rows),
+                "coded_bytes": sum(r.get("coded_bytes", 0) for r in rows),
                 "l1": round(l1, 4), "mean_abs_error": l1 / numel if numel else 0.0}
 
     blocks: dict[str, list[dict[str, Any]]] = {}

@@ -1,0 +1,235 @@
+"""qbert sweep: grid expansion, identity by hash, resume, failure isolation, the local and Ray executors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qbert.config import load_config
+from qbert.errors import QbertError
+from qbert.runs import aggregate, read_json, read_status
+from qbert.sweep import expand, list_sweeps, load_sweep, parse_grid_option, parse_seeds_option, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(folder: Path, real_data: Path, name: str = "tiny", **extra) -> Path:
+    data = {
+        "name": name,
+        "model": "tiny-random",
+        "task": "mrpc",
+        "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 32, "max_eval_samples": 16},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 32, "threads": 1},
+        "recipe": {"name": "fp32"},
+        **extra,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_sweep(folder: Path, data: dict) -> Path:
+    path = folder / "grid.sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------- expansion
+
+
+def test_grid_is_the_product_of_vars_and_keys_with_overrides_and_seeds(tmp_path):
+    for task in ("mrpc", "rte"):
+        for method, batch in (("a", 8), ("b", 16)):
+            (tmp_path / f"{task}_{method}.yaml").write_text(yaml.safe_dump(
+                {"model": "tiny-random", "task": task, "finetune": {"batch_size": batch}, "recipe": {"name": "fp32"}}))
+    path = write_sweep(tmp_path, {
+        "config": "{task}_{method}.yaml",
+        "vars": {"task": ["mrpc", "rte"], "method": ["a", "b"]},
+        "grid": {"finetune.lr": [1e-5, 2e-5, 3e-5]},
+        "set": {"finetune.epochs": 2},
+        "seeds": [1, 2],
+    })
+    spec, base = load_sweep(path)
+    cells = expand(spec, base, overrides=["evaluate.batch_size=8"])
+    assert spec.name == "grid"
+    assert len(cells) == 2 * 2 * 3
+    assert [c.coords for c in cells[:3]] == [
+        {"task": "mrpc", "method": "a", "finetune.lr": lr} for lr in (1e-5, 2e-5, 3e-5)]
+    first = cells[0].config
+    assert (first.task, first.finetune.lr, first.finetune.epochs, first.evaluate.batch_size, first.seeds) == (
+        "mrpc", 1e-5, 2, 8, [1, 2])
+    assert cells[0].config.name == "mrpc_a-lr-1e-05"
+    assert len({c.hash for c in cells}) == 12
+    # the command line's --grid replaces a var's values or a key's, and --seeds the seeds
+    narrowed = expand(spec, base, grid={"task": ["rte"], "finetune.lr": [5e-5]}, seeds=[7])
+    assert [(c.config.task, c.coords["method"], c.config.finetune.lr, c.config.seeds) for c in narrowed] == [
+        ("rte", "a", 5e-5, [7]), ("rte", "b", 5e-5, [7])]
+
+
+def test_parts_and_plain_configs_and_option_parsing(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": "tiny-random", "recipe": {"name": "fp32"}}))
+    path = write_sweep(tmp_path, {"parts": [
+        {"config": "base.yaml", "vars": {"row": ["fp32"]}},
+        {"config": "base.yaml", "grid": {"recipe": [{"name": "peg", "groups": 2}, {"name": "w8a8_ptq"}]}},
+    ]})
+    spec, base = load_sweep(path)
+    cells = expand(spec, base)
+    assert [c.config.recipe.name for c in cells] == ["fp32", "peg", "w8a8_ptq"]
+    assert cells[0].coords == {"row": "fp32"} and cells[1].coords == {"recipe": {"name": "peg", "groups": 2}}
+    # an experiment config is a sweep of one cell
+    spec, base = load_sweep(tmp_path / "base.yaml")
+    assert [c.config.name for c in expand(spec, base, grid={"finetune.epochs": [1, 2]})] == [
+        "base-epochs-1", "base-epochs-2"]
+    assert parse_grid_option("recipe.sites=[a,b],{x: 1},3") == ("recipe.sites", [["a", "b"], {"x": 1}, 3])
+    assert parse_seeds_option("1000..1004") == [1000, 1001, 1002, 1003, 1004]
+    assert parse_seeds_option("42,43") == [42, 43]
+    with pytest.raises(QbertError, match="--seeds"):
+        parse_seeds_option("5..1")
+    with pytest.raises(QbertError, match="key=v1,v2"):
+        parse_grid_option("finetune.lr")
+
+
+def test_sweep_file_errors_name_the_file_and_key(tmp_path):
+    path = write_sweep(tmp_path, {"config": "{task}.yaml", "gird": {}})
+    with pytest.raises(QbertError, match="gird: unknown key") as err:
+        load_sweep(path)
+    assert str(path) in err.value.render()
+    path = write_sweep(tmp_path, {"config": "{task}.yaml"})
+    spec, base = load_sweep(path)
+    with pytest.raises(QbertError, match=r"\{task\}.*has no values"):
+        expand(spec, base)
+    path = write_sweep(tmp_path, {"config": "missing.yaml"})
+    spec, base = load_sweep(path)
+    with pytest.raises(QbertError, match="not found"):
+        expand(spec, base)
+
+
+def test_config_hash_does_not_depend_on_key_order(tmp_path):
+    a = {"model": "tiny-random", "task": "rte", "finetune": {"lr": 3e-5, "epochs": 2}, "recipe": {"name": "peg",
+         "groups": 2, "permute": False}}
+    b = {"recipe": {"permute": False, "groups": 2, "name": "peg"}, "finetune": {"epochs": 2, "lr": 3e-5},
+         "task": "rte", "model": "tiny-random"}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(a, sort_keys=False))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(b, sort_keys=False))
+    ha, hb = load_config(tmp_path / "a.yaml").config_hash(), load_config(tmp_path / "b.yaml").config_hash()
+    assert ha == hb
+    # names and seeds are not part of the identity; any other key is
+    assert load_config(tmp_path / "a.yaml", ["name=other", "seeds=[5]"]).config_hash() == ha
+    assert load_config(tmp_path / "a.yaml", ["finetune.lr=4e-5"]).config_hash() != ha
+
+
+def test_aggregate_on_known_numbers():
+    assert aggregate([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert aggregate([5.0]) == {"median": 5.0, "min": 5.0, "max": 5.0, "n": 1}
+
+
+# ---------------------------------------------------------------- running
+
+
+def test_failures_are_isolated_and_finished_cells_skipped(real_data, tmp_path):
+    config = tiny_config(tmp_path, real_data)
+    spec, base = load_sweep(config)
+    cells = expand(spec, base, grid={"data.dir": [str(real_data), str(tmp_path / "nowhere")]}, seeds=[0, 1])
+    root = tmp_path / "runs"
+    result = run_sweep(cells, name="iso", root=root, workers=1)
+    states = [("nowhere" in o.name, o.state) for o in result.outcomes]
+    assert states == [(False, "done"), (False, "done"), (True, "failed"), (True, "failed")]
+    failed = result.outcomes[2]
+    assert "does not exist" in failed.error and Path(failed.log).is_file()
+    assert "Traceback" in Path(failed.log).read_text()
+    summary = read_json(root / cells[0].config.name / cells[0].hash / "summary.json")
+    assert summary["metrics"]["f1"]["n"] == 2
+    # rerun: finished seeds are skipped, also under another run name with the same resolved config
+    renamed = expand(spec, base, overrides=["name=renamed"], grid={"data.dir": [str(real_data)]}, seeds=[0, 1])
+    again = run_sweep(renamed, name="iso", root=root)
+    assert [o.state for o in again.outcomes] == ["skipped", "skipped"]
+    assert [r["name"] for r in list_sweeps(root)] == ["iso"]
+
+
+def test_cli_sweep_ends_with_a_table_and_exit_1_on_failure(real_data, tmp_path):
+    config = tiny_config(tmp_path, real_data)
+    env = {**os.environ, "QBERT_RUNS_DIR": str(tmp_path / "runs")}
+    out = subprocess.run([sys.executable, "-m", "cli", "sweep", str(config), "--grid",
+                          f"data.dir={real_data},{tmp_path / 'nowhere'}", "--seeds", "0"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 1, out.stderr
+    assert "1 ran, 0 skipped (finished before), 1 failed" in " ".join(out.stdout.split())
+    assert "Traceback" not in out.stderr
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_a_killed_sweep_resumes_where_it_stopped(real_data, tmp_path):
+    config = tiny_config(tmp_path, real_data, data={"dir": str(real_data), "max_train_samples": 256,
+                                                    "max_eval_samples": 64})
+    root = tmp_path / "runs"
+    env = {**os.environ, "QBERT_RUNS_DIR": str(root)}
+    command = [sys.executable, "-m", "cli", "sweep", str(config), "--grid", "finetune.lr=1e-4,2e-4",
+               "--seeds", "0..2", "--workers", "2", "--threads", "1"]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        assert _wait_for(lambda: len(list(root.glob("*/*/seed=*/metrics.json"))) >= 1, 240)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
+        proc.wait()
+    done_before = {p.parent for p in root.glob("*/*/seed=*/metrics.json")}
+    assert 1 <= len(done_before) < 6
+    out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = " ".join(out.stdout.split())
+    assert f"{6 - len(done_before)} ran, {len(done_before)} skipped" in text
+    for folder in root.glob("*/*/seed=*"):
+        assert read_status(folder)["state"] == "done"
+
+
+def test_ray_executor_gives_the_local_numbers(real_data, tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'qbert[ray]')")
+    config = tiny_config(tmp_path, real_data, recipe={"name": "w8a8_ptq"},
+                         calibrate={"batches": 2, "batch_size": 4})
+    spec, base = load_sweep(config)
+    cells = expand(spec, base, grid={"calibrate.batches": [1, 2]}, seeds=[0, 1])
+    local = run_sweep(cells, name="local", root=tmp_path / "local", workers=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_sweep(cells, name="ray", root=tmp_path / "ray", executor="ray", threads=1)
+    finally:
+        ray.shutdown()
+    assert [o.state for o in remote.outcomes] == ["done"] * 4
+    assert [o.metrics for o in remote.outcomes] == [o.metrics for o in local.outcomes]
+    for cell in cells:  # the same runs/ layout, summaries included
+        folder = tmp_path / "ray" / cell.config.name / cell.hash
+        assert read_json(folder / "summary.json")["metrics"]["f1"]["n"] == 2
+        assert (folder / "seed=1" / "run.log").is_file()
+
+
+def test_ray_missing_is_a_one_line_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    from qbert.sweep import ray_module
+
+    with pytest.raises(QbertError, match=r"pip install 'qbert\[ray\]'"):
+        ray_module()
