@@ -357,6 +357,28 @@ def _format_validation_error(exc: ValidationError, data: dict[str, Any], source:
     return QbertError(message, source=source, key=key or None)
 
 
+def schema_error(exc: ValidationError, schema: type[BaseModel], source: str) -> QbertError:
+    """One line for a file validated against ``schema`` (sweep files, table specs): an unknown key first,
+    with the nearest valid key, else the first problem."""
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
+    loc = tuple(err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        model: Any = schema
+        for part in loc[:-1]:
+            field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+            annotation = getattr(field, "annotation", None)
+            args = getattr(annotation, "__args__", ()) or ()
+            nested = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+            model = nested[0] if nested else model
+        valid = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        message = f"unknown key ({hint})"
+    return QbertError(message, source=source, key=".".join(str(p) for p in loc) or None)
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
     """Validate raw config data, turning pydantic's errors into one-line :class:`QbertError`."""
     try:

@@ -47,6 +47,7 @@ from qbert.config import (
     parse_config,
     parse_override,
     read_yaml,
+    schema_error,
     stable_hash,
 )
 from qbert.errors import QbertError
@@ -130,13 +131,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = (f"unknown key (a sweep file has: name, {', '.join(SWEEP_KEYS)}, seeds; "
-                       "a part: config, vars, grid, set)")
-        raise QbertError(message, source=str(path), key=key) from None
+        raise schema_error(exc, SweepSpec, str(path)) from None
     spec.name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name or path.stem.removesuffix(".sweep"))
     return spec, path.parent
 

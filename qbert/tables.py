@@ -37,8 +37,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from qbert.config import Section, read_yaml
-from qbert.errors import QbertError
+from qbert.config import Section, read_yaml, schema_error
 from qbert.runs import SEED_PREFIX, is_done, read_json
 from qbert.sweep import Cell, expand, load_sweep
 
@@ -86,11 +85,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
     try:
         return TableSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key (a table spec has: title, source, model, sweep, rows, columns, glue, notes)"
-        raise QbertError(message, source=str(path), key=".".join(str(p) for p in err["loc"])) from None
+        raise schema_error(exc, TableSpec, str(path)) from None
 
 
 # ---------------------------------------------------------------- cells
@@ -244,7 +239,7 @@ def _glue_columns(spec: TableSpec, values: dict[tuple[int, int], Value]) -> list
     """Columns of GLUE tasks (WNLI excluded) that the sweep covers."""
     return [c for c, col in enumerate(spec.columns.items)
             if col.where is None and str(col.value) in GLUE_METRICS
-            and any(values[r, c].status != "not in sweep" for r in range(len(spec.rows.items)))]
+            and any(values[r, c].status not in ("not in sweep", "no recipe") for r in range(len(spec.rows.items)))]
 
 
 # ---------------------------------------------------------------- formats
