@@ -1,4 +1,4 @@
-# qbert: `make run` runs the default experiment, `make test` the test suite.
+# qbert: `make run` runs the default experiment (a sweep and its table), `make test` the test suite.
 # Both create .venv and install the project on first use; later calls reuse it.
 
 SHELL := /bin/bash
@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.qbert-installed
 # torch goes in first so that no open requirement pulls a CUDA build; PIP_FIND_LINKS may hold a local wheel.
 TORCH_SPEC ?= torch==2.13.0
-CONFIG ?= configs/default.yaml
+SWEEP ?= configs/default.sweep.yaml
+TABLE ?= configs/default.table.yaml
 
 SHARED_DATA := $(abspath ../shared/data)
 ifneq ($(wildcard $(SHARED_DATA)),)
@@ -32,11 +33,12 @@ $(STAMP): pyproject.toml Makefile
 	else inst="$(BIN)/pip install -q $$links"; fi; \
 	echo "setup: installing with $${inst%% *}"; \
 	$(BIN)/python -c "import torch" 2>/dev/null || $$inst "$(TORCH_SPEC)"; \
-	$$inst -e ".[dev]"
+	$$inst -e ".[dev,ray]"
 	@touch $(STAMP)
 
 run: setup
-	$(BIN)/qbert run $(CONFIG)
+	$(BIN)/qbert sweep $(SWEEP)
+	$(BIN)/qbert table $(TABLE)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -47,6 +47,6 @@ def table(
             for target, render, suffix in ((md, to_markdown, ".md"), (csv, to_csv, ".csv"), (tex, to_latex, ".tex")):
                 if target is None:
                     continue
-                out = target / f"{path.stem}{suffix}" if spec.is_dir() else target
+                out = target / f"{path.parent.name}_{path.stem}{suffix}" if spec.is_dir() else target
                 atomic_write_text(out, render(rendered))
                 console.print(f"wrote {out}")

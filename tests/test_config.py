@@ -8,7 +8,7 @@ from qbert.config import ExperimentConfig, apply_overrides, load_config, parse_c
 from qbert.errors import QbertError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.endswith((".sweep.yaml", ".table.yaml")))
 
 
 def test_there_are_configs():

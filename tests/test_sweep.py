@@ -112,6 +112,14 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
         expand(spec, base)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.sweep.yaml")), ids=lambda p: p.name)
+def test_every_sweep_file_expands_to_valid_cells(path):
+    spec, base = load_sweep(path)
+    cells = expand(spec, base, overrides=["model=minilm-l6"])
+    assert cells and all(c.config.model == "minilm-l6" for c in cells)
+    assert len({(c.config.name, c.hash) for c in cells}) == len(cells), "two cells of one sweep are the same run"
+
+
 def test_config_hash_does_not_depend_on_key_order(tmp_path):
     a = {"model": "tiny-random", "task": "rte", "finetune": {"lr": 3e-5, "epochs": 2}, "recipe": {"name": "peg",
          "groups": 2, "permute": False}}
