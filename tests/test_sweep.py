@@ -182,26 +182,42 @@ def _wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def test_a_killed_sweep_resumes_where_it_stopped(real_data, tmp_path):
-    config = tiny_config(tmp_path, real_data, data={"dir": str(real_data), "max_train_samples": 256,
-                                                    "max_eval_samples": 64})
+def _workers(pid: int) -> list[int]:
+    """The pool's worker processes of a sweep (children running multiprocessing's spawn_main)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_a_killed_worker_fails_its_seed_and_the_rerun_resumes(real_data, tmp_path):
+    config = tiny_config(tmp_path, real_data, data={"dir": str(real_data), "max_train_samples": 128,
+                                                    "max_eval_samples": 32})
     root = tmp_path / "runs"
     env = {**os.environ, "QBERT_RUNS_DIR": str(root)}
     command = [sys.executable, "-m", "cli", "sweep", str(config), "--grid", "finetune.lr=1e-4,2e-4",
-               "--seeds", "0..2", "--workers", "2", "--threads", "1"]
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+               "--seeds", "0..1", "--workers", "2", "--threads", "1"]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        assert _wait_for(lambda: len(list(root.glob("*/*/seed=*/metrics.json"))) >= 1, 240)
+        running = lambda: [p for p in root.glob("*/*/seed=*") if read_status(p).get("state") == "running"]  # noqa: E731
+        assert _wait_for(lambda: running() and _workers(proc.pid), 240)
+        os.kill(_workers(proc.pid)[0], signal.SIGKILL)  # one worker dies mid-run; the sweep goes on
+        output, _ = proc.communicate(timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
-        proc.wait()
-    done_before = {p.parent for p in root.glob("*/*/seed=*/metrics.json")}
-    assert 1 <= len(done_before) < 6
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, output
+    assert "worker process died" in output
+    finished = {p.parent for p in root.glob("*/*/seed=*/metrics.json")}
+    assert len(finished) < 4
     out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
     text = " ".join(out.stdout.split())
-    assert f"{6 - len(done_before)} ran, {len(done_before)} skipped" in text
+    assert f"{4 - len(finished)} ran, {len(finished)} skipped" in text
     for folder in root.glob("*/*/seed=*"):
         assert read_status(folder)["state"] == "done"
 
