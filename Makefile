@@ -18,7 +18,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup run test bench lint tables clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the paper tables of docs/tables from the runs under runs/ (MiniLM-L6; GOBO Table III on STS-B)
+tables: setup
+	$(BIN)/qbert table configs/papers --md docs/tables model=minilm-l6
+	$(BIN)/qbert table configs/papers/gobo2020/table3.yaml --md docs/tables/gobo2020_table3.md model=minilm-l6 --grid task=stsb
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done

@@ -202,8 +202,11 @@ def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None =
             if row.missing:
                 values[r, c] = Value("no recipe", paper=paper, note=row.missing)
                 continue
-            wanted = {**_where(spec.rows, row), **_where(spec.columns, col)}
-            match = [cell for cell in cells if all(cell.coords.get(k) == v for k, v in wanted.items())]
+            # a column's coordinate is not asked of cells that do not have it (an FP32 row in every column)
+            rows_want, cols_want = _where(spec.rows, row), _where(spec.columns, col)
+            match = [cell for cell in cells
+                     if all(cell.coords.get(k) == v for k, v in rows_want.items())
+                     and all(cell.coords.get(k, v) == v for k, v in cols_want.items())]
             if not match:
                 values[r, c] = Value("not in sweep", paper=paper)
                 continue
