@@ -71,7 +71,9 @@ class TableSpec(Section):
 
     title: str
     source: str = ""
-    model: str | None = None
+    model: str | None = Field(None, description="The model the cells run with (default: the configs'); "
+                              "`model=...` on the command line re-targets.")
+    paper_model: str | None = Field(None, description="The paper's model, when not `model`.")
     sweep: str
     rows: Axis
     columns: Axis
@@ -178,7 +180,8 @@ class RenderedTable:
     def metric_note(self) -> str:
         parts = []
         for col in self.columns:
-            m = col.metric if isinstance(col.metric, str) else " + ".join(col.metric or ["headline"])
+            m = (col.metric if isinstance(col.metric, str) else "the task's headline" if not col.metric
+                 else f"mean of {' and '.join(col.metric)}")
             parts.append(f"{col.label}: {m}")
         return "; ".join(parts)
 
@@ -289,9 +292,9 @@ def _grid(table: RenderedTable) -> tuple[list[str], list[list[str]]]:
 
 
 def footnotes(table: RenderedTable) -> list[str]:
-    notes = [f"Ours: {table.model}, median (min-max) over seeds, n = finished seeds; paper: {table.spec.model or '?'}"
-             f" ({table.spec.source})." if table.spec.source else
-             f"Ours: {table.model}, median (min-max) over seeds; paper: {table.spec.model or '?'}."]
+    paper_model = table.spec.paper_model or table.spec.model or "?"
+    source = f" ({table.spec.source})" if table.spec.source else ""
+    notes = [f"Ours: {table.model}, median (min-max) over seeds, n = finished seeds; paper: {paper_model}{source}."]
     notes.append(f"Metrics: {table.metric_note()}.")
     if any(v.simulated for v in table.values.values()):
         notes.append("† simulated: fake-quantized model evaluated in floating point, not integer kernels.")
@@ -360,13 +363,31 @@ def to_latex(table: RenderedTable) -> str:
 
 
 def to_rich(table: RenderedTable) -> Any:
+    """The terminal form: one column per table column, ours above the paper's number and the difference."""
     from rich.table import Table
 
-    header, body = _grid(table)
-    out = Table(title=table.spec.title, caption="\n".join(footnotes(table)), caption_justify="left")
-    for i, name in enumerate(header):
-        out.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
-    for line in body:
+    out = Table(title=table.spec.title, caption="\n".join(footnotes(table)), caption_justify="left",
+                show_lines=True)
+    out.add_column("")
+    for col in table.columns:
+        out.add_column(col.label, justify="right", overflow="fold")
+    if table.glue:
+        out.add_column("GLUE", justify="right")
+
+    def cell(v: Value, digits: int) -> str:
+        text = ours_text(v, digits)
+        if v.paper is not None:
+            text += f"\n[dim]paper {_num(v.paper, digits)}" + (f" ({delta_text(v, digits)})" if v.delta is not None
+                                                               else "") + "[/]"
+        return text
+
+    for r, row in enumerate(table.rows):
+        line = [row.label] + [cell(table.values[r, c], col.digits) for c, col in enumerate(table.columns)]
+        if table.glue:
+            g = table.glue[r]
+            line.append(cell(Value(g.status if g.status != "ok" else "ok", g.median, paper=g.paper,
+                                   simulated=g.simulated), 2) if g.median is not None else
+                        "incomplete" + (f"\n[dim]paper {_num(g.paper)}[/]" if g.paper is not None else ""))
         out.add_row(*line)
     return out
 
