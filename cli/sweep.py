@@ -69,14 +69,16 @@ def sweep(
         console.print(f"[bold]sweep {spec.name}[/]: {len(cells)} cells, {total} runs, executor {executor}"
                       + (f", {workers} workers x {threads} threads" if executor == "local" else ""))
         if dry_run:
+            from rich.markup import escape
+
             for cell in cells:
-                console.print(f"  {cell.config.name} {cell.hash} seeds {cell.config.seeds}  [{cell.label}]")
+                console.print(escape(f"  {cell.config.name} {cell.hash} seeds {cell.config.seeds}  [{cell.label}]"))
             return
 
         def report(job, outcome) -> None:
             detail = (outcome.error or "") if outcome.state == "failed" else ", ".join(
                 f"{k} {v:.2f}" for k, v in outcome.metrics.items())
-            console.print(f"{outcome.state:>8}  {outcome.name} seed {outcome.seed}: {detail}")
+            console.print(f"{outcome.state:>8}  {outcome.name} seed {outcome.seed}: {detail}", markup=False)
 
         command = "qbert sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         result = run_sweep(cells, name=spec.name, root=runs_dir, executor=executor, workers=workers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -83,7 +84,7 @@ def sweep_table(result: Any) -> Table:
     style = {"done": "green", "skipped": "dim", "failed": "red"}
     for outcome in result.outcomes:
         if outcome.state == "failed":
-            detail = f"{outcome.error}\nlog: {outcome.log}"
+            detail = escape(f"{outcome.error}\nlog: {outcome.log}")
         else:
             h = outcome.headline or next(iter(outcome.metrics), None)
             detail = f"{h} {fmt(outcome.metrics.get(h))}" if h else "-"

@@ -126,6 +126,9 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     are relative to."""
     path = Path(path)
     data = read_yaml(path)
+    if "sweep" in data and "rows" in data:
+        raise QbertError(f"this is a table spec, not a sweep: run its sweep file ({path.parent / str(data['sweep'])})",
+                         source=str(path))
     if not is_sweep_file(data):
         return SweepSpec(name=data.get("name") or path.stem, config=path.name), path.parent
     try:
