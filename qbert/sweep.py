@@ -409,7 +409,12 @@ def run_ray(jobs: list[Job], root: Path, sweep: str, address: str | None, thread
     comes back into ``root`` (a no-op where the workers share its filesystem)."""
     ray = ray_module()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        try:
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise QbertError(f"cannot reach a Ray cluster at {address!r}: {first} (start one with `ray start "
+                             "--head`, or leave --address out for a local instance)", key="--address") from None
     remote = ray.remote(run_task)
     refs = {}
     for job in jobs:
