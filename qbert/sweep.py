@@ -99,13 +99,14 @@ class SweepSpec(Section):
 
     name: str | None = Field(None, description="The sweep's name (default: the file's stem).")
     config: str | None = Field(None, description="As in a part, when the sweep has one.")
-    vars: dict[str, list[Any]] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    vars: dict[str, list[Any]] = Field(default_factory=dict, description="As in a part.")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="As in a part.")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value, every cell.")
     parts: list[SweepPart] = Field(default_factory=list, description="Blocks of cells with their own configs.")
     seeds: list[int] | None = Field(None, min_length=1, description="Seeds of every cell (default: the config's).")
 
     def resolved_parts(self) -> list[SweepPart]:
+        """The parts: the top-level config/vars/grid as one part, or ``parts``."""
         if self.config is not None:
             if self.parts:
                 raise QbertError("give either config (one part) or parts, not both", source=self.name, key="parts")
@@ -187,10 +188,12 @@ class Cell:
 
     @property
     def hash(self) -> str:
+        """The cell's identity: its resolved config's hash."""
         return self.config.config_hash()
 
     @property
     def label(self) -> str:
+        """Its grid coordinates, for display."""
         return ", ".join(f"{k}={_short(v)}" for k, v in self.coords.items()) or self.config.name
 
 
@@ -344,6 +347,7 @@ class Job:
 
     @property
     def key(self) -> tuple[str, str, int]:
+        """Run name, config hash and seed: where the job's seed folder is."""
         return self.cell.config.name, self.cell.hash, self.seed
 
 
@@ -467,6 +471,7 @@ class SweepResult:
     record: Path
 
     def count(self, state: str) -> int:
+        """How many seeds ended in ``state``."""
         return sum(1 for o in self.outcomes if o.state == state)
 
 

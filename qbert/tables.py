@@ -51,37 +51,41 @@ GLUE_METRICS = {
 class Item(Section):
     """A row or a column: the coordinate value it selects, its label, and (columns) its metric."""
 
-    value: Any = None
-    label: str
+    value: Any = Field(None, description="The coordinate value this item selects (the axis' `by`).")
+    label: str = Field(description="Row or column heading.")
     where: dict[str, Any] | None = Field(None, description="Coordinates to match instead of the axis' by=value.")
-    metric: str | list[str] | None = None
-    digits: int = 2
+    metric: str | list[str] | None = Field(None, description="Metric name, dotted path into metrics.json, or a "
+                                           "list (per-seed mean); null: the task's headline.")
+    digits: int = Field(2, description="Decimals shown.")
     scale: float = Field(1.0, description="Multiplies our values (e.g. bytes -> MiB); the paper's are as given.")
     paper: dict[str, float | None] = Field(default_factory=dict, description="Row: column value -> number.")
     missing: str | None = Field(None, description="Why this row cannot be run here (e.g. no recipe).")
 
 
 class Axis(Section):
-    by: str | None = None
-    items: list[Item]
+    """The rows or the columns of a table: the sweep coordinate they select by, and their items."""
+
+    by: str | None = Field(None, description="A var or grid key of the sweep; null: items use `where` or none.")
+    items: list[Item] = Field(description="One per row or column, in order.")
 
 
 class TableSpec(Section):
     """A paper table: which sweep produces it, its rows and columns, and the paper's numbers."""
 
-    title: str
-    source: str = ""
+    title: str = Field(description="The table's caption.")
+    source: str = Field("", description="Where the paper's numbers come from (seed file, table).")
     model: str | None = Field(None, description="The model the cells run with (default: the configs'); "
                               "`model=...` on the command line re-targets.")
     paper_model: str | None = Field(None, description="The paper's model, when not `model`.")
-    sweep: str
+    sweep: str = Field(description="The sweep file that produces the cells, relative to the spec.")
     rows: Axis
     columns: Axis
-    glue: bool = False
-    notes: list[str] = Field(default_factory=list)
+    glue: bool = Field(False, description="Add a GLUE score column (macro average, WNLI excluded).")
+    notes: list[str] = Field(default_factory=list, description="Footnotes printed under the table.")
 
 
 def load_table_spec(path: str | Path) -> TableSpec:
+    """Read and validate a table spec (one-line errors naming the file and key)."""
     path = Path(path)
     data = read_yaml(path)
     try:
@@ -178,6 +182,7 @@ class RenderedTable:
     not_run: int
 
     def metric_note(self) -> str:
+        """Which metric each column shows."""
         parts = []
         for col in self.columns:
             m = (col.metric if isinstance(col.metric, str) else "the task's headline" if not col.metric
@@ -256,6 +261,7 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def ours_text(value: Value, digits: int = 2, mark: str = "†") -> str:
+    """``median (min-max) n=k``, marked when simulated; the status when there is no number."""
     if value.status != "ok":
         return value.status
     text = _num(value.median, digits)
@@ -266,6 +272,7 @@ def ours_text(value: Value, digits: int = 2, mark: str = "†") -> str:
 
 
 def delta_text(value: Value, digits: int = 2) -> str:
+    """Ours minus the paper's, signed; empty when either is missing."""
     return "" if value.delta is None else f"{value.delta:+.{digits}f}"
 
 
@@ -292,6 +299,7 @@ def _grid(table: RenderedTable) -> tuple[list[str], list[list[str]]]:
 
 
 def footnotes(table: RenderedTable) -> list[str]:
+    """What every rendering states under the table: models, metrics, marks, GLUE rule, how to fill it."""
     paper_model = table.spec.paper_model or table.spec.model or "?"
     source = f" ({table.spec.source})" if table.spec.source else ""
     notes = [f"Ours: {table.model}, median (min-max) over seeds, n = finished seeds; paper: {paper_model}{source}."]
@@ -313,6 +321,7 @@ def footnotes(table: RenderedTable) -> list[str]:
 
 
 def to_markdown(table: RenderedTable) -> str:
+    """GitHub Markdown: ours, paper and delta columns per table column, then the footnotes."""
     header, body = _grid(table)
     lines = [f"**{table.spec.title}**", "", "| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
@@ -322,6 +331,7 @@ def to_markdown(table: RenderedTable) -> str:
 
 
 def to_csv(table: RenderedTable) -> str:
+    """One CSV row per cell (and GLUE), with status, spread, n, simulated, paper and delta."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["row", "column", "metric", "status", "median", "min", "max", "n", "planned", "simulated",
@@ -349,6 +359,7 @@ def _tex(text: str) -> str:
 
 
 def to_latex(table: RenderedTable) -> str:
+    """A booktabs ``table`` environment with ours / paper / delta per column."""
     header, body = _grid(table)
     groups = len(table.columns) + (1 if table.glue else 0)
     labels = [c.label for c in table.columns] + (["GLUE"] if table.glue else [])
