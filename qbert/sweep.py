@@ -225,9 +225,12 @@ def expand(spec: SweepSpec, base_dir: Path, *, grid: dict[str, list[Any]] | None
     ``grid`` (from the command line) replaces the values of a part's var or grid key of the same
     name, or adds an axis.
     """
-    cells = []
+    cells, seen = [], set()
     for part in spec.resolved_parts():
-        cells += _expand_part(spec, part, base_dir, grid or {}, overrides or [], seeds or spec.seeds)
+        for cell in _expand_part(spec, part, base_dir, grid or {}, overrides or [], seeds or spec.seeds):
+            if (cell.config.name, cell.hash) not in seen:  # parts re-targeted by --grid may overlap
+                seen.add((cell.config.name, cell.hash))
+                cells.append(cell)
     return cells
 
 

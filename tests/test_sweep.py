@@ -15,7 +15,7 @@ import yaml
 from qbert.config import load_config
 from qbert.errors import QbertError
 from qbert.runs import aggregate, read_json, read_status
-from qbert.sweep import expand, list_sweeps, load_sweep, parse_grid_option, parse_seeds_option, run_sweep
+from qbert.sweep import _expand_part, expand, list_sweeps, load_sweep, parse_grid_option, parse_seeds_option, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,10 @@ def test_every_sweep_file_expands_to_valid_cells(path):
     spec, base = load_sweep(path)
     cells = expand(spec, base, overrides=["model=minilm-l6"])
     assert cells and all(c.config.model == "minilm-l6" for c in cells)
-    assert len({(c.config.name, c.hash) for c in cells}) == len(cells), "two cells of one sweep are the same run"
+    # as written (not re-targeted), no two cells of a sweep file are the same run
+    raw = [c for part in spec.resolved_parts()
+           for c in _expand_part(spec, part, base, {}, ["model=minilm-l6"], spec.seeds)]
+    assert len(raw) == len(cells), "two cells of one sweep are the same run"
 
 
 def test_config_hash_does_not_depend_on_key_order(tmp_path):
