@@ -372,10 +372,16 @@ def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: in
             running: dict[futures.Future, Job] = {}
             try:
                 while (pending or running) and not broken:
-                    while pending and len(running) < workers:
-                        job = pending.pop(0)
-                        running[pool.submit(run_task, job.cell.config.resolved(), job.seed, str(root), sweep,
-                                            threads)] = job
+                    while pending and len(running) < workers and not broken:
+                        try:
+                            future = pool.submit(run_task, pending[0].cell.config.resolved(), pending[0].seed,
+                                                 str(root), sweep, threads)
+                        except futures.process.BrokenProcessPool:  # a worker died between two jobs
+                            broken = True
+                            break
+                        running[future] = pending.pop(0)
+                    if broken or not running:
+                        break
                     done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
                     for future in done:
                         job = running.pop(future)
