@@ -13,6 +13,7 @@ The paper used 1024 sequences and 10^4 iterations per layer; the defaults here (
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any, Literal
@@ -67,10 +68,8 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, batches: list[dict[
     try:
         for batch in batches:
             current["mask"] = batch["attention_mask"]
-            try:
+            with contextlib.suppress(_Captured):  # the hook stops the forward pass once it has the layer's input
                 model(**batch)
-            except _Captured:
-                pass
     finally:
         handle.remove()
     return torch.cat(inputs), (torch.cat(outputs) if with_output else None)
