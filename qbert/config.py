@@ -329,16 +329,18 @@ def _valid_keys(data: Any, loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def _unknown_key(bad: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
+    return "unknown key (" + (f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}") + ")"
+
+
 def _format_validation_error(exc: ValidationError, data: dict[str, Any], source: str) -> QbertError:
     err = exc.errors()[0]
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
         parent, bad = loc[:-1], str(loc[-1])
-        valid = _valid_keys(data, parent)
-        close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
-        message = f"unknown key ({hint})"
+        message = _unknown_key(bad, _valid_keys(data, parent))
     else:
         message = err["msg"]
         if message.startswith("Value error, "):
@@ -373,9 +375,7 @@ def schema_error(exc: ValidationError, schema: type[BaseModel], source: str) -> 
             nested = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
             model = nested[0] if nested else model
         valid = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
-        message = f"unknown key ({hint})"
+        message = _unknown_key(str(loc[-1]), valid)
     return QbertError(message, source=source, key=".".join(str(p) for p in loc) or None)
 
 

@@ -44,12 +44,17 @@ def results_table(result: Any) -> Table:
     return table
 
 
-def run_status(row: dict[str, Any]) -> str:
-    """A config folder's status: done (every planned seed), incomplete, or the other seed states."""
+def _seed_counts(row: dict[str, Any]) -> tuple[int, int]:
+    """Finished and planned seeds of a config folder (planned: the config's seeds and any found)."""
     states = row["states"]
     done = sum(1 for s in states.values() if s == "done")
-    planned = len({str(s) for s in row["config"].get("seeds") or []} | set(states))
-    others = sorted({s for s in states.values() if s != "done"})
+    return done, len({str(s) for s in row["config"].get("seeds") or []} | set(states))
+
+
+def run_status(row: dict[str, Any]) -> str:
+    """A config folder's status: done (every planned seed), incomplete, or the other seed states."""
+    done, planned = _seed_counts(row)
+    others = sorted({s for s in row["states"].values() if s != "done"})
     return "done" if done == planned and not others else ", ".join(others) or "incomplete"
 
 
@@ -60,9 +65,7 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(column, justify="right" if column.startswith("headline") else "left")
     for row in rows:
         cfg = row["config"]
-        states = row["states"]
-        done = sum(1 for s in states.values() if s == "done")
-        planned = len({str(s) for s in cfg.get("seeds") or []} | set(states))
+        done, planned = _seed_counts(row)
         status = run_status(row)
         summary = row["summary"]
         headline = "-"

@@ -105,6 +105,19 @@ def is_done(folder: Path) -> bool:
     return read_status(folder).get("state") == "done" and (folder / "metrics.json").is_file()
 
 
+def finished_seeds(root: Path, config_hash: str) -> dict[int, Path]:
+    """The finished seed folders of a config hash under any run name (runs are identified by hash);
+    where a seed finished in more than one folder, the newest."""
+    newest: dict[int, tuple[float, Path]] = {}
+    for folder in root.glob(f"*/{config_hash}/{SEED_PREFIX}*"):
+        seed = folder.name[len(SEED_PREFIX):]
+        if seed.isdigit() and is_done(folder):
+            mtime = (folder / "metrics.json").stat().st_mtime
+            if int(seed) not in newest or mtime > newest[int(seed)][0]:
+                newest[int(seed)] = (mtime, folder)
+    return {seed: folder for seed, (_, folder) in newest.items()}
+
+
 def reset_seed_dir(folder: Path) -> None:
     """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly."""
     if folder.exists():

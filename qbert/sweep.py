@@ -55,7 +55,7 @@ from qbert.runs import (
     atomic_write_json,
     atomic_write_text,
     config_dir,
-    is_done,
+    finished_seeds,
     now,
     read_json,
     read_status,
@@ -522,15 +522,14 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
     jobs: list[Job] = []
     seen: set[tuple[str, str, int]] = set()
     for cell in cells:
+        finished_before = {} if force else finished_seeds(root, cell.hash)
         for seed in cell.config.seeds:
             job = Job(cell, seed)
             if job.key in seen:
                 continue
             seen.add(job.key)
-            folder = seed_dir(root, *job.key)
-            if not force:
-                folder = finished_seed(root, job.cell.hash, seed) or folder
-            if not force and is_done(folder):
+            folder = finished_before.get(seed) or seed_dir(root, *job.key)
+            if seed in finished_before:
                 finished = read_json(folder / "metrics.json") or {}
                 outcome = TaskOutcome(folder.parent.parent.name, job.cell.hash, seed, "skipped",
                                       finished.get("metrics", {}), headline=finished.get("headline"),
@@ -566,14 +565,6 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
         _record(root, name, cells, command, executor, outcomes, started)
     ordered = [outcomes[k] for k in _keys(cells) if k in outcomes]
     return SweepResult(name, cells, ordered, record)
-
-
-def finished_seed(root: Path, config_hash: str, seed: int) -> Path | None:
-    """The finished seed folder of a config hash under any run name (runs are identified by hash)."""
-    for folder in sorted(root.glob(f"*/{config_hash}/seed={seed}")):
-        if is_done(folder):
-            return folder
-    return None
 
 
 def _keys(cells: Iterable[Cell]) -> list[tuple[str, str, int]]:

@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from qbert.config import Section, read_yaml, schema_error
-from qbert.runs import SEED_PREFIX, is_done, read_json
+from qbert.runs import finished_seeds, read_json
 from qbert.sweep import Cell, expand, load_sweep
 
 GLUE_METRICS = {
@@ -137,16 +137,9 @@ def _lookup(record: dict[str, Any], metric: str) -> float | None:
 
 
 def seed_records(root: Path, cell: Cell) -> dict[int, dict[str, Any]]:
-    """The finished seeds of a cell's config hash under any run name; where a seed finished in more
-    than one folder, the newest result."""
-    newest: dict[int, tuple[float, Path]] = {}
-    for seed_folder in root.glob(f"*/{cell.hash}/{SEED_PREFIX}*"):
-        seed = seed_folder.name[len(SEED_PREFIX):]
-        if seed.isdigit() and int(seed) in cell.config.seeds and is_done(seed_folder):
-            mtime = (seed_folder / "metrics.json").stat().st_mtime
-            if int(seed) not in newest or mtime > newest[int(seed)][0]:
-                newest[int(seed)] = (mtime, seed_folder)
-    records = {seed: read_json(folder / "metrics.json") for seed, (_, folder) in newest.items()}
+    """The metrics records of a cell's finished seeds (of the seeds it asks for), under any run name."""
+    records = {seed: read_json(folder / "metrics.json")
+               for seed, folder in finished_seeds(root, cell.hash).items() if seed in cell.config.seeds}
     return {seed: record for seed, record in records.items() if record is not None}
 
 
