@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qbert.recipes.gobo import GoboSpec
 
 from qbert.models import BERT_BASE_CONFIG, load_model, resolve_model
 from qbert.quant.gobo import quantize_model
 from qbert.quant.gobo_literal import literal_gobo
 from qbert.quant.packing import write_packed
 from qbert.quant.sites import weight_modules
-from recipes.gobo import GoboSpec
 
 PAPER = {"compression": {"3": 9.83, "4": 7.92}, "quantize_minutes_one_core_bert_base": 10}
 TARGETS = {"speedup_at_least": 20.0, "bert_base_seconds_under": 10.0}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import time
@@ -18,14 +17,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from qbert.recipes import get_recipe
 
 from qbert.config import parse_config
 from qbert.models import load_model, load_tokenizer, resolve_model
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import predict
+from qbert.quant.size import state_dict_megabytes
 from qbert.tasks import get_task
-from recipes import get_recipe
-from recipes.dynamic_int8 import state_dict_megabytes
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -75,9 +74,9 @@ def main() -> None:
     train = task.encode_train(tokenizer, task.load("train", cfg.data)[:256], 128)
     for name, recipe in {"fake_w8a8": {"name": "w8a8_ptq"}, "fake_peg_k6p": {"name": "peg"}}.items():
         config = cfg.model_copy(update={"recipe": get_recipe(recipe["name"]).Params(**recipe)})
-        ctx = StageContext(config, 0, task, tokenizer, torch.device("cpu"), Path("."), logging.getLogger("bench"),
-                           train_features=train)
-        model = get_recipe(recipe["name"])(config.recipe, config).quantize(fresh(), ctx)
+        ctx = StageContext(config, 0, tokenizer, torch.device("cpu"), load_train=lambda: train)
+        method = get_recipe(recipe["name"])(config.recipe, config)
+        model = method.convert(method.calibrate(method.prepare(fresh(), ctx), ctx), ctx).model
         timings[name] = seconds(model, features, args.repeats)
     results["eval_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     results["ratios"] = {

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import user_errors
+from qbert.cli.common import user_errors
 
 app = typer.Typer(
     help="Look inside a config without running it.", no_args_is_help=True, add_completion=False,
@@ -31,6 +30,7 @@ def sites(
     Reads only the model's config (weights are not loaded); canonical BERT ids work offline.
     """
     with user_errors(source=config):
+        from qbert.recipes import get_recipe
         from rich.console import Console
         from rich.table import Table
 
@@ -39,7 +39,6 @@ def sites(
         from qbert.models import model_skeleton
         from qbert.pipeline.run import check_site_plan
         from qbert.tasks import get_task
-        from recipes import get_recipe
 
         if kind not in (None, "activation", "weight"):
             raise QbertError(f"--kind {kind!r}: use activation or weight")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import typer
-
-from cli import inspect as inspect_cmd
-from cli import ls as ls_cmd
-from cli import run as run_cmd
-from cli import sweep as sweep_cmd
-from cli import table as table_cmd
-from cli import validate as validate_cmd
+from qbert.cli import inspect as inspect_cmd
+from qbert.cli import ls as ls_cmd
+from qbert.cli import run as run_cmd
+from qbert.cli import sweep as sweep_cmd
+from qbert.cli import table as table_cmd
+from qbert.cli import validate as validate_cmd
 
 app = typer.Typer(
     name="qbert",

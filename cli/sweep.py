@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import RUNS_DIR_HELP, user_errors
+from qbert.cli.common import RUNS_DIR_HELP, user_errors
 
 
 def sweep(

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import user_errors
+from qbert.cli.common import user_errors
 
 
 def validate(

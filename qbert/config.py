@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -27,16 +26,13 @@ from pydantic import (
 )
 
 from qbert.errors import QbertError
+from qbert.recipes import RECIPES, available, get_recipe
+from qbert.recipes.base import RecipeParams
+from qbert.schema import Section
 
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad")
 TaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"]
 RangeEstimatorName = Literal["minmax", "running_minmax", "running_absmax", "mse", "percentile"]
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Section):
@@ -127,15 +123,7 @@ class ExportConfig(Section):
         return formats
 
 
-class RecipeParams(Section):
-    """Base of every recipe's typed parameters; ``name`` selects the recipe."""
-
-    name: str = "fp32"
-
-
 def _default_recipe() -> RecipeParams:
-    from recipes import get_recipe
-
     return get_recipe("fp32").Params()
 
 
@@ -172,8 +160,6 @@ class ExperimentConfig(Section):
     @field_validator("recipe", mode="wrap")
     @classmethod
     def _recipe_params(cls, value: Any, handler: Any) -> RecipeParams:
-        from recipes import get_recipe
-
         if isinstance(value, RecipeParams):
             return value
         if value is None:
@@ -189,13 +175,10 @@ class ExperimentConfig(Section):
                 f"finetune.doc_stride ({self.finetune.doc_stride}) must be well below "
                 f"finetune.max_seq_len ({self.finetune.max_seq_len}) for squad (e.g. 128 with 384)"
             )
-        from recipes import available as available_recipes
-        from recipes import get_recipe
-
         recipe = get_recipe(self.recipe.name)
         for fmt in self.export.formats:
             if fmt not in recipe.export_formats:
-                able = ", ".join(sorted(n for n in available_recipes() if fmt in get_recipe(n).export_formats))
+                able = ", ".join(sorted(n for n in available() if fmt in get_recipe(n).export_formats))
                 raise ValueError(
                     f"export.formats: recipe {self.recipe.name} cannot write {fmt!r} (recipes that can: {able}); "
                     f"remove it from export.formats"
@@ -310,8 +293,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _valid_keys(data: Any, loc: tuple[Any, ...]) -> list[str]:
     """The keys the schema accepts in the mapping at ``loc`` (for 'did you mean')."""
-    from recipes import RECIPES
-
     model: type[BaseModel] | None = ExperimentConfig
     node = data
     for part in loc:
@@ -319,7 +300,7 @@ def _valid_keys(data: Any, loc: tuple[Any, ...]) -> list[str]:
             return []
         if model is ExperimentConfig and part == "recipe":
             name = node.get("recipe", {}).get("name", "fp32") if isinstance(node, dict) else "fp32"
-            recipe = RECIPES.get(name)
+            recipe = RECIPES.get(name) if name in available() else None
             model = recipe.Params if recipe else RecipeParams
         else:
             field = model.model_fields.get(part)

@@ -1,14 +1,19 @@
-"""Quantization recipes, registered by name. A new recipe is one module listed in ``_MODULES``."""
+"""Quantization recipes, registered by name: every module in this package that defines a
+:class:`~qbert.recipes.base.Recipe` subclass with a ``name``. Adding a recipe is adding one module.
+
+Recipe modules import torch only inside their stage methods, so the registry (and with it config
+validation, ``qbert validate``, ``qbert --help``) never loads torch.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 
-from recipes.base import Recipe
+from qbert.recipes.base import Recipe, RecipeParams
 
-_MODULES = ("recipes.fp32", "recipes.ptq", "recipes.mp_ptq", "recipes.peg", "recipes.dynamic_int8",
-            "recipes.gobo", "recipes.qat", "recipes.adaround")
+__all__ = ["RECIPES", "Recipe", "RecipeParams", "available", "get_recipe"]
 
 RECIPES: dict[str, type[Recipe]] = {}
 
@@ -16,12 +21,20 @@ RECIPES: dict[str, type[Recipe]] = {}
 def _load() -> None:
     if RECIPES:
         return
-    for module_name in _MODULES:
+    found: dict[str, type[Recipe]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "base":
+            continue
+        module_name = f"{__name__}.{info.name}"
         module = importlib.import_module(module_name)
         for obj in vars(module).values():
             is_recipe = isinstance(obj, type) and issubclass(obj, Recipe) and "name" in vars(obj)
             if is_recipe and obj.__module__ == module_name:
-                RECIPES[obj.name] = obj
+                if obj.name in found:
+                    raise RuntimeError(f"recipe {obj.name!r} is defined twice ({found[obj.name].__module__}, "
+                                       f"{module_name})")
+                found[obj.name] = obj
+    RECIPES.update(found)
 
 
 def get_recipe(name: str) -> type[Recipe]:

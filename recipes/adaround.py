@@ -13,15 +13,11 @@ The paper used 1024 sequences and 10^4 iterations per layer; the defaults here (
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
-
-from recipes.ptq import LowBitWeights, StaticQuantParams, StaticQuantRecipe
+from qbert.recipes.ptq import LowBitWeights, StaticQuantParams, StaticQuantRecipe
 
 
 class AdaRoundParams(StaticQuantParams):
@@ -39,42 +35,6 @@ class AdaRoundParams(StaticQuantParams):
     warmup: float = Field(0.2, ge=0, lt=1, description="Fraction of iterations without the regulariser.")
 
 
-class _Captured(Exception):
-    """Stops a forward pass once the layer of interest has seen its input."""
-
-
-def _valid_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token rows of ``x`` (``[batch, length, d]`` -> valid tokens; ``[batch, d]`` as is)."""
-    if x.dim() == 3:
-        return x[mask.bool()]
-    return x.reshape(-1, x.shape[-1])
-
-
-@torch.no_grad()
-def capture(model: torch.nn.Module, module: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-            with_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs (and outputs) of ``module`` over ``batches``, valid tokens only, stopping each forward
-    pass at the module."""
-    inputs, outputs = [], []
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(_m: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-        inputs.append(_valid_rows(args[0], current["mask"]).float())
-        if with_output:
-            outputs.append(_valid_rows(out, current["mask"]).float())
-        raise _Captured
-
-    handle = module.register_forward_hook(hook)
-    try:
-        for batch in batches:
-            current["mask"] = batch["attention_mask"]
-            with contextlib.suppress(_Captured):  # the hook stops the forward pass once it has the layer's input
-                model(**batch)
-    finally:
-        handle.remove()
-    return torch.cat(inputs), (torch.cat(outputs) if with_output else None)
-
-
 class AdaRound(LowBitWeights, StaticQuantRecipe):
     """W4A32 PTQ with learned rounding of every linear layer."""
 
@@ -82,54 +42,31 @@ class AdaRound(LowBitWeights, StaticQuantRecipe):
     Params = AdaRoundParams
     source = "Nagel et al. 2020 (AdaRound), as in Bondarenko et al. 2021 Table 7 (W4A32 AdaRound)"
 
-    def quantize(self, model, ctx):
-        from qbert.pipeline.quantize import quantize_ptq
-        from qbert.quant.sites import enumerate_sites
+    def prepare(self, model, ctx):
+        float_model = copy.deepcopy(model).eval()  # the reconstruction targets come from the float model
+        return super().prepare(model, ctx).but(reference=float_model)
 
-        float_model = copy.deepcopy(model).eval()
-        self._inst, self._report = quantize_ptq(
-            model, self.site_plan(enumerate_sites(model)), ctx,
-            round_weights=lambda inst: self.round_weights(inst, float_model, ctx),
-        )
-        return model
+    def calibrate(self, q, ctx):
+        """Learned rounding of every linear layer, then the activation calibration (when activations are
+        quantized)."""
+        rounding = self.round_weights(q.instrumented, q.reference, ctx)
+        return super().calibrate(q.but(reference=None, report={"rounding": rounding}), ctx)
 
-    def round_weights(self, inst: Any, float_model: torch.nn.Module, ctx: Any) -> dict[str, Any]:
+    def round_weights(self, inst: Any, float_model: Any, ctx: Any) -> dict[str, Any]:
+        import torch
+
         from qbert.pipeline.batching import model_inputs, pad_batch
         from qbert.pipeline.calibrate import calibration_batches
-        from qbert.quant.adaround import AdaRoundSettings, adaround_layer
-        from qbert.quant.sites import weight_modules
+        from qbert.quant.adaround import AdaRoundSettings, adaround_model
 
         p: AdaRoundParams = self.params  # type: ignore[assignment]
         settings = AdaRoundSettings(iterations=p.iterations, batch_tokens=p.batch_tokens, lr=p.lr,
                                     weight=p.reg_weight, warmup=p.warmup)
         chunk = 32
-        drawn = calibration_batches(ctx.train_features, -(-p.sequences // chunk), chunk, ctx.seed)
+        drawn = calibration_batches(ctx.train_features(), -(-p.sequences // chunk), chunk, ctx.seed)
         flat = [f for b in drawn for f in b][: p.sequences]
         batches = [model_inputs(pad_batch(flat[i:i + chunk], ctx.tokenizer.pad_token_id), ctx.device, False)
                    for i in range(0, len(flat), chunk)]
         generator = torch.Generator().manual_seed(ctx.seed)
-        quantized_modules, float_modules = weight_modules(inst.model), weight_modules(float_model)
-        inst.model.eval()
-        start = time.perf_counter()
-        layers: dict[str, Any] = {}
-        for site, q in inst.weights().items():
-            module = quantized_modules[site]
-            if not isinstance(module, torch.nn.Linear):
-                continue  # embedding tables: nearest rounding
-            ctx.log.info("adaround %s", site)
-            _, target = capture(float_model, float_modules[site], batches, with_output=True)
-            x_q, _ = capture(inst.model, module, batches, with_output=False)
-            original = inst.weight_tensors[site]
-            result = adaround_layer(original, module.bias, q.scale.view(-1, 1), q.qmin, q.qmax, x_q, target,
-                                    settings, generator)
-            with torch.no_grad():
-                original.copy_(result.codes * q.scale.view(-1, 1))
-            layers[site] = {
-                "tokens": len(x_q), "nearest_mse": result.nearest_error, "adaround_mse": result.adaround_error,
-                "changed": round(result.changed, 4), "rounded_up": round(result.rounded_up, 4),
-                "seconds": round(result.seconds, 2),
-            }
-        improved = sum(v["adaround_mse"] < v["nearest_mse"] for v in layers.values())
         return {"sequences": len(flat), "iterations": p.iterations, "batch_tokens": p.batch_tokens,
-                "layers_improved": f"{improved}/{len(layers)}", "seconds": round(time.perf_counter() - start, 2),
-                "layers": layers}
+                **adaround_model(inst, float_model, batches, settings, generator, ctx.log)}

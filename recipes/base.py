@@ -1,18 +1,42 @@
-"""What a recipe is: typed parameters plus hooks the fixed pipeline calls at each stage."""
+"""The method contract: typed parameters, the stages a method implements, and the value it returns.
+
+A recipe is stateless: it holds its parameters and the experiment config, and nothing else. The
+pipeline (:mod:`qbert.pipeline.run`, or :mod:`qbert.api` from Python) owns the order of the stages
+and passes one value, :class:`Quantized`, from each stage to the next::
+
+    q = recipe.prepare(model, ctx)        # quantizers in (QAT: ready to train)
+    (fine-tune q.model)                   # only when recipe.trains, with recipe.training(q, ...)
+    q = recipe.calibrate(q, ctx)          # static ranges from calibration data
+    q = recipe.convert(q, ctx)            # ranges frozen, weights decoded or moved to integer kernels
+    evaluate(q), export(q, format)        # what was evaluated is q.arithmetic
+
+This module is torch-free (the registry, config validation and ``qbert validate`` import it).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import field_serializer, field_validator
 
-from qbert.config import RecipeParams
+from qbert.schema import Section
 
 if TYPE_CHECKING:
-    import torch
-
     from qbert.config import ExperimentConfig, FinetuneConfig
     from qbert.pipeline.context import StageContext
+
+Arithmetic = Literal["float", "simulated", "integer", "decoded"]
+"""What an evaluation of a :class:`Quantized` model computes: ``float`` (no quantization),
+``simulated`` (fake quantization in floating point), ``integer`` (integer kernels), ``decoded``
+(low-bit codes decoded back to floating-point weights, as GOBO)."""
+
+
+class RecipeParams(Section):
+    """Base of every recipe's typed parameters; ``name`` selects the recipe."""
+
+    name: str = "fp32"
 
 
 class SiteRuleParams(RecipeParams):
@@ -43,28 +67,89 @@ class SiteRuleParams(RecipeParams):
         return [{pattern: None if o is None else o.model_dump(exclude_none=True)} for pattern, o in sites.items()]
 
 
-class Recipe:
-    """A quantization method. Subclasses set the class attributes and override the hooks they need.
+@dataclass
+class Quantized:
+    """What a method hands from stage to stage, and finally to evaluation and export.
 
-    The pipeline is fine-tune -> calibrate -> quantize -> evaluate -> export; a recipe never runs
-    its own training loop. Post-training recipes start from the cached FP32 checkpoint
-    (``trains_with_quantizers = False``); QAT recipes put their quantizers in before fine-tuning.
+    ``model`` is what runs; ``arithmetic`` says what evaluating it measures (so ``simulated`` in the
+    results is a fact about the evaluated model, not a flag of the recipe); ``instrumented`` holds
+    the site plan, every quantizer with its state (scale, zero point, permutation) and the weights
+    behind the weight quantizers; ``codes`` the low-bit codes of methods that store them (GOBO);
+    ``report`` the method's numbers (sizes, ranges, timings).
+    """
+
+    model: Any
+    recipe: str
+    arithmetic: Arithmetic = "float"
+    instrumented: Any = None
+    """:class:`qbert.quant.sites.Instrumented` of fake-quant methods (None otherwise)."""
+    codes: dict[str, Any] = field(default_factory=dict)
+    """Low-bit codes by parameter name (GOBO: :class:`qbert.quant.gobo.GoboCode`)."""
+    report: dict[str, Any] = field(default_factory=dict)
+    device: Any = None
+    """Where the model must be evaluated (integer CPU kernels: cpu); None = where it is."""
+    tokenizer: Any = None
+    """Saved beside every export when present."""
+    reference: Any = None
+    """The floating-point model a later stage compares against (AdaRound's reconstruction targets),
+    dropped once used."""
+
+    @property
+    def simulated(self) -> bool:
+        """Whether evaluating the model measures fake-quantized (simulated) arithmetic."""
+        return self.arithmetic == "simulated"
+
+    @property
+    def quantizers(self) -> dict[str, Any]:
+        """Every quantizer by site name (empty for methods without quantizers)."""
+        return dict(self.instrumented.quantizers) if self.instrumented is not None else {}
+
+    @property
+    def plan(self) -> Any:
+        """The resolved site plan (None for methods without static sites)."""
+        return self.instrumented.plan if self.instrumented is not None else None
+
+    def but(self, **changes: Any) -> Quantized:
+        """A copy with ``changes`` (stages return new values instead of mutating what they got)."""
+        if "report" in changes:
+            changes["report"] = {**self.report, **changes["report"]}
+        return replace(self, **changes)
+
+
+@dataclass
+class Training:
+    """How a method that trains (QAT) wants the fine-tune loop run."""
+
+    config: Any
+    """The :class:`qbert.config.FinetuneConfig` of the QAT loop."""
+    parameter_groups: list[dict[str, Any]] = field(default_factory=list)
+    """Optimiser groups with their own settings (e.g. quantization ranges' learning rate)."""
+    before_step: Callable[[int], None] | None = None
+    """Called before every training step (e.g. to end a quantization delay)."""
+
+
+class Recipe:
+    """A quantization method: class attributes declare what it is, stage methods what it does.
+
+    Override only the stages the method needs; each takes the :class:`Quantized` value of the stage
+    before and returns the next one. Capability flags tell the pipeline what to run:
+    ``trains`` (QAT: prepare, then fine-tune with quantizers in place), ``needs_calibration``
+    (training sequences are drawn for ``calibrate``), ``starts_from``.
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[RecipeParams]]
     source: ClassVar[str]
     """The paper (and table) the recipe follows."""
-    simulated: ClassVar[bool] = False
-    """Whether evaluation numbers come from fake-quantized (simulated) arithmetic."""
-    trains_with_quantizers: ClassVar[bool] = False
-    """True for QAT: the model trains with quantizers in place (after ``prepare_for_training``)."""
-    starts_from: ClassVar[str] = "finetuned"
+    trains: ClassVar[bool] = False
+    """QAT: the model trains with quantizers in place (after ``prepare``)."""
+    starts_from: ClassVar[Literal["pretrained", "finetuned"]] = "finetuned"
     """QAT only: ``pretrained`` (quantizers in from the first fine-tuning step, as Q8BERT) or
-    ``finetuned`` (the cached FP32 checkpoint, then QAT, as Bondarenko et al.)."""
+    ``finetuned`` (the fine-tuned FP32 checkpoint, then QAT, as Bondarenko et al.)."""
     needs_calibration: ClassVar[bool] = False
+    """Whether ``prepare`` or ``calibrate`` reads training sequences (``ctx.calibration_features``)."""
     export_formats: ClassVar[tuple[str, ...]] = ()
-    """The ``export.formats`` this recipe can write."""
+    """The ``export.formats`` this recipe's :class:`Quantized` value can be written as."""
     fp32_evaluation: ClassVar[str | None] = None
     """Why this recipe must be evaluated in fp32 (None: bf16 evaluation is allowed)."""
 
@@ -78,33 +163,23 @@ class Recipe:
         if cls.fp32_evaluation and config.evaluate.precision != "fp32":
             raise ValueError(f"evaluate.precision: {cls.fp32_evaluation}; set evaluate.precision: fp32")
 
-    def prepare_for_training(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
-        """Called before fine-tuning when ``trains_with_quantizers``; returns the model to train."""
-        return model
-
-    def training_config(self, finetune: FinetuneConfig) -> FinetuneConfig:
-        """QAT: the training settings (default: the ``finetune`` section as is)."""
-        return finetune
-
-    def extra_parameter_groups(self) -> list[dict[str, Any]]:
-        """QAT: optimiser groups with their own settings (e.g. quantization ranges' learning rate)."""
-        return []
-
-    def before_step(self, step: int) -> None:
-        """QAT: called before every training step (e.g. to end a quantization delay)."""
-
-    def quantize(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
-        """Turn the fine-tuned model into the model that is evaluated and exported."""
-        return model
-
-    def site_plan(self, sites: list[Any]) -> Any:
+    # stages ------------------------------------------------------------------------------------
+    def plan(self, sites: list[Any]) -> Any:
         """The resolved site plan for ``sites`` (``qbert inspect sites``); None: no static sites."""
         return None
 
-    def evaluation_device(self, device: torch.device) -> torch.device:
-        """Where the quantized model is evaluated (real int8 CPU kernels override this)."""
-        return device
+    def prepare(self, model: Any, ctx: StageContext) -> Quantized:
+        """Put the method's quantizers into ``model`` (QAT: ready to train). Default: nothing."""
+        return Quantized(model, self.name, "float", tokenizer=ctx.tokenizer)
 
-    def report(self) -> dict[str, Any]:
-        """Recipe-specific numbers recorded with the metrics (sizes, outlier counts, timings)."""
-        return {}
+    def training(self, q: Quantized, finetune: FinetuneConfig) -> Training:
+        """QAT (``trains``): the settings of the fine-tune loop run on ``q.model``."""
+        return Training(finetune)
+
+    def calibrate(self, q: Quantized, ctx: StageContext) -> Quantized:
+        """Estimate static ranges from calibration data (``ctx.calibration_features()``)."""
+        return q
+
+    def convert(self, q: Quantized, ctx: StageContext) -> Quantized:
+        """The model that is evaluated and exported: ranges frozen, codes decoded, integer kernels."""
+        return q

@@ -10,28 +10,17 @@ features, measured one after the other in this process.
 
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from typing import Any, Literal
 
-import torch
-
-from qbert.config import RecipeParams
-from recipes.base import Recipe
+from qbert.recipes.base import Quantized, Recipe, RecipeParams
 
 
 class DynamicInt8Params(RecipeParams):
     """Dynamic int8 quantization has no parameters."""
 
     name: Literal["dynamic_int8"] = "dynamic_int8"
-
-
-def state_dict_megabytes(model: torch.nn.Module) -> float:
-    """Size of the serialised state dict in MB (10^6 bytes), as the tutorial measures it."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes / 1e6
 
 
 class DynamicInt8(Recipe):
@@ -41,46 +30,45 @@ class DynamicInt8(Recipe):
     name = "dynamic_int8"
     Params = DynamicInt8Params
     source = "PyTorch tutorial: Dynamic quantization on BERT (seed 003)"
-    simulated = False
     fp32_evaluation = "dynamic int8 kernels take fp32 inputs"
 
-    def evaluation_device(self, device: torch.device) -> torch.device:
-        return torch.device("cpu")
+    def convert(self, q: Quantized, ctx: Any) -> Quantized:
+        """Every nn.Linear to PyTorch's dynamic int8 module (CPU kernels). With evaluation data at hand
+        the FP32 and the int8 model are timed on it one after the other, as the tutorial does."""
+        import torch
 
-    def quantize(self, model: torch.nn.Module, ctx: Any) -> torch.nn.Module:
         from qbert.pipeline.evaluate import predict
+        from qbert.quant.size import state_dict_megabytes
 
-        model = model.to("cpu").eval()
-        task = ctx.task
-        examples = task.load(task.eval_splits[0], ctx.config.data)
-        features = task.encode_eval(ctx.tokenizer, examples, ctx.config.finetune.max_seq_len)
+        model = q.model.to("cpu").eval()
+        features = ctx.eval_features()
 
-        def timed(m: torch.nn.Module) -> float:
+        def timed(m: Any) -> float:
             start = time.perf_counter()
-            predict(m, features, question_answering=task.head == "question_answering",
+            predict(m, features, question_answering=ctx.question_answering,
                     batch_size=ctx.config.evaluate.batch_size, pad_token_id=ctx.tokenizer.pad_token_id,
                     device=torch.device("cpu"))
             return time.perf_counter() - start
 
         fp32_mb = state_dict_megabytes(model)
-        fp32_seconds = timed(model)
+        fp32_seconds = timed(model) if features else None
         with warnings.catch_warnings():
             # torch.ao.quantization announces its move to torchao; it is still the tutorial's API
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             int8_mb = state_dict_megabytes(quantized)
-            int8_seconds = timed(quantized)
-        self._report = {
+            int8_seconds = timed(quantized) if features else None
+        report: dict[str, Any] = {
             "engine": torch.backends.quantized.engine,
             "threads": torch.get_num_threads(),
             "size_mb": {"fp32": round(fp32_mb, 2), "int8": round(int8_mb, 2)},
-            "eval_seconds": {"fp32": round(fp32_seconds, 3), "int8": round(int8_seconds, 3)},
-            "speedup": round(fp32_seconds / int8_seconds, 3),
-            "timed_split": task.eval_splits[0],
-            "timed_features": len(features),
         }
-        return quantized
-
-    def report(self) -> dict[str, Any]:
-        return getattr(self, "_report", {})
+        if features:
+            report.update({
+                "eval_seconds": {"fp32": round(fp32_seconds, 3), "int8": round(int8_seconds, 3)},
+                "speedup": round(fp32_seconds / int8_seconds, 3),
+                "timed_split": ctx.eval_split,
+                "timed_features": len(features),
+            })
+        return q.but(model=quantized, arithmetic="integer", device=torch.device("cpu"), report=report)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qbert.config import RecipeParams
-from recipes.base import Recipe
+from qbert.recipes.base import Recipe, RecipeParams
 
 
 class Fp32Params(RecipeParams):

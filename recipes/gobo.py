@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from recipes.base import Recipe, SiteRuleParams
+from qbert.recipes.base import Quantized, Recipe, SiteRuleParams
 
 PolicyName = Literal["gobo", "kmeans", "linear"]
 
@@ -72,11 +71,10 @@ class Gobo(Recipe):
     name = "gobo"
     Params = GoboParams
     source = "Zadeh et al. 2020, GOBO (seed 002): sec. IV, Tables III-VII"
-    simulated = False
     export_formats = ("packed",)
     fp32_evaluation = "GOBO's decoded weights are FP32 values and bf16 would round them again"
 
-    def site_plan(self, sites: list[Any]) -> Any:
+    def plan(self, sites: list[Any]) -> Any:
         from qbert.quant.sites import PlanError, SitePlan, matching_sites
 
         p: GoboParams = self.params  # type: ignore[assignment]
@@ -95,16 +93,16 @@ class Gobo(Recipe):
                 specs[s.name] = None if override is None else override.apply(specs[s.name] or default)
         return SitePlan(sites, specs)  # type: ignore[arg-type]
 
-    def quantize(self, model: Any, ctx: Any) -> Any:
+    def convert(self, q: Quantized, ctx: Any) -> Quantized:
+        """Every planned matrix clustered and decoded into the model (FP32 centroids and outliers)."""
         import torch
 
         from qbert.quant.gobo import quantize_model
         from qbert.quant.sites import enumerate_sites
 
-        plan = self.site_plan(enumerate_sites(model))
+        plan = self.plan(enumerate_sites(q.model))
         specs = {s.name: plan.specs[s.name] for s in plan.quantized("weight")}
-        result = quantize_model(model, specs, threads=torch.get_num_threads())
-        self._codes = result.codes
+        result = quantize_model(q.model, specs, threads=torch.get_num_threads())
         matrices = {
             site: {
                 "bits": st.bits, "policy": st.policy, "numel": st.numel, "outliers": st.outliers,
@@ -116,17 +114,10 @@ class Gobo(Recipe):
             }
             for site, st in result.stats.items()
         }
-        self._report = summarize_matrices(matrices, result.seconds, result.threads)
+        report = summarize_matrices(matrices, result.seconds, result.threads)
         ctx.log.info("gobo: %d matrices, %.4f%% outliers, %.2f s", len(specs),
-                     100 * self._report["outlier_fraction"], result.seconds)
-        return model
-
-    def packed_codes(self) -> dict[str, Any]:
-        """The GOBO code of every clustered parameter, by parameter name (for the packed export)."""
-        return getattr(self, "_codes", {})
-
-    def report(self) -> dict[str, Any]:
-        return getattr(self, "_report", {})
+                     100 * report["outlier_fraction"], result.seconds)
+        return q.but(arithmetic="decoded", codes=result.codes, report=report)
 
 
 def coded_bytes(numel: int, bits: int, outliers: int) -> int:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
+from qbert.recipes.ptq import Rule, StaticQuantParams, StaticQuantRecipe
 
 from qbert.quant.spec import SiteOverride
-from recipes.ptq import Rule, StaticQuantParams, StaticQuantRecipe
 
 PRESETS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     "ffn_sum": (("ffn.residual_sum", {}),),

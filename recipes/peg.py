@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
+from qbert.recipes.ptq import Rule, StaticQuantParams, StaticQuantRecipe
 
 from qbert.quant.spec import SiteOverride
-from recipes.ptq import Rule, StaticQuantParams, StaticQuantRecipe
 
 FFN_SITES = ("ffn.input", "ffn.output", "ffn.residual_sum")
 

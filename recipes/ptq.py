@@ -9,13 +9,15 @@ sites``). The shared machinery here (site rules, ``leave_out``, the plan) is wha
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
+from qbert.recipes.base import Quantized, Recipe, SiteRuleParams
 
-from qbert.config import ExperimentConfig
 from qbert.quant.spec import QuantSpec, SiteOverride
-from recipes.base import Recipe, SiteRuleParams
+
+if TYPE_CHECKING:
+    from qbert.config import ExperimentConfig
 
 Rule = tuple[str, SiteOverride | None, str]
 
@@ -40,7 +42,6 @@ class StaticQuantParams(SiteRuleParams):
 class StaticQuantRecipe(Recipe):
     """Base of the static fake-quant recipes: a site plan, calibration, frozen ranges."""
 
-    simulated = True
     needs_calibration = True
     export_formats = ("integer",)
     fp32_evaluation = "fake quantization needs fp32 evaluation (bf16 cannot hold the quantization grid)"
@@ -67,7 +68,7 @@ class StaticQuantRecipe(Recipe):
         rules += [(pattern, None, "recipe.leave_out") for pattern in params.leave_out]
         return rules
 
-    def site_plan(self, sites: list[Any]):
+    def plan(self, sites: list[Any]):
         from qbert.quant.sites import resolve_plan
 
         plan = resolve_plan(
@@ -85,20 +86,28 @@ class StaticQuantRecipe(Recipe):
         """PEG sites that take their permutation from another site; default: each its own."""
         return {}
 
-    def quantize(self, model, ctx):
-        from qbert.pipeline.quantize import quantize_ptq
+    def prepare(self, model: Any, ctx: Any) -> Quantized:
+        """Quantizers on every planned site; weight ranges set from the weights and frozen."""
+        from qbert.pipeline.quantize import instrument_plan
         from qbert.quant.sites import enumerate_sites
+        from qbert.quant.size import instrumented_size
 
-        self._inst, self._report = quantize_ptq(model, self.site_plan(enumerate_sites(model)), ctx)
-        return model
+        plan = self.plan(enumerate_sites(model))
+        inst = instrument_plan(model, plan, self.config.estimator)
+        return Quantized(model, self.name, "simulated", instrumented=inst, tokenizer=ctx.tokenizer,
+                         report={"plan": plan.totals(), "size": instrumented_size(inst)})
 
-    @property
-    def instrumented(self) -> Any:
-        """The quantized model's quantizers (after ``quantize``), for exports."""
-        return self._inst
+    def calibrate(self, q: Quantized, ctx: Any) -> Quantized:
+        """Activation ranges observed on the calibration batches (permutations first)."""
+        from qbert.pipeline.quantize import calibrate_activations
 
-    def report(self) -> dict[str, Any]:
-        return getattr(self, "_report", {})
+        return q.but(report=calibrate_activations(q.instrumented, ctx))
+
+    def convert(self, q: Quantized, ctx: Any) -> Quantized:
+        """Activation ranges frozen: the simulated (fake-quantized) model that is evaluated."""
+        from qbert.pipeline.quantize import freeze_activations
+
+        return q.but(report=freeze_activations(q.instrumented))
 
 
 class LowBitWeights:

@@ -21,15 +21,15 @@ al. 2021 (sec. 4-5, Tables 6, 7, 10-12), in the ordinary fine-tune loop with the
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
+from qbert.recipes.base import Quantized, Training
+from qbert.recipes.ptq import LowBitWeights, Rule, StaticQuantParams, StaticQuantRecipe
 
-from qbert.config import FinetuneConfig
 from qbert.errors import QbertError
 from qbert.quant.spec import QuantSpec
-from recipes.ptq import LowBitWeights, Rule, StaticQuantParams, StaticQuantRecipe
 
 # Bondarenko et al. Appendix B.3-B.4: the best configuration per task (bold in the paper) and the
 # search space. Where the extracted table does not show which epoch count was bold (W8A8 STS-B,
@@ -74,6 +74,9 @@ TABLE_11_SPACE: dict[str, dict[str, list[Any]]] = {
     "qnli": {"lr": [2e-5, 3e-5, 4e-5], "batch_size": [16, 32], "epochs": [3, 6]},
     "rte": {"lr": [3e-5, 4e-5, 5e-5], "batch_size": [8], "epochs": [3, 6]},
 }
+if TYPE_CHECKING:
+    from qbert.config import FinetuneConfig
+
 TRAINING_KEYS = ("lr", "batch_size", "epochs", "attention_dropout")
 
 
@@ -93,8 +96,10 @@ class QatParams(StaticQuantParams):
     )
 
 
-def set_attention_dropout(model: torch.nn.Module, p: float) -> None:
+def set_attention_dropout(model: Any, p: float) -> None:
     """Self-attention probability dropout of every layer (BERT's ``attention_probs_dropout_prob``)."""
+    import torch
+
     model.config.attention_probs_dropout_prob = p
     for module in model.modules():
         if type(module).__name__.endswith("SelfAttention") and isinstance(getattr(module, "dropout", None),
@@ -102,10 +107,19 @@ def set_attention_dropout(model: torch.nn.Module, p: float) -> None:
             module.dropout.p = p
 
 
+def quantizer_ranges(q: Quantized) -> dict[str, list[float]]:
+    """Every quantizer's representable range ``[lo, hi]`` (5 decimals), by site."""
+    return {
+        name: [round(float(lo.min()), 5), round(float(hi.max()), 5)]
+        for name, quantizer in q.quantizers.items()
+        for lo, hi in [quantizer.quant_range()]
+    }
+
+
 class QatRecipe(StaticQuantRecipe):
     """Base of the QAT recipes: a site plan, quantizers in before training, frozen after it."""
 
-    trains_with_quantizers = True
+    trains = True
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     defaults_source: ClassVar[str] = ""
 
@@ -126,52 +140,52 @@ class QatRecipe(StaticQuantRecipe):
         return {**settings, "sources": sources}
 
     def training_config(self, finetune: FinetuneConfig) -> FinetuneConfig:
+        """The fine-tune section with the QAT settings (lr, batch size, epochs) in place."""
         settings = self.training_settings()
         return finetune.model_copy(update={k: settings[k] for k in ("lr", "batch_size", "epochs") if k in settings})
 
-    def extra_parameter_groups(self) -> list[dict[str, Any]]:
+    def training(self, q: Quantized, finetune: FinetuneConfig) -> Training:
         params: QatParams = self.params  # type: ignore[assignment]
-        if params.range_lr is None:
-            return []
-        ranges = [p for q in self._inst.quantizers.values() for p in q.parameters() if p.requires_grad]
-        return [{"params": ranges, "lr": params.range_lr, "weight_decay": 0.0}] if ranges else []
+        groups = []
+        if params.range_lr is not None:
+            ranges = [p for quantizer in q.quantizers.values() for p in quantizer.parameters() if p.requires_grad]
+            if ranges:
+                groups = [{"params": ranges, "lr": params.range_lr, "weight_decay": 0.0}]
+        return Training(self.training_config(finetune), groups)
 
-    def _prepare(self, model: torch.nn.Module) -> None:
+    def set_dropout(self, model: Any) -> None:
+        """The QAT attention dropout (Table 10), when the settings name one."""
         dropout = self.training_settings().get("attention_dropout")
         if dropout is not None:
             set_attention_dropout(model, dropout)
 
-    def _ranges(self) -> dict[str, list[float]]:
-        return {
-            name: [round(float(lo.min()), 5), round(float(hi.max()), 5)]
-            for name, q in self._inst.quantizers.items()
-            for lo, hi in [q.quant_range()]
-        }
+    def calibrate(self, q: Quantized, ctx: Any) -> Quantized:
+        """QAT ranges come from training (and the initialisation in ``prepare``): nothing to calibrate."""
+        return q
 
 
 class LearnedRangeQat(QatRecipe):
     """PTQ-initialised ranges, then learned (Bondarenko et al.)."""
 
-    def prepare_for_training(self, model, ctx):
-        from qbert.pipeline.quantize import quantize_ptq
-        from qbert.quant.sites import enumerate_sites
+    def prepare(self, model, ctx):
+        self.set_dropout(model)
+        ptq = StaticQuantRecipe.prepare(self, model, ctx)
+        ptq = StaticQuantRecipe.convert(self, StaticQuantRecipe.calibrate(self, ptq, ctx), ctx)
+        initial = quantizer_ranges(ptq)
+        ptq.instrumented.set_state("learn")
+        return Quantized(model, self.name, "simulated", instrumented=ptq.instrumented, tokenizer=ctx.tokenizer,
+                         report={"training": self.training_settings(), "initialisation": ptq.report,
+                                 "ranges": {name: {"initial": r} for name, r in initial.items()}})
 
-        self._prepare(model)
-        self._inst, initial = quantize_ptq(model, self.site_plan(enumerate_sites(model)), ctx)
-        self._initial_ranges = self._ranges()
-        self._inst.set_state("learn")
-        self._report = {"training": self.training_settings(), "initialisation": initial}
-        return model
-
-    def quantize(self, model, ctx):
+    def convert(self, q, ctx):
         from qbert.quant.size import instrumented_size
 
-        self._inst.set_state("fixed")
-        learned = self._ranges()
-        self._report["size"] = instrumented_size(self._inst)
-        self._report["ranges"] = {name: {"initial": self._initial_ranges[name], "learned": learned[name]}
-                                  for name in learned}
-        return model
+        q.instrumented.set_state("fixed")
+        learned = quantizer_ranges(q)
+        report = {key: value for key, value in q.report.items() if key != "ranges"}
+        report["size"] = instrumented_size(q.instrumented)
+        report["ranges"] = {name: {**q.report["ranges"][name], "learned": learned[name]} for name in learned}
+        return replace(q, report=report)
 
 
 class W8A8QatParams(QatParams):
@@ -267,64 +281,44 @@ class Q8Bert(QatRecipe):
             others.append("pooler.output")  # pooled output feeds nothing quantized
         return [(f, None, "recipe") for f in others if any(pattern_matches(f, s) for s in sites)]
 
-    def prepare_for_training(self, model, ctx):
+    def prepare(self, model, ctx):
         from qbert.pipeline.quantize import quantizer_factory
         from qbert.quant.sites import enumerate_sites, instrument
 
-        if ctx is not None and ctx.train_features:
-            cfg = self.training_config(self.config.finetune)
-            steps = math.ceil(cfg.epochs * math.ceil(len(ctx.train_features) / cfg.batch_size))
-            if self.params.start_step >= steps:
-                raise QbertError(f"start_step {self.params.start_step} is not below the {steps} training steps, so "
-                                 "quantization would never start; lower it", key="recipe.start_step")
-        self._prepare(model)
+        cfg = self.training_config(self.config.finetune)
+        steps = math.ceil(cfg.epochs * math.ceil(len(ctx.train_features()) / cfg.batch_size))
+        if self.params.start_step >= steps:
+            raise QbertError(f"start_step {self.params.start_step} is not below the {steps} training steps, so "
+                             "quantization would never start; lower it", key="recipe.start_step")
+        self.set_dropout(model)
         estimators = self.config.estimator.model_copy(update={"momentum": self.params.ema_decay})
-        self._inst = instrument(model, self.site_plan(enumerate_sites(model)), quantizer_factory(estimators))
-        self._inst.set_state("estimate_train" if self.params.start_step == 0 else "disabled")
-        self._report = {"training": self.training_settings(), "ema_decay": self.params.ema_decay,
-                        "start_step": self.params.start_step}
-        return model
+        inst = instrument(model, self.plan(enumerate_sites(model)), quantizer_factory(estimators))
+        inst.set_state("estimate_train" if self.params.start_step == 0 else "disabled")
+        return Quantized(model, self.name, "simulated", instrumented=inst, tokenizer=ctx.tokenizer,
+                         report={"training": self.training_settings(), "ema_decay": self.params.ema_decay,
+                                 "start_step": self.params.start_step})
 
-    def before_step(self, step: int) -> None:
-        if step == self.params.start_step:
-            self._inst.set_state("estimate_train")
+    def training(self, q, finetune):
+        start = self.params.start_step
 
-    def quantize(self, model, ctx):
+        def before_step(step: int) -> None:
+            if step == start:
+                q.instrumented.set_state("estimate_train")
+
+        return Training(self.training_config(finetune), before_step=before_step)
+
+    def convert(self, q, ctx):
         from qbert.pipeline.quantize import range_weights
+        from qbert.quant.integer import quantize_biases
         from qbert.quant.sites import linear_inputs
         from qbert.quant.size import instrumented_size
 
-        inst = self._inst
-        unobserved = [n for n, q in inst.activations().items() if not q.estimator.observed]
+        inst = q.instrumented
+        unobserved = [n for n, quantizer in inst.activations().items() if not quantizer.estimator.observed]
         if unobserved:
             raise QbertError(f"quantization never started ({unobserved[0]} saw no training step); lower "
                              "start_step below the number of training steps", key="recipe.start_step")
         range_weights(inst)  # the trained weights' own max, as at every training step
         inst.set_state("fixed", kind="activation")
-        self._report["bias_int32"] = quantize_biases(inst, linear_inputs(model))
-        self._report["ranges"] = self._ranges()
-        self._report["size"] = instrumented_size(inst)
-        return model
-
-
-@torch.no_grad()
-def quantize_biases(inst: Any, inputs: dict[str, str]) -> dict[str, Any]:
-    """Round every bias of a linear layer with quantized weight and input to an int32 multiple of
-    ``s_input * s_weight`` (symmetric grids), in place; returns the count and the largest change."""
-    from qbert.quant.sites import weight_modules
-
-    modules = weight_modules(inst.model)
-    largest, count = 0.0, 0
-    for site, source in inputs.items():
-        wq, aq = inst.quantizers.get(site), inst.quantizers.get(source)
-        bias = getattr(modules[site], "bias", None)
-        if wq is None or aq is None or bias is None:
-            continue
-        scale = wq.scale * aq.scale  # per-tensor input: one scale, or one per output channel
-        codes = torch.clamp(torch.round(bias / scale), -(2**31), 2**31 - 1)
-        rounded = codes * scale
-        largest = max(largest, float((rounded - bias).abs().max()))
-        bias.copy_(rounded)
-        inst.integer_biases[site] = source
-        count += 1
-    return {"biases": count, "max_abs_change": largest}
+        bias = quantize_biases(inst, linear_inputs(q.model))
+        return q.but(report={"bias_int32": bias, "ranges": quantizer_ranges(q), "size": instrumented_size(inst)})

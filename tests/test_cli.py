@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from qbert.cli.main import app
 from typer.testing import CliRunner
-
-from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -27,7 +26,7 @@ def test_every_help_ends_with_an_example(command):
 
 def test_top_level_help_is_light():
     """`qbert --help` must not import torch or transformers (it answers in well under a second)."""
-    code = ("import sys; from cli.main import app; "
+    code = ("import sys; from qbert.cli.main import app; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

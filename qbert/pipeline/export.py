@@ -1,42 +1,52 @@
-"""The export stage: writes the artefacts named in ``export.formats`` into ``<seed folder>/export/<format>/``.
+"""The export stage: writes a :class:`~qbert.recipes.base.Quantized` value in one of ``EXPORT_FORMATS``.
 
-``EXPORT_FORMATS`` is the single list the config validates against (torch-free, so ``qbert validate``
-stays fast); which recipe can write which format is the recipe's ``export_formats``. Every artefact is
-checked against the evaluated model before it is reported.
+An exporter takes the value the method returned (never the recipe) and a folder, writes its artefact
+atomically, checks it against the evaluated model, and returns what it wrote (``path`` absolute; the
+pipeline records it relative to the seed folder). ``EXPORT_FORMATS`` is the registry the config
+validates against; it imports nothing heavy, so ``qbert validate`` stays fast. Which recipe can write
+which format is the recipe's ``export_formats``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qbert.errors import QbertError
 
-def export_packed(model: Any, ctx: Any, recipe: Any) -> dict[str, Any]:
+log = logging.getLogger("qbert")
+
+
+def export_packed(q: Any, folder: Path) -> dict[str, Any]:
     """The packed safetensors file (``qbert.quant.packing``) plus the tokenizer, with its bit ledger;
     the file is read back and every parameter compared bit for bit with the evaluated model."""
     import numpy as np
 
     from qbert.quant.packing import read_packed, write_packed
 
-    folder = Path(ctx.folder) / "export" / "packed"
+    if not q.codes:
+        raise QbertError(f"format 'packed' stores low-bit codes and recipe {q.recipe} produced none "
+                         "(packed is written by gobo)", key="export.formats")
     path = folder / "model.safetensors"
-    ledger = write_packed(path, model, recipe.packed_codes())
-    ctx.tokenizer.save_pretrained(folder)
+    ledger = write_packed(path, q.model, q.codes)
+    if q.tokenizer is not None:
+        q.tokenizer.save_pretrained(folder)
     stored = read_packed(path).tensors
     mismatched = [
-        name for name, param in model.named_parameters()
+        name for name, param in q.model.named_parameters()
         if not np.array_equal(stored[name], param.detach().cpu().numpy())
     ]
     if mismatched:
         raise RuntimeError(f"{path}: decoded tensors differ from the evaluated model: {', '.join(mismatched[:5])}")
-    ctx.log.info("packed export: %s, %.2f MB, %.2fx smaller than FP32", path, ledger.file_bytes / 1e6,
-                 ledger.compression)
-    return {"path": str(path.relative_to(ctx.folder)), "bit_exact": True, **ledger.as_dict()}
+    log.info("packed export: %s, %.2f MB, %.2fx smaller than FP32", path, ledger.file_bytes / 1e6,
+             ledger.compression)
+    return {"path": str(path), "bit_exact": True, **ledger.as_dict()}
 
 
-def export_integer(model: Any, ctx: Any, recipe: Any) -> dict[str, Any]:
-    """The integer file (``qbert.quant.integer``: bit-packed weight codes, int32 biases where the recipe
+def export_integer(q: Any, folder: Path) -> dict[str, Any]:
+    """The integer file (``qbert.quant.integer``: bit-packed weight codes, int32 biases where the method
     made them, activation grids) plus the tokenizer; read back, de-quantized and compared bit for bit
     with the weights and biases the evaluated model used."""
     import numpy as np
@@ -45,11 +55,15 @@ def export_integer(model: Any, ctx: Any, recipe: Any) -> dict[str, Any]:
     from qbert.quant.integer import read_integer, write_integer
     from qbert.quant.sites import weight_modules
 
-    inst = recipe.instrumented
-    folder = Path(ctx.folder) / "export" / "integer"
+    inst = q.instrumented
+    if inst is None:
+        raise QbertError(f"format 'integer' stores uniform quantizers' codes and recipe {q.recipe} has none",
+                         key="export.formats")
+    model = q.model
     path = folder / "model.safetensors"
     info = write_integer(path, inst)
-    ctx.tokenizer.save_pretrained(folder)
+    if q.tokenizer is not None:
+        q.tokenizer.save_pretrained(folder)
     params, _ = read_integer(path)
     names = {id(p): n for n, p in model.named_parameters()}
     with torch.no_grad():
@@ -62,12 +76,22 @@ def export_integer(model: Any, ctx: Any, recipe: Any) -> dict[str, Any]:
     if mismatched:
         raise RuntimeError(f"{path}: de-quantized tensors differ from the evaluated model: {', '.join(mismatched[:5])}")
     fp32_bytes = 4 * sum(p.numel() for n, p in used.items() if n in params)
-    ctx.log.info("integer export: %s, %.2f MB", path, info["bytes"] / 1e6)
-    return {"path": str(path.relative_to(ctx.folder)), "bit_exact": True, "file_bytes": info["bytes"],
+    log.info("integer export: %s, %.2f MB", path, info["bytes"] / 1e6)
+    return {"path": str(path), "bit_exact": True, "file_bytes": info["bytes"],
             "compression": round(fp32_bytes / info["bytes"], 3), "entries": info["entries"]}
 
 
-EXPORT_FORMATS: dict[str, Callable[..., dict[str, Any]]] = {
+EXPORT_FORMATS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
     "packed": export_packed,
     "integer": export_integer,
 }
+"""Export formats by name: ``exporter(quantized, folder) -> facts about what was written``."""
+
+
+def export(q: Any, fmt: str, folder: str | Path) -> dict[str, Any]:
+    """Write ``q`` as ``fmt`` into ``folder`` (created); returns what was written."""
+    if fmt not in EXPORT_FORMATS:
+        raise QbertError(f"unknown export format {fmt!r} (available: {', '.join(EXPORT_FORMATS)})", key="format")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return EXPORT_FORMATS[fmt](q, folder)

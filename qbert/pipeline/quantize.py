@@ -9,7 +9,6 @@ pass over the same batches (Bondarenko et al.: the sorting happens once, before 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ from qbert.pipeline.context import StageContext
 from qbert.quant.estimators import make_estimator
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.sites import Instrumented, Site, SitePlan, instrument, pattern_matches
-from qbert.quant.size import instrumented_size
 from qbert.quant.spec import QuantSpec
 
 REPORTED_DIMENSIONS = "ffn.residual_sum"
@@ -51,24 +49,24 @@ def range_weights(inst: Instrumented) -> None:
         q.freeze()
 
 
-def quantize_ptq(
-    model: torch.nn.Module, plan: SitePlan, ctx: StageContext,
-    round_weights: Callable[[Instrumented], dict[str, Any]] | None = None,
-) -> tuple[Instrumented, dict[str, Any]]:
-    """Static PTQ of ``model`` following ``plan``; returns the instrumented model and a report.
-
-    ``round_weights(inst)`` (AdaRound) runs after the weight ranges are set and before the
-    activations are calibrated; its report is kept under ``rounding``.
-    """
-    config = ctx.config
-    inst = instrument(model, plan, quantizer_factory(config.estimator))
+def instrument_plan(model: torch.nn.Module, plan: SitePlan, estimators: EstimatorConfig) -> Instrumented:
+    """Quantizers on every site of ``plan`` (activations estimating), weight ranges set and frozen."""
+    inst = instrument(model, plan, quantizer_factory(estimators))
     range_weights(inst)
-    report: dict[str, Any] = {"plan": plan.totals(), "size": instrumented_size(inst)}
-    if round_weights is not None:
-        report["rounding"] = round_weights(inst)
+    return inst
+
+
+def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, Any]:
+    """The activation estimators observe the calibration batches (``calibrate`` section, drawn with the
+    seed); permuted per-embedding-group sites first get their permutation from a pass over the same
+    batches. Returns what ran (for the report)."""
+    config = ctx.config
+    plan = inst.plan
     activations = inst.activations()
-    batches = calibration_batches(ctx.train_features, config.calibrate.batches, config.calibrate.batch_size, ctx.seed)
+    batches = calibration_batches(ctx.train_features(), config.calibrate.batches, config.calibrate.batch_size,
+                                  ctx.seed)
     pad = ctx.tokenizer.pad_token_id
+    report: dict[str, Any] = {}
 
     permuted = {n: q for n, q in activations.items() if q.spec.permute}
     if permuted:
@@ -78,30 +76,40 @@ def quantize_ptq(
             raise QbertError(f"permutation source {missing[0]} is not a quantized site", key="recipe")
         for name in sources:
             activations[name].track_dimensions = True
-        report["permutation_pass"] = run_calibration(model, batches, pad_token_id=pad, device=ctx.device)
+        report["permutation_pass"] = run_calibration(inst.model, batches, pad_token_id=pad, device=ctx.device)
         for name, q in permuted.items():
             q.set_permutation(activations[plan.permutation_sources.get(name, name)].range_permutation())
         for q in activations.values():
             q.restart_estimation()
 
-    reported = [s.name for s in plan.sites if s.kind == "activation" and pattern_matches(REPORTED_DIMENSIONS, s)]
-    for name in reported:
-        if name in activations:
-            activations[name].track_dimensions = True
-    report["calibration"] = run_calibration(model, batches, pad_token_id=pad, device=ctx.device)
+    for name in reported_sites(inst):
+        activations[name].track_dimensions = True
+    report["calibration"] = run_calibration(inst.model, batches, pad_token_id=pad, device=ctx.device)
+    return report
+
+
+def reported_sites(inst: Instrumented) -> list[str]:
+    """Quantized activation sites whose per-dimension ranges are reported."""
+    activations = inst.activations()
+    return [s.name for s in inst.plan.sites
+            if s.kind == "activation" and pattern_matches(REPORTED_DIMENSIONS, s) and s.name in activations]
+
+
+def freeze_activations(inst: Instrumented) -> dict[str, Any]:
+    """Every activation quantizer's range from its estimator, frozen; the ranges and the outlier report."""
+    activations = inst.activations()
     for name, q in activations.items():
         if not q.estimator.observed:
             raise QbertError(f"site {name} saw no calibration data; keep it in floating point (null)", key="recipe")
         q.freeze()
-    report["activation_ranges"] = {
-        name: [round(float(lo.min()), 4), round(float(hi.max()), 4)]
-        for name, q in activations.items()
-        for lo, hi in [q.quant_range()]
+    return {
+        "activation_ranges": {
+            name: [round(float(lo.min()), 4), round(float(hi.max()), 4)]
+            for name, q in activations.items()
+            for lo, hi in [q.quant_range()]
+        },
+        "outlier_dimensions": {name: dimension_report(activations[name]) for name in reported_sites(inst)},
     }
-    report["outlier_dimensions"] = {
-        name: dimension_report(activations[name]) for name in reported if name in activations
-    }
-    return inst, report
 
 
 def dimension_report(q: Quantizer, top: int = 4) -> dict[str, Any]:

@@ -22,9 +22,10 @@ from qbert.models import ModelSource, load_finetuned, load_model, load_tokenizer
 from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate
-from qbert.pipeline.export import EXPORT_FORMATS
+from qbert.pipeline.export import export
 from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
 from qbert.progress import SILENT, Reporter
+from qbert.recipes import get_recipe
 from qbert.runs import (
     atomic_write_json,
     atomic_write_jsonl,
@@ -41,7 +42,6 @@ from qbert.runs import (
     write_status,
 )
 from qbert.tasks import Task, get_task
-from recipes import get_recipe
 
 log = logging.getLogger("qbert")
 
@@ -84,15 +84,29 @@ def check_site_plan(config: ExperimentConfig, skeleton: torch.nn.Module | None =
     Returns the plan (None for recipes without static sites). ``skeleton``: one already built."""
     from qbert.models import model_skeleton
     from qbert.quant.sites import enumerate_sites
-    from recipes.base import Recipe
+    from qbert.recipes import Recipe
 
     recipe_cls = get_recipe(config.recipe.name)
-    if recipe_cls.site_plan is Recipe.site_plan:
+    if recipe_cls.plan is Recipe.plan:
         return None
     if skeleton is None:
         task = get_task(config.task, config)
         skeleton, _ = model_skeleton(config.model, task.head, task.num_labels)
-    return recipe_cls(config.recipe, config).site_plan(enumerate_sites(skeleton))
+    return recipe_cls(config.recipe, config).plan(enumerate_sites(skeleton))
+
+
+def stage_context(config: ExperimentConfig, seed: int, task: Task, tokenizer: Any, device: torch.device,
+                  reporter: Reporter = SILENT) -> StageContext:
+    """The stages' view of one seed: the task's training features (calibration, QAT) and first
+    evaluation split (methods that time inference), tokenized on first use."""
+    split = task.eval_splits[0]
+    max_len = config.finetune.max_seq_len
+    return StageContext(
+        config, seed, tokenizer, device, log, reporter,
+        load_train=lambda: task.encode_train(tokenizer, task.load("train", config.data), max_len),
+        load_eval=lambda: task.encode_eval(tokenizer, task.load(split, config.data), max_len),
+        eval_split=split, question_answering=task.head == "question_answering",
+    )
 
 
 @contextlib.contextmanager
@@ -165,23 +179,17 @@ def run_seed(
                  config.recipe.name, device)
         tokenizer = load_tokenizer(source)
         recipe = get_recipe(config.recipe.name)(config.recipe, config)
-        ctx = StageContext(config, seed, task, tokenizer, device, folder, log, reporter=reporter)
+        ctx = stage_context(config, seed, task, tokenizer, device, reporter)
         timings: dict[str, float] = {}
 
-        def train_features() -> list[dict[str, Any]]:
-            if not ctx.train_features:
-                examples = task.load("train", config.data)
-                ctx.train_features = task.encode_train(tokenizer, examples, config.finetune.max_seq_len)
-            return ctx.train_features
-
         def train(model: torch.nn.Module, cfg: Any = None, **hooks: Any) -> dict[str, Any]:
-            return finetune(model, train_features(), cfg or config.finetune, seed=seed,
+            return finetune(model, ctx.train_features(), cfg or config.finetune, seed=seed,
                             pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter, **hooks)
 
         # fine-tune: the FP32 checkpoint is shared through the cache by every recipe that starts from it
         start = time.perf_counter()
         checkpoint = None
-        if recipe.trains_with_quantizers and recipe.starts_from == "pretrained":
+        if recipe.trains and recipe.starts_from == "pretrained":
             training: dict[str, Any] | None = None
             seed_everything(seed)
             model = load_model(source, task.head, task.num_labels)
@@ -201,25 +209,24 @@ def run_seed(
             model = load_finetuned(ckpt).to(device)
         timings["finetune"] = round(time.perf_counter() - start, 2)
 
-        # quantization-aware training: the same loop with the recipe's quantizers in place
-        qat = None
-        if recipe.trains_with_quantizers:
-            start = time.perf_counter()
-            train_features()
-            model = recipe.prepare_for_training(model.to(device), ctx)
-            seed_everything(seed)
-            qat = train(model, recipe.training_config(config.finetune),
-                        extra_parameter_groups=recipe.extra_parameter_groups(),
-                        before_step=recipe.before_step)
-            timings["qat"] = round(time.perf_counter() - start, 2)
-
-        # calibrate + quantize: the recipe's business (calibration reads ctx's training features)
-        if recipe.needs_calibration:
-            train_features()
+        # prepare, and for quantization-aware training the same loop with the recipe's quantizers in place
         start = time.perf_counter()
-        model = recipe.quantize(model, ctx)
+        if recipe.trains:
+            ctx.train_features()
+        q = recipe.prepare(model.to(device), ctx)
+        qat = None
+        if recipe.trains:
+            seed_everything(seed)
+            plan = recipe.training(q, config.finetune)
+            qat = train(q.model, plan.config, extra_parameter_groups=plan.parameter_groups,
+                        before_step=plan.before_step)
+            timings["qat"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
+
+        # calibrate -> convert: what the recipe returns is what is evaluated and exported
+        q = recipe.convert(recipe.calibrate(q, ctx), ctx)
         timings["quantize"] = round(time.perf_counter() - start, 2)
-        eval_device = recipe.evaluation_device(device)
+        eval_device = q.device or device
 
         # evaluate every evaluation split; metrics of later splits carry the split name
         metrics: dict[str, float] = {}
@@ -227,7 +234,7 @@ def run_seed(
         for i, split in enumerate(task.eval_splits):
             examples = task.load(split, config.data)
             output, info = evaluate(
-                model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
+                q.model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
                 max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
                 reporter=reporter,
             )
@@ -239,7 +246,10 @@ def run_seed(
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
 
         start = time.perf_counter()
-        exports = {fmt: EXPORT_FORMATS[fmt](model, ctx, recipe) for fmt in config.export.formats}
+        exports = {}
+        for fmt in config.export.formats:
+            written = export(q, fmt, folder / "export" / fmt)
+            exports[fmt] = {**written, "path": str(Path(written["path"]).relative_to(folder))}
         if exports:
             timings["export"] = round(time.perf_counter() - start, 2)
 
@@ -251,13 +261,14 @@ def run_seed(
             "task": config.task,
             "recipe": config.recipe.name,
             "headline": task.headline,
-            "simulated": recipe.simulated,
+            "simulated": q.simulated,
+            "arithmetic": q.arithmetic,
             "metrics": metrics,
             "finetune": training,
             "qat": qat,
             "checkpoint": checkpoint,
             "evaluate": evaluation,
-            "recipe_report": recipe.report(),
+            "recipe_report": q.report,
             "exports": exports,
             "timings": timings,
         }

@@ -98,8 +98,21 @@ def fake_quantize_autograd(
     return (x_int - zero_point) * scale
 
 
-def quantize_to_int(
+INT32_LIMITS = (-(2**31), 2**31 - 1)
+
+
+def integer_codes(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """The integer codes of ``x`` (no gradient), as exported to integer kernels."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    """The integer grid values ``clip(round(x / s) + z, qmin, qmax)`` of ``x`` (no gradient; scale and
+    zero point broadcast against ``x``), as integer kernels consume them. The one place integer codes
+    of weights and activations are computed (the integer export, the tests)."""
+    with torch.no_grad():
+        return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def bias_codes(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A bias as int32 codes on the accumulator's grid ``scale = s_input * s_weight``:
+    ``clip(round(b / scale), -2^31, 2^31 - 1)`` (what integer inference adds to the int32 accumulator)."""
+    with torch.no_grad():
+        return torch.clamp(torch.round(bias / scale), *INT32_LIMITS)

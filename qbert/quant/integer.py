@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qbert.quant.functional import bias_codes
 from qbert.quant.packing import pack_bits, unpack_bits
 
 FORMAT = "qbert-integer/1"
@@ -49,10 +50,7 @@ def integer_tensors(inst: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for site, original in inst.weight_tensors.items():
         q = inst.quantizers[site]
         name = names[id(original)]
-        with torch.no_grad():
-            scale = q.scale.detach().reshape(-1, *([1] * (original.dim() - 1))) if q.groups > 1 else q.scale.detach()
-            codes = torch.clamp(torch.round(original.detach() / scale) + q.zero_point.detach().reshape(scale.shape),
-                                q.qmin, q.qmax)
+        codes = q.integer_codes(original)
         unsigned = (codes.cpu().numpy().astype(np.int64) - q.qmin).astype(np.uint64)
         tensors[name] = pack_bits(unsigned, q.spec.bits)
         tensors[f"{name}.scale"] = q.scale.detach().cpu().numpy().astype(np.float32)
@@ -67,7 +65,7 @@ def integer_tensors(inst: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         bias = modules[site].bias
         name = names[id(bias)]
         scale = (inst.quantizers[site].scale * inst.quantizers[source].scale).detach()
-        codes = torch.round(bias.detach() / scale).to(torch.int64)
+        codes = bias_codes(bias.detach(), scale).to(torch.int64)
         tensors[name] = codes.cpu().numpy().astype(np.int32)
         tensors[f"{name}.scale"] = scale.cpu().numpy().astype(np.float32)
         entries[name] = {"kind": "bias_int32", "weight": site, "input": source}
@@ -137,3 +135,26 @@ def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
         elif entry["kind"] == "bias_int32":
             params[name] = (raw[name].astype(np.float32) * raw[f"{name}.scale"]).astype(np.float32)
     return params, entries
+
+
+@torch.no_grad()
+def quantize_biases(inst: Any, inputs: dict[str, str]) -> dict[str, Any]:
+    """Round every bias of a linear layer with quantized weight and input to an int32 multiple of
+    ``s_input * s_weight`` (:func:`~qbert.quant.functional.bias_codes`), in place, and record the layer in
+    ``inst.integer_biases``; returns the count and the largest change."""
+    from qbert.quant.sites import weight_modules
+
+    modules = weight_modules(inst.model)
+    largest, count = 0.0, 0
+    for site, source in inputs.items():
+        wq, aq = inst.quantizers.get(site), inst.quantizers.get(source)
+        bias = getattr(modules[site], "bias", None)
+        if wq is None or aq is None or bias is None:
+            continue
+        scale = wq.scale * aq.scale  # per-tensor input: one scale, or one per output channel
+        rounded = bias_codes(bias, scale) * scale
+        largest = max(largest, float((rounded - bias).abs().max()))
+        bias.copy_(rounded)
+        inst.integer_biases[site] = source
+        count += 1
+    return {"biases": count, "max_abs_change": largest}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qbert.quant.estimators import RangeEstimator
-from qbert.quant.functional import EPS, fake_quantize, grid_limits, params_from_range
+from qbert.quant.functional import EPS, fake_quantize, grid_limits, integer_codes, params_from_range
 from qbert.quant.spec import QuantSpec
 
 QuantState = Literal["estimate", "fixed", "learn", "estimate_train", "disabled"]
@@ -188,6 +188,12 @@ class Quantizer(nn.Module):
         out = fake_quantize(x.float(), scale.float(), zero_point.float(), self.qmin, self.qmax,
                             clipped_ste=self.spec.ste == "clipped")
         return out.to(x.dtype)
+
+    def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer grid values of ``x`` under the current scale and zero point (float tensor of
+        whole numbers in ``[qmin, qmax]``): what :meth:`quantize` de-quantizes."""
+        return integer_codes(x.detach().float(), self._broadcast(self.scale.detach(), x).float(),
+                             self._broadcast(self.zero_point.detach(), x).float(), self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.state == "disabled":

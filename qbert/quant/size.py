@@ -9,8 +9,10 @@ this ratio against the FP32 model. (GOBO's packed files have their own byte ledg
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import torch
 from torch import nn
 
 from qbert.quant.quantizer import Quantizer
@@ -53,3 +55,10 @@ def instrumented_size(inst: Any) -> dict[str, Any]:
     names = {id(p): n for n, p in inst.model.named_parameters()}
     bits = {names[id(t)]: inst.quantizers[site].spec.bits for site, t in inst.weight_tensors.items()}
     return model_size(inst.model, bits)
+
+
+def state_dict_megabytes(model: nn.Module) -> float:
+    """Size of the serialised state dict in MB (10^6 bytes), as the PyTorch tutorial measures it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / 1e6

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qbert.recipes import available
 
 from qbert.config import load_config, parse_config
 from qbert.errors import QbertError
 from qbert.pipeline.run import check_site_plan, run_experiment
 from qbert.runs import read_json
-from recipes import available
 
 ROOT = Path(__file__).resolve().parents[2]
 

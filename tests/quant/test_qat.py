@@ -7,15 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from qbert.recipes import get_recipe
 
 from qbert.config import parse_config
 from qbert.models import load_model, resolve_model
+from qbert.pipeline.context import StageContext
 from qbert.quant.estimators import RunningAbsMax
 from qbert.quant.functional import fake_quantize, fake_quantize_autograd
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.size import model_size
 from qbert.quant.spec import QuantSpec
-from recipes import get_recipe
 
 
 def _grid(symmetric: bool, bits: int = 4) -> tuple[int, int]:
@@ -102,7 +103,7 @@ def _instrumented(recipe: dict) -> tuple[object, torch.nn.Module]:
     config = _config(recipe)
     r = get_recipe(recipe["name"])(config.recipe, config)
     model = _tiny_model()
-    inst = instrument(model, r.site_plan(enumerate_sites(model)), quantizer_factory(config.estimator))
+    inst = instrument(model, r.plan(enumerate_sites(model)), quantizer_factory(config.estimator))
     range_weights(inst)
     model.eval()
     with torch.no_grad():
@@ -154,8 +155,10 @@ def test_q8bert_quantization_delay_and_ema_ranges() -> None:
     recipe = get_recipe("q8bert")(config.recipe, config)
     model = _tiny_model()
     reference = _tiny_model()  # same weights, never quantized
-    recipe.prepare_for_training(model, ctx=None)
-    inst = recipe._inst
+    ctx = StageContext(config, 0, tokenizer=None, device=torch.device("cpu"), load_train=lambda: [{}] * 64)
+    q = recipe.prepare(model, ctx)
+    before_step = recipe.training(q, config.finetune).before_step
+    inst = q.instrumented
     site = inst.quantizers["layer.0.ffn.input"]
     seen: list[float] = []
     model.base_model.encoder.layer[0].attention.output.LayerNorm.register_forward_hook(
@@ -164,7 +167,7 @@ def test_q8bert_quantization_delay_and_ema_ranges() -> None:
     )
     model.train(), reference.train()
     for step in range(delay + 3):
-        recipe.before_step(step)
+        before_step(step)
         torch.manual_seed(step)
         out = model(**_batch()).logits
         torch.manual_seed(step)
@@ -234,8 +237,8 @@ def test_two_bit_embeddings_use_four_levels() -> None:
 
 
 def test_biases_become_int32_multiples_of_input_times_weight_scale() -> None:
+    from qbert.quant.integer import quantize_biases
     from qbert.quant.sites import linear_inputs, weight_modules
-    from recipes.qat import quantize_biases
 
     inst, model = _instrumented({"name": "q8bert"})
     inputs = linear_inputs(model)
@@ -262,9 +265,8 @@ def test_model_size_counts_bits_per_quantized_weight() -> None:
 def test_integer_file_holds_grid_codes_and_int32_biases(tmp_path) -> None:
     from safetensors.numpy import load_file
 
-    from qbert.quant.integer import read_integer, write_integer
+    from qbert.quant.integer import quantize_biases, read_integer, write_integer
     from qbert.quant.sites import linear_inputs
-    from recipes.qat import quantize_biases
 
     inst, model = _instrumented({"name": "q8bert"})
     quantize_biases(inst, linear_inputs(model))

@@ -1,0 +1,1 @@
+"""The quantization core: quantizers, range estimators, sites, GOBO, packing, integer codes."""
