@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from qbert.cli import inspect as inspect_cmd
 from qbert.cli import ls as ls_cmd
@@ -20,6 +22,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _version(value: bool) -> None:
+    if value:
+        import qbert
+
+        typer.echo(f"qbert {qbert.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Experiment runner for BERT quantization research: fine-tune, calibrate, quantize, evaluate and export
+    GLUE/SQuAD models from one YAML config."""
+
+
 app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 seeds=[1,2,3]")(run_cmd.run)
 app.command(
     "sweep",
@@ -28,7 +48,7 @@ app.command(
 app.command("table", epilog="Example: qbert table configs/papers/bondarenko2021/table6.yaml model=minilm-l6")(
     table_cmd.table
 )
-app.command("validate", epilog="Example: qbert validate configs/*.yaml")(validate_cmd.validate)
+app.command("validate", epilog="Example: qbert validate configs/*.yaml; qbert validate configs/mrpc_peg.yaml recipe.groups=3")(validate_cmd.validate)
 app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
 app.add_typer(inspect_cmd.app, name="inspect")
 

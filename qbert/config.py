@@ -62,7 +62,10 @@ class DataConfig(Section):
 class FinetuneConfig(Section):
     """The fine-tune stage: AdamW with linear warmup then linear decay."""
 
-    epochs: float = Field(3.0, gt=0, description="Passes over the training set (may be fractional).")
+    epochs: float = Field(
+        3.0, ge=0, description="Passes over the training set (may be fractional). 0: no fine-tuning, `model` is "
+        "already fine-tuned for the task (`finetune: null` is the same).",
+    )
     lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
     batch_size: int = Field(16, gt=0, description="Training examples (SQuAD: windows) per step.")
     max_seq_len: int = Field(128, ge=8, le=4096, description="Truncation length (SQuAD: window length).")
@@ -157,6 +160,14 @@ class ExperimentConfig(Section):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         return seeds
 
+    @field_validator("finetune", mode="before")
+    @classmethod
+    def _no_finetuning(cls, value: Any) -> Any:
+        # `finetune: null` = start from a model already fine-tuned for the task. The section's other keys
+        # keep their defaults: max_seq_len (and doc_stride) still set how calibration and evaluation
+        # data are tokenized, so `finetune: {epochs: 0, max_seq_len: 256}` is the longer spelling.
+        return {"epochs": 0} if value is None else value
+
     @field_validator("recipe", mode="wrap")
     @classmethod
     def _recipe_params(cls, value: Any, handler: Any) -> RecipeParams:
@@ -185,6 +196,11 @@ class ExperimentConfig(Section):
                 )
         recipe.check(self)
         return self
+
+    @property
+    def skips_finetuning(self) -> bool:
+        """Whether ``model`` is used as an already fine-tuned model (``finetune.epochs: 0``)."""
+        return self.finetune.epochs == 0
 
     def resolved(self) -> dict[str, Any]:
         """The config with every default filled in, as plain data (what is saved and hashed)."""

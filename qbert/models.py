@@ -99,6 +99,8 @@ def resolve_model(spec: str) -> ModelSource:
             identity["config"] = RANDOM_CONFIGS[spec]
         return ModelSource(spec, "alias", str(folder), identity)
     path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "metrics.json").is_file():
+        return run_checkpoint(spec, path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QbertError(
@@ -128,6 +130,68 @@ def resolve_model(spec: str) -> ModelSource:
                 key="model",
             )
     return ModelSource(spec, "hub", spec, {"hub": spec})
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def run_checkpoint(spec: str, seed_folder: Path) -> ModelSource:
+    """A finished qbert seed folder as a model: the fine-tuned FP32 checkpoint its ``metrics.json`` names."""
+    import json
+
+    try:
+        checkpoint = json.loads((seed_folder / "metrics.json").read_text(encoding="utf-8")).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        raise QbertError(f"{seed_folder / 'metrics.json'} is not a readable run record; give a finished seed "
+                         "folder (runs/<name>/<hash>/seed=<n>) or a save_pretrained folder", key="model") from None
+    if not checkpoint:
+        raise QbertError(f"run {seed_folder} recorded no fine-tuned checkpoint (its recipe trained from the "
+                         "pre-trained model); give the seed folder of an fp32 or post-training run", key="model")
+    folder = Path(checkpoint)
+    if not (folder / "config.json").is_file():
+        raise QbertError(f"run {seed_folder} names checkpoint {folder}, which no longer exists (the cache was "
+                         "cleared?); rerun that config to rebuild it", key="model")
+    source = resolve_model(str(folder))
+    return ModelSource(spec, "folder", source.location, {**source.identity, "run": str(seed_folder.resolve())})
+
+
+def check_finetuned(source: ModelSource, task: Any) -> None:
+    """Refuse a model whose folder cannot be quantized as a fine-tuned ``task`` model: no tokenizer, or a
+    head that does not fit the task (kind, number of labels, label names in another order)."""
+    from transformers import AutoConfig
+
+    where = source.location
+    if source.kind != "folder":
+        raise QbertError(f"finetune.epochs is 0 (the model is already fine-tuned) but {source.spec!r} is not a "
+                         "fine-tuned folder; give a save_pretrained folder with its head and tokenizer, or a "
+                         "finished run's seed folder", key="model")
+    if not any((Path(where) / name).is_file() for name in TOKENIZER_FILES):
+        raise QbertError(f"folder {where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save them "
+                         "with tokenizer.save_pretrained(folder)", key="model")
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(where)
+    architectures = ", ".join(config.architectures or ["none recorded"])
+    qa = any("QuestionAnswering" in a for a in config.architectures or [])
+    if task.head == "question_answering" or qa:
+        if not (qa and task.head == "question_answering"):
+            raise QbertError(f"the model in {where} has head {architectures}, which does not fit task "
+                             f"{task.name}; give a model fine-tuned for {task.name}", key="model")
+        return
+    if not any("SequenceClassification" in a for a in config.architectures or []):
+        raise QbertError(f"the model in {where} has head {architectures}, not a sequence classification head; "
+                         f"give a model fine-tuned for {task.name}", key="model")
+    if config.num_labels != task.num_labels:
+        kind = "a regression head (1 output)" if task.num_labels == 1 else f"{task.num_labels} labels"
+        raise QbertError(f"the model in {where} has {config.num_labels} output(s) but {task.name} needs {kind}; "
+                         f"give a model fine-tuned for {task.name}", key="model")
+    names = [str(config.id2label[i]).lower() for i in range(config.num_labels)] if config.id2label else []
+    expected = [n.lower() for n in getattr(getattr(task, "spec", None), "labels", None) or []]
+    generic = all(n == f"label_{i}" or n == str(i) for i, n in enumerate(names))
+    if names and expected and not generic and any(n.isalpha() for n in expected) and names != expected:
+        if sorted(names) == sorted(expected):
+            raise QbertError(f"the model in {where} orders its labels {names}, {task.name} orders them {expected}; "
+                             "reorder the classifier rows (and id2label) to the task's order", key="model")
+        raise QbertError(f"the model in {where} predicts labels {names}, not {task.name}'s {expected}", key="model")
 
 
 def quiet_transformers() -> None:

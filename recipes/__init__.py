@@ -11,9 +11,9 @@ import difflib
 import importlib
 import pkgutil
 
-from qbert.recipes.base import Recipe, RecipeParams
+from qbert.recipes.base import Quantized, Recipe, RecipeParams, Training
 
-__all__ = ["RECIPES", "Recipe", "RecipeParams", "available", "get_recipe"]
+__all__ = ["RECIPES", "Quantized", "Recipe", "RecipeParams", "Training", "available", "get_recipe"]
 
 RECIPES: dict[str, type[Recipe]] = {}
 

@@ -90,6 +90,8 @@ class Quantized:
     """Where the model must be evaluated (integer CPU kernels: cpu); None = where it is."""
     tokenizer: Any = None
     """Saved beside every export when present."""
+    config: Any = None
+    """The :class:`qbert.config.ExperimentConfig` it was made with (recipe parameters, estimator, calibrate)."""
     reference: Any = None
     """The floating-point model a later stage compares against (AdaRound's reconstruction targets),
     dropped once used."""
@@ -170,7 +172,11 @@ class Recipe:
 
     def prepare(self, model: Any, ctx: StageContext) -> Quantized:
         """Put the method's quantizers into ``model`` (QAT: ready to train). Default: nothing."""
-        return Quantized(model, self.name, "float", tokenizer=ctx.tokenizer)
+        return self.quantized(model, ctx)
+
+    def quantized(self, model: Any, ctx: StageContext, arithmetic: Arithmetic = "float", **fields: Any) -> Quantized:
+        """A :class:`Quantized` value of this recipe (name, config, tokenizer filled in)."""
+        return Quantized(model, self.name, arithmetic, tokenizer=ctx.tokenizer, config=self.config, **fields)
 
     def training(self, q: Quantized, finetune: FinetuneConfig) -> Training:
         """QAT (``trains``): the settings of the fine-tune loop run on ``q.model``."""

@@ -94,7 +94,7 @@ class StaticQuantRecipe(Recipe):
 
         plan = self.plan(enumerate_sites(model))
         inst = instrument_plan(model, plan, self.config.estimator)
-        return Quantized(model, self.name, "simulated", instrumented=inst, tokenizer=ctx.tokenizer,
+        return self.quantized(model, ctx, "simulated", instrumented=inst,
                          report={"plan": plan.totals(), "size": instrumented_size(inst)})
 
     def calibrate(self, q: Quantized, ctx: Any) -> Quantized:

@@ -123,6 +123,14 @@ class QatRecipe(StaticQuantRecipe):
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     defaults_source: ClassVar[str] = ""
 
+    @classmethod
+    def check(cls, config: Any) -> None:
+        super().check(config)
+        table = cls.defaults.get(config.task, {})
+        if config.skips_finetuning and config.recipe.epochs is None and "epochs" not in table:
+            raise ValueError("recipe.epochs: the model is already fine-tuned (finetune.epochs 0), so the QAT loop "
+                             "needs its own epochs; set recipe.epochs (e.g. 3)")
+
     def training_settings(self) -> dict[str, Any]:
         """The resolved QAT settings and where each came from."""
         params: QatParams = self.params  # type: ignore[assignment]
@@ -173,7 +181,7 @@ class LearnedRangeQat(QatRecipe):
         ptq = StaticQuantRecipe.convert(self, StaticQuantRecipe.calibrate(self, ptq, ctx), ctx)
         initial = quantizer_ranges(ptq)
         ptq.instrumented.set_state("learn")
-        return Quantized(model, self.name, "simulated", instrumented=ptq.instrumented, tokenizer=ctx.tokenizer,
+        return self.quantized(model, ctx, "simulated", instrumented=ptq.instrumented,
                          report={"training": self.training_settings(), "initialisation": ptq.report,
                                  "ranges": {name: {"initial": r} for name, r in initial.items()}})
 
@@ -294,7 +302,7 @@ class Q8Bert(QatRecipe):
         estimators = self.config.estimator.model_copy(update={"momentum": self.params.ema_decay})
         inst = instrument(model, self.plan(enumerate_sites(model)), quantizer_factory(estimators))
         inst.set_state("estimate_train" if self.params.start_step == 0 else "disabled")
-        return Quantized(model, self.name, "simulated", instrumented=inst, tokenizer=ctx.tokenizer,
+        return self.quantized(model, ctx, "simulated", instrumented=inst,
                          report={"training": self.training_settings(), "ema_decay": self.params.ema_decay,
                                  "start_step": self.params.start_step})
 

@@ -18,7 +18,7 @@ import torch
 
 from qbert.config import ExperimentConfig
 from qbert.errors import QbertError
-from qbert.models import ModelSource, load_finetuned, load_model, load_tokenizer, resolve_model
+from qbert.models import ModelSource, check_finetuned, load_finetuned, load_model, load_tokenizer, resolve_model
 from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate
@@ -71,7 +71,11 @@ def preflight(config: ExperimentConfig) -> tuple[ModelSource, Task]:
     """Resolve the model and check the data before any work starts (fails fast, one line)."""
     source = resolve_model(config.model)
     task = get_task(config.task, config)
-    for split in ("train", *task.eval_splits):
+    recipe = get_recipe(config.recipe.name)
+    if config.skips_finetuning:
+        check_finetuned(source, task)
+    needs_train = not config.skips_finetuning or recipe.needs_calibration or recipe.trains
+    for split in (("train",) if needs_train else ()) + tuple(task.eval_splits):
         if not task.load(split, config.data):
             raise QbertError(f"the {config.task} {split} split has no examples", key="data")
     check_site_plan(config)
@@ -189,7 +193,10 @@ def run_seed(
         # fine-tune: the FP32 checkpoint is shared through the cache by every recipe that starts from it
         start = time.perf_counter()
         checkpoint = None
-        if recipe.trains and recipe.starts_from == "pretrained":
+        if config.skips_finetuning:  # the user's own fine-tuned model (checked by the preflight)
+            training, checkpoint = None, source.location
+            model = load_finetuned(source.location).to(device)
+        elif recipe.trains and recipe.starts_from == "pretrained":
             training: dict[str, Any] | None = None
             seed_everything(seed)
             model = load_model(source, task.head, task.num_labels)

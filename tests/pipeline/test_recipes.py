@@ -58,6 +58,8 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
     record = read_json(result.folder / "seed=0" / "metrics.json")
     assert set(record["metrics"]) == {"f1", "accuracy"}
     report = record["recipe_report"]
+    arithmetic = {"fp32": "float", "gobo": "decoded", "dynamic_int8": "integer"}.get(name, "simulated")
+    assert record["arithmetic"] == arithmetic and record["simulated"] is (arithmetic == "simulated")
     if name in ("fp32",):
         assert record["simulated"] is False and report == {}
     elif name == "gobo":

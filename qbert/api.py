@@ -1,0 +1,227 @@
+"""qbert from Python: the pipeline's stages as functions over a model you already have.
+
+::
+
+    import qbert
+    q = qbert.quantize(model, "peg", calibration="mrpc", tokenizer=tokenizer)
+    qbert.evaluate(q, "mrpc")            # {'f1': ..., 'accuracy': ...}
+    qbert.export(q, "integer", "out/")   # what was written
+    qbert.run("configs/mrpc_peg.yaml")   # what `qbert run` does
+
+``quantize`` runs a post-training recipe's prepare -> calibrate -> convert on any supported
+(BERT-family) HuggingFace model; quantization-aware recipes go through ``prepare``, your own training
+of ``q.model``, and ``convert``. The stages are the same code the CLI runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qbert.errors import QbertError
+
+if TYPE_CHECKING:
+    from qbert.config import ExperimentConfig
+    from qbert.pipeline.context import StageContext
+    from qbert.pipeline.run import ExperimentResult
+    from qbert.recipes import Quantized, Recipe
+
+Calibration = Any
+"""A task name (its training split, from ``data_dir`` or ``$QBERT_DATA_DIR``), a list of texts, a list
+of ``(text, text_pair)`` tuples, or a list of tokenized features (dicts with ``input_ids``)."""
+
+
+def _load_model(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """A model object and its tokenizer from a model, a fine-tuned folder, or a finished run's seed folder."""
+    from qbert.models import load_finetuned, load_tokenizer, resolve_model
+
+    if isinstance(model, (str, Path)):
+        source = resolve_model(str(model))
+        model = load_finetuned(source.location)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        if folder and Path(folder).is_dir():
+            tokenizer = load_tokenizer(resolve_model(folder))
+    return model, tokenizer
+
+
+def _config(model: Any, recipe: Any, task: str | None, settings: dict[str, Any]) -> ExperimentConfig:
+    from qbert.config import parse_config
+    from qbert.recipes import RecipeParams
+
+    if isinstance(recipe, str):
+        recipe = {"name": recipe}
+    elif isinstance(recipe, RecipeParams):
+        recipe = recipe.model_dump()
+    data = {"model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or "minilm-l6"),
+            "recipe": recipe, "finetune": {"epochs": 0, "max_seq_len": settings.pop("max_seq_len")}}
+    if task is not None:
+        data["task"] = task
+    data.update({k: v for k, v in settings.items() if v is not None})
+    return parse_config(data, source="qbert.quantize")
+
+
+def _features(calibration: Calibration, tokenizer: Any, config: ExperimentConfig) -> list[dict[str, Any]] | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, str):
+        from qbert.tasks import get_task
+
+        task = get_task(config.task, config)
+        examples = task.load("train", config.data)
+        if not examples:
+            raise QbertError(f"the {config.task} train split has no examples", key="calibration")
+        return task.encode_train(tokenizer, examples, config.finetune.max_seq_len)
+    items = list(calibration)
+    if not items:
+        raise QbertError("calibration is empty: give texts, text pairs or tokenized features", key="calibration")
+    if isinstance(items[0], dict):
+        if "input_ids" not in items[0]:
+            raise QbertError("tokenized calibration features need input_ids (and attention_mask)",
+                             key="calibration")
+        return items
+    if tokenizer is None:
+        raise QbertError("calibration texts need a tokenizer: pass tokenizer=", key="tokenizer")
+    pairs = isinstance(items[0], (tuple, list))
+    first = [i[0] for i in items] if pairs else [str(i) for i in items]
+    second = [i[1] for i in items] if pairs else None
+    encoded = tokenizer(first, second, truncation=True, max_length=config.finetune.max_seq_len)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
+    return [{k: encoded[k][i] for k in keys} for i in range(len(items))]
+
+
+def _context(config: ExperimentConfig, tokenizer: Any, features: list[dict[str, Any]] | None, seed: int,
+             device: Any) -> StageContext:
+    from qbert.pipeline.context import StageContext
+
+    return StageContext(config, seed, tokenizer, device, load_train=(lambda: features) if features else None)
+
+
+def _recipe(config: ExperimentConfig) -> Recipe:
+    from qbert.recipes import get_recipe
+
+    return get_recipe(config.recipe.name)(config.recipe, config)
+
+
+def _device(model: Any) -> Any:
+    import torch
+
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def prepare(
+    model: Any, recipe: Any, *, calibration: Calibration = None, tokenizer: Any = None, task: str | None = None,
+    estimator: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None, data_dir: str | None = None,
+    data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0,
+) -> Quantized:
+    """The recipe's ``prepare`` stage: quantizers in place (QAT: ready for your training loop over
+    ``q.model``; learned-range QAT initialises its ranges from ``calibration``). Continue with
+    :func:`convert`."""
+    q, _ = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len,
+                     seed)
+    return q
+
+
+def _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len, seed):
+    model, tokenizer = _load_model(model, tokenizer)
+    if isinstance(calibration, str) and task is None:
+        task = calibration
+    data = {**(data or {}), **({"dir": str(data_dir)} if data_dir else {})}
+    settings = {"estimator": estimator, "calibrate": calibrate, "max_seq_len": max_seq_len, "data": data or None}
+    config = _config(model, recipe, task, settings)
+    ctx = _context(config, tokenizer, _features(calibration, tokenizer, config), seed, _device(model))
+    method = _recipe(config)
+    return method.prepare(model, ctx), (method, ctx)
+
+
+def convert(q: Quantized, *, calibration: Calibration = None, seed: int = 0) -> Quantized:
+    """The recipe's ``convert`` stage on a prepared (and, for QAT, trained) value: ranges frozen, codes
+    decoded, integer modules in, with the settings ``q`` was prepared with. The model is put in eval mode."""
+    if q.config is None:
+        raise QbertError("this value was not made by qbert.prepare or a recipe (it has no config)", key="quantized")
+    ctx = _context(q.config, q.tokenizer, _features(calibration, q.tokenizer, q.config), seed, _device(q.model))
+    q.model.eval()
+    return _recipe(q.config).convert(q, ctx)
+
+
+def quantize(
+    model: Any, recipe: Any, *, calibration: Calibration = None, tokenizer: Any = None, task: str | None = None,
+    estimator: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None, data_dir: str | None = None,
+    data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0,
+) -> Quantized:
+    """Quantize ``model`` with a post-training ``recipe``: prepare -> calibrate -> convert.
+
+    ``model``: a HuggingFace BERT-family model object, a fine-tuned ``save_pretrained`` folder, or a
+    finished run's seed folder. ``recipe``: a name (``"peg"``), a mapping (``{"name": "peg", "groups":
+    3}``) or a recipe's parameter object. ``calibration``: see :data:`Calibration` (recipes that
+    calibrate need it; GOBO, dynamic_int8 and fp32 do not). ``estimator`` and ``calibrate`` are the
+    config sections of the same names (e.g. ``{"weights": "mse"}``, ``{"batches": 16, "batch_size": 1}``);
+    ``seed`` draws the calibration batches; ``data`` is the config's data section (``max_train_samples``,
+    ``dir``; ``data_dir`` is a shortcut for the folder). Returns the :class:`~qbert.recipes.Quantized` value.
+    """
+    q, (method, ctx) = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data,
+                                 max_seq_len, seed)
+    if method.trains:
+        raise QbertError(f"recipe {method.name} trains with quantizers in place: use qbert.prepare(...), train "
+                         "q.model, then qbert.convert(q); or qbert.run(config) for the whole pipeline", key="recipe")
+    return method.convert(method.calibrate(q, ctx), ctx)
+
+
+def evaluate(
+    quantized: Any, task: str, *, tokenizer: Any = None, data_dir: str | None = None, batch_size: int = 64,
+    max_seq_len: int = 128, max_eval_samples: int | None = None,
+) -> dict[str, float]:
+    """The task's official metrics for ``quantized`` (a :class:`~qbert.recipes.Quantized` value or a plain
+    model) on every evaluation split present (later splits' metrics carry the split's name)."""
+    from qbert.config import parse_config
+    from qbert.pipeline.evaluate import evaluate as evaluate_stage
+    from qbert.tasks import get_task
+
+    model = getattr(quantized, "model", quantized)
+    tokenizer = tokenizer or getattr(quantized, "tokenizer", None)
+    model, tokenizer = _load_model(model, tokenizer)
+    if tokenizer is None:
+        raise QbertError("evaluation needs a tokenizer: pass tokenizer=", key="tokenizer")
+    config = parse_config({"task": task, "finetune": {"epochs": 0, "max_seq_len": max_seq_len},
+                           "data": {"dir": str(data_dir) if data_dir else None, "max_eval_samples": max_eval_samples}},
+                          source="qbert.evaluate")
+    task_obj = get_task(task, config)
+    device = getattr(quantized, "device", None) or _device(model)
+    metrics: dict[str, float] = {}
+    for i, split in enumerate(task_obj.eval_splits):
+        examples = task_obj.load(split, config.data)
+        if not examples:
+            continue
+        output, _ = evaluate_stage(model, task_obj, tokenizer, examples, batch_size=batch_size, max_len=max_seq_len,
+                                   device=device)
+        suffix = "" if i == 0 else f"_{split}"
+        metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
+    return metrics
+
+
+def export(quantized: Quantized, format: str, folder: str | Path) -> dict[str, Any]:
+    """Write ``quantized`` as ``format`` (``integer``, ``packed``) into ``folder``; returns what was written
+    (path, size, the bit-exactness check)."""
+    from qbert.pipeline.export import export as export_stage
+
+    return export_stage(quantized, format, folder)
+
+
+def run(config: Any, overrides: list[str] | None = None, *, runs_dir: str | Path | None = None,
+        force: bool = False) -> ExperimentResult:
+    """Every seed of an experiment through the pipeline, as ``qbert run`` does: ``config`` is a YAML
+    path, a mapping, or an :class:`~qbert.config.ExperimentConfig`; returns per-seed outcomes and the
+    summary."""
+    from qbert.config import ExperimentConfig, apply_overrides, load_config, parse_config
+    from qbert.pipeline.run import run_experiment
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config, overrides or [])
+    elif isinstance(config, dict):
+        config = parse_config(apply_overrides(config, overrides or []), source="qbert.run")
+    elif not isinstance(config, ExperimentConfig):
+        raise QbertError("config must be a YAML path, a mapping or an ExperimentConfig", key="config")
+    return run_experiment(config, root=runs_dir, force=force)
