@@ -48,7 +48,9 @@ app.command(
 app.command("table", epilog="Example: qbert table configs/papers/bondarenko2021/table6.yaml model=minilm-l6")(
     table_cmd.table
 )
-app.command("validate", epilog="Example: qbert validate configs/*.yaml; qbert validate configs/mrpc_peg.yaml recipe.groups=3")(validate_cmd.validate)
+app.command(
+    "validate", epilog="Example: qbert validate configs/*.yaml; qbert validate configs/mrpc_peg.yaml recipe.groups=3"
+)(validate_cmd.validate)
 app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
 app.add_typer(inspect_cmd.app, name="inspect")
 

@@ -207,11 +207,33 @@ class ExperimentConfig(Section):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        """Identity of the experiment: everything but its name and seeds (one folder per seed)."""
-        data = self.resolved()
-        data.pop("name")
-        data.pop("seeds")
-        return stable_hash(data)
+        """Identity of the experiment: everything that changes its result, i.e. the resolved config but its
+        name and seeds (one folder per seed), without keys added later that are at their neutral value
+        (:data:`HASH_NEUTRAL`), so results written before a key existed stay findable."""
+        return stable_hash(hashed_data(self.resolved()))
+
+
+HASH_NEUTRAL: dict[str, Any] = {}
+"""Keys added to the schema after results were first hashed (dotted; ``recipe.<field>`` for any recipe's
+parameter), each with the value that reproduces the behaviour from before the key existed. The hash
+leaves a key out while it has that value, so adding a key never orphans earlier results. Every key
+added to a section or to an existing recipe's parameters must be registered here
+(``tests/test_config.py`` compares the schema with the keys hashed when this rule began)."""
+
+
+def hashed_data(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`ExperimentConfig.config_hash` hashes, from a resolved config."""
+    data = copy.deepcopy(resolved)
+    data.pop("name", None)
+    data.pop("seeds", None)
+    for dotted, neutral in HASH_NEUTRAL.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and node[last] == neutral:
+            del node[last]
+    return data
 
 
 def stable_hash(data: Any, length: int = 12) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from qbert.records import read_record, read_status, read_summary, unreadable
+
 DEFAULT_RUNS_DIR = "runs"
 SEED_PREFIX = "seed="
 
@@ -86,11 +88,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def read_status(folder: Path) -> dict[str, Any]:
-    """A seed's status; ``{'state': 'missing'}`` when it has none."""
-    return read_json(folder / "status.json") or {"state": "missing"}
-
-
 def write_status(folder: Path, state: str, **fields: Any) -> None:
     """Record a seed's state (running, done, failed) with when, where and why."""
     status = read_status(folder)
@@ -101,8 +98,8 @@ def write_status(folder: Path, state: str, **fields: Any) -> None:
 
 
 def is_done(folder: Path) -> bool:
-    """Whether a seed finished: status ``done`` and its metrics on disk."""
-    return read_status(folder).get("state") == "done" and (folder / "metrics.json").is_file()
+    """Whether a seed finished: status ``done`` and a readable metrics record."""
+    return read_status(folder).get("state") == "done" and read_record(folder) is not None
 
 
 def finished_seeds(root: Path, config_hash: str) -> dict[int, Path]:
@@ -182,13 +179,16 @@ def aggregate(values: list[float]) -> dict[str, Any]:
     }
 
 
-def summarize(folder: Path) -> dict[str, Any] | None:
-    """Aggregate the finished seeds of one config folder into ``summary.json`` (None if none finished)."""
-    seeds = sorted((p for p in folder.glob(f"{SEED_PREFIX}*") if is_done(p)),
-                   key=lambda p: int(p.name[len(SEED_PREFIX):]))
+def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | None:
+    """Aggregate the finished seeds of one config folder into ``summary.json`` (None if none finished).
+
+    ``also``: finished seed folders of the same config hash under other run names (they count too)."""
+    found = {p.name: p for p in (also or []) if is_done(p)}
+    found.update({p.name: p for p in folder.glob(f"{SEED_PREFIX}*") if is_done(p)})
+    seeds = sorted(found.values(), key=lambda p: int(p.name[len(SEED_PREFIX):]))
     if not seeds:
         return None
-    per_seed = {p.name[len(SEED_PREFIX):]: read_json(p / "metrics.json") for p in seeds}
+    per_seed = {p.name[len(SEED_PREFIX):]: read_record(p) for p in seeds}
     first = next(iter(per_seed.values()))
     names = list(first["metrics"])
     summary = {
@@ -215,13 +215,21 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     rows = []
     for cfg_path in root.glob("*/*/config.yaml"):
         folder = cfg_path.parent
+        try:
+            config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            unreadable(cfg_path, f"not a readable config ({type(exc).__name__})")
+            continue
+        if not isinstance(config, dict):
+            unreadable(cfg_path, "not a config mapping")
+            continue
         states = {p.name[len(SEED_PREFIX):]: read_status(p).get("state", "missing")
                   for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
         rows.append({
             "path": folder,
-            "config": yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {},
+            "config": config,
             "states": states,
-            "summary": read_json(folder / "summary.json"),
+            "summary": read_summary(folder),
             "mtime": cfg_path.stat().st_mtime,
         })
     return sorted(rows, key=lambda r: r["mtime"], reverse=True)

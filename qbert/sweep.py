@@ -51,6 +51,7 @@ from qbert.config import (
     stable_hash,
 )
 from qbert.errors import QbertError
+from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
     atomic_write_json,
     atomic_write_text,
@@ -58,7 +59,6 @@ from qbert.runs import (
     finished_seeds,
     now,
     read_json,
-    read_status,
     reset_seed_dir,
     runs_root,
     seed_dir,
@@ -313,7 +313,7 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
     try:
         result = run_experiment(config, root=root_path, seeds=[seed])
         outcome = result.seeds[0]
-        metrics = read_json(folder / "metrics.json") or {}
+        metrics = read_record(outcome.folder) or {}
         task = TaskOutcome(config.name, config_hash, seed, outcome.state, outcome.metrics,
                            headline=metrics.get("headline"), log=str(folder / "run.log"))
     except BaseException as exc:  # a failing run must not stop the sweep; KeyboardInterrupt still stops it
@@ -530,7 +530,7 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
             seen.add(job.key)
             folder = finished_before.get(seed) or seed_dir(root, *job.key)
             if seed in finished_before:
-                finished = read_json(folder / "metrics.json") or {}
+                finished = read_record(folder) or {}
                 outcome = TaskOutcome(folder.parent.parent.name, job.cell.hash, seed, "skipped",
                                       finished.get("metrics", {}), headline=finished.get("headline"),
                                       log=str(folder / "run.log"))
@@ -583,7 +583,8 @@ def list_sweeps(root: Path) -> list[dict[str, Any]]:
     rows = []
     for path in (root / SWEEPS_DIR).glob("*.json"):
         record = read_json(path)
-        if not record:
+        if not isinstance(record, dict):
+            unreadable(path, "not a readable sweep record")
             continue
         counts: dict[str, int] = {}
         for cell in record.get("cells", []):

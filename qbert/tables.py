@@ -38,7 +38,8 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from qbert.config import Section, read_yaml, schema_error
-from qbert.runs import finished_seeds, read_json
+from qbert.records import read_record
+from qbert.runs import finished_seeds
 from qbert.sweep import Cell, expand, load_sweep
 
 GLUE_METRICS = {
@@ -138,7 +139,7 @@ def _lookup(record: dict[str, Any], metric: str) -> float | None:
 
 def seed_records(root: Path, cell: Cell) -> dict[int, dict[str, Any]]:
     """The metrics records of a cell's finished seeds (of the seeds it asks for), under any run name."""
-    records = {seed: read_json(folder / "metrics.json")
+    records = {seed: read_record(folder)
                for seed, folder in finished_seeds(root, cell.hash).items() if seed in cell.config.seeds}
     return {seed: record for seed, record in records.items() if record is not None}
 

@@ -125,3 +125,59 @@ def test_site_rules_keep_their_order_through_the_resolved_config():
     assert again.config_hash() == a.config_hash() and list(again.recipe.sites) == list(rules)
     # configs without rules hash as they did before rules were ordered
     assert parse_config({"recipe": {"name": "w8a8_ptq"}}).resolved()["recipe"]["sites"] == {}
+
+
+# ---------------------------------------------------------------- config hash across versions
+
+def _schema_keys() -> tuple[set[str], dict[str, set[str]]]:
+    from qbert.config import ExperimentConfig
+    from qbert.recipes import available, get_recipe
+
+    def keys(d: dict, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k != "recipe":
+                out += keys(v, f"{prefix}{k}.")
+            else:
+                out.append(prefix + k)
+        return out
+
+    config = {k for k in keys(ExperimentConfig().resolved()) if not k.startswith("recipe")}
+    return config, {n: set(get_recipe(n).Params.model_fields) for n in available()}
+
+
+def test_every_key_added_since_the_hash_snapshot_is_hash_neutral():
+    """A key added to the schema without a HASH_NEUTRAL entry would re-hash (orphan) every earlier result."""
+    import json
+
+    from qbert.config import HASH_NEUTRAL
+
+    snapshot = json.loads((ROOT / "tests" / "data" / "hashed_keys.json").read_text())
+    config, recipes = _schema_keys()
+    added = {k for k in config if k not in snapshot["config"]}
+    for name, fields in recipes.items():
+        if name in snapshot["recipes"]:  # a new recipe has new hashes anyway
+            added |= {f"recipe.{f}" for f in fields if f not in snapshot["recipes"][name]}
+    assert not added - set(HASH_NEUTRAL), f"register in qbert.config.HASH_NEUTRAL: {sorted(added - set(HASH_NEUTRAL))}"
+
+
+def test_a_key_at_its_neutral_value_does_not_change_the_hash(monkeypatch):
+    import qbert.config as config_module
+    from qbert.config import hashed_data, stable_hash
+
+    resolved = parse_config({"recipe": {"name": "peg"}}).resolved()
+    before = stable_hash(hashed_data(resolved))
+    monkeypatch.setitem(config_module.HASH_NEUTRAL, "estimator.new_option", "as_before")
+    monkeypatch.setitem(config_module.HASH_NEUTRAL, "recipe.new_param", 0)
+    later = {**resolved, "estimator": {**resolved["estimator"], "new_option": "as_before"},
+             "recipe": {**resolved["recipe"], "new_param": 0}}
+    assert stable_hash(hashed_data(later)) == before
+    changed = {**later, "estimator": {**later["estimator"], "new_option": "other"}}
+    assert stable_hash(hashed_data(changed)) != before
+    assert stable_hash(hashed_data({**resolved, "name": "x", "seeds": [1, 2]})) == before
+
+
+def test_config_hashes_of_committed_configs_are_stable():
+    """The hashes the README's results were written under (a change here orphans them)."""
+    assert load_config(ROOT / "configs" / "mrpc_peg.yaml").config_hash() == "4d4f24c16edd"
+    assert load_config(ROOT / "configs" / "mrpc_w8a8_ptq.yaml").config_hash() == "7c9d3bba12ad"

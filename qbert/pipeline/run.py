@@ -26,14 +26,14 @@ from qbert.pipeline.export import export
 from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
 from qbert.progress import SILENT, Reporter
 from qbert.recipes import get_recipe
+from qbert.records import read_record, seed_record
 from qbert.runs import (
     atomic_write_json,
     atomic_write_jsonl,
     config_dir,
     environment,
-    is_done,
+    finished_seeds,
     now,
-    read_json,
     reset_seed_dir,
     runs_root,
     seed_dir,
@@ -145,10 +145,13 @@ def run_experiment(
         on_start(folder)
     write_config(folder / "config.yaml", config.resolved())
     outcomes = []
+    # finished means: the same config hash under any run name (as `qbert sweep` and `qbert table` see it)
+    finished = {} if force else finished_seeds(results_root, config.config_hash())
     for seed in seeds or config.seeds:
         sfolder = seed_dir(results_root, config.name, config.config_hash(), seed)
-        if is_done(sfolder) and not force:
-            outcome = SeedOutcome(seed, "skipped", sfolder, read_json(sfolder / "metrics.json")["metrics"])
+        record = read_record(finished[seed]) if seed in finished else None
+        if record is not None:
+            outcome = SeedOutcome(seed, "skipped", finished[seed], record["metrics"])
         else:
             reset_seed_dir(sfolder)
             try:
@@ -162,7 +165,8 @@ def run_experiment(
         outcomes.append(outcome)
         if on_seed is not None:
             on_seed(outcome)
-    return ExperimentResult(config, folder, outcomes, summarize(folder))
+    elsewhere = [o.folder for o in outcomes if o.state == "skipped" and o.folder.parent != folder]
+    return ExperimentResult(config, folder, outcomes, summarize(folder, also=elsewhere))
 
 
 def run_seed(
@@ -260,7 +264,7 @@ def run_seed(
         if exports:
             timings["export"] = round(time.perf_counter() - start, 2)
 
-        record = {
+        record = seed_record(**{
             "name": config.name,
             "config_hash": config.config_hash(),
             "seed": seed,
@@ -278,7 +282,7 @@ def run_seed(
             "recipe_report": q.report,
             "exports": exports,
             "timings": timings,
-        }
+        })
         atomic_write_json(folder / "metrics.json", record)
         write_status(folder, "done", finished=now())
         log.info("seed %d done: %s", seed, metrics)

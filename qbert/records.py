@@ -1,0 +1,132 @@
+"""Run records: the typed, versioned shape of a seed's ``metrics.json`` and ``status.json`` and of a
+config's ``summary.json``, read in one place.
+
+Every reader (``qbert run``'s skip check, ``ls``, ``table``, ``sweep``) goes through :func:`read_record`,
+:func:`read_status` and :func:`read_summary`: a file that cannot be parsed is reported on stderr once
+(``warning: skipping <file>: <reason>``) and treated as absent, so a truncated or foreign file never
+crashes a command and is never silently counted.
+
+Versions: 1 = records written before the version field existed (read as they are); 2 = adds
+``version`` and ``arithmetic`` (what the evaluated model computed: float, simulated, integer, decoded).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+RECORD_VERSION = 2
+
+State = Literal["running", "done", "failed", "interrupted", "missing", "unreadable"]
+
+
+class Record(BaseModel):
+    """Base: known fields typed, unknown ones kept (newer writers may add fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class SeedRecord(Record):
+    """``metrics.json`` of one seed."""
+
+    version: int = 1
+    name: str
+    config_hash: str
+    seed: int
+    model: str
+    task: str
+    recipe: str
+    headline: str
+    simulated: bool
+    arithmetic: str | None = None
+    metrics: dict[str, float]
+    finetune: dict[str, Any] | None = None
+    qat: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+    recipe_report: dict[str, Any] = Field(default_factory=dict)
+    exports: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class Status(Record):
+    """``status.json`` of one seed."""
+
+    state: State
+    error: str | None = None
+
+
+class Summary(Record):
+    """``summary.json`` of one config: median, min, max and n of each metric over finished seeds."""
+
+    name: str
+    config_hash: str
+    task: str
+    model: str
+    recipe: str
+    headline: str
+    simulated: bool
+    seeds: list[int]
+    metrics: dict[str, dict[str, float]]
+    per_seed: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+_reported: set[str] = set()
+
+
+def unreadable(path: Path, reason: str) -> None:
+    """Say once per file, on stderr, that ``path`` is skipped and why."""
+    key = str(path)
+    if key not in _reported:
+        _reported.add(key)
+        print(f"warning: skipping {path}: {reason}", file=sys.stderr)
+
+
+def _read(path: Path, model: type[Record]) -> Record | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        unreadable(path, f"cannot read it ({exc.strerror})")
+        return None
+    try:
+        return model.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        unreadable(path, f"not valid JSON ({exc.msg} at line {exc.lineno}); delete it or rerun with --force")
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "top level"
+        unreadable(path, f"not a qbert {model.__name__} record ({where}: {err['msg']}); "
+                         "delete it or rerun with --force")
+    return None
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """A seed's ``metrics.json`` as plain data, or None when missing or unparseable (reported)."""
+    record = _read(Path(folder) / "metrics.json", SeedRecord)
+    return record.model_dump(mode="json") if record is not None else None
+
+
+def read_status(folder: Path) -> dict[str, Any]:
+    """A seed's ``status.json``; ``{'state': 'missing'}`` without one, ``'unreadable'`` when broken."""
+    path = Path(folder) / "status.json"
+    if not path.is_file():
+        return {"state": "missing"}
+    status = _read(path, Status)
+    return status.model_dump(mode="json", exclude_none=True) if status is not None else {"state": "unreadable"}
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """A config's ``summary.json``, or None when missing or unparseable (reported)."""
+    summary = _read(Path(folder) / "summary.json", Summary)
+    return summary.model_dump(mode="json") if summary is not None else None
+
+
+def seed_record(**fields: Any) -> dict[str, Any]:
+    """A new ``metrics.json`` record, checked against :class:`SeedRecord`."""
+    return SeedRecord.model_validate({"version": RECORD_VERSION, **fields}).model_dump(mode="json")
