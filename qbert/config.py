@@ -26,13 +26,15 @@ from pydantic import (
 )
 
 from qbert.errors import QbertError
+from qbert.quant.spec import EstimatorName
 from qbert.recipes import RECIPES, available, get_recipe
 from qbert.recipes.base import RecipeParams
 from qbert.schema import Section
 
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad")
 TaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"]
-RangeEstimatorName = Literal["minmax", "running_minmax", "running_absmax", "mse", "percentile"]
+RangeEstimatorName = EstimatorName
+"""The estimator names (one list, in :mod:`qbert.quant.spec`)."""
 
 
 class DataConfig(Section):

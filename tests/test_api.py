@@ -183,3 +183,25 @@ def test_config_validation_does_not_import_torch():
 
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert torch.__version__  # the tests themselves do use torch
+
+
+def test_the_readme_python_example_runs(real_data, tmp_path, monkeypatch):
+    """The README's Python block, on the tiny model (the MRPC config swapped for a small one)."""
+    import re
+
+    import yaml
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    small = tmp_path / "mrpc_small.yaml"
+    small.write_text(yaml.safe_dump({
+        "model": "tiny-random", "task": "mrpc", "seeds": [42],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+    }))
+    assert 'qbert.run("configs/mrpc_fp32.yaml"' in block
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QBERT_DATA_DIR", str(real_data))
+    code = block.replace("configs/mrpc_fp32.yaml", str(small)).replace('"groups": 6', '"groups": 4')  # hidden 64
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "out" / "mrpc_peg" / "model.safetensors").is_file()
