@@ -17,11 +17,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from qbert.recipes import get_recipe
 
+import qbert
 from qbert.config import parse_config
 from qbert.models import load_model, load_tokenizer, resolve_model
-from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import predict
 from qbert.quant.size import state_dict_megabytes
 from qbert.tasks import get_task
@@ -73,10 +72,8 @@ def main() -> None:
     }
     train = task.encode_train(tokenizer, task.load("train", cfg.data)[:256], 128)
     for name, recipe in {"fake_w8a8": {"name": "w8a8_ptq"}, "fake_peg_k6p": {"name": "peg"}}.items():
-        config = cfg.model_copy(update={"recipe": get_recipe(recipe["name"]).Params(**recipe)})
-        ctx = StageContext(config, 0, tokenizer, torch.device("cpu"), load_train=lambda: train)
-        method = get_recipe(recipe["name"])(config.recipe, config)
-        model = method.convert(method.calibrate(method.prepare(fresh(), ctx), ctx), ctx).model
+        model = qbert.quantize(fresh(), recipe, calibration=train, tokenizer=tokenizer,
+                               calibrate={"batches": 4, "batch_size": 4}).model
         timings[name] = seconds(model, features, args.repeats)
     results["eval_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     results["ratios"] = {

@@ -130,8 +130,9 @@ def test_site_rules_keep_their_order_through_the_resolved_config():
 # ---------------------------------------------------------------- config hash across versions
 
 def _schema_keys() -> tuple[set[str], dict[str, set[str]]]:
-    from qbert.config import ExperimentConfig
     from qbert.recipes import available, get_recipe
+
+    from qbert.config import ExperimentConfig
 
     def keys(d: dict, prefix: str = "") -> list[str]:
         out: list[str] = []

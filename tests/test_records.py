@@ -80,9 +80,8 @@ def test_broken_status_summary_and_config_files_do_not_crash_ls(real_data, tmp_p
 
 
 def test_table_and_ls_commands_survive_a_broken_record(real_data, tmp_path):
-    from typer.testing import CliRunner
-
     from qbert.cli.main import app
+    from typer.testing import CliRunner
 
     root = tmp_path / "runs"
     run_experiment(tiny(real_data, "cli_case", [0, 1]), root=root)
