@@ -35,6 +35,10 @@ def validate(
         failed = 0
         for path in configs:
             try:
+                described = _other_file(path)
+                if described:
+                    typer.echo(f"ok {path}: {described}")
+                    continue
                 cfg = load_config(path, overrides or [])
                 if preflight:
                     from qbert.pipeline.run import preflight as check
@@ -53,3 +57,23 @@ def _is_override(argument: str) -> bool:
     """``key.path=value`` (an argument that is not an existing file and has a ``=`` after a key)."""
     key, sep, _ = argument.partition("=")
     return bool(sep) and not Path(argument).exists() and "/" not in key and not key.endswith((".yaml", ".yml"))
+
+
+def _other_file(path: Path) -> str | None:
+    """Sweep files and table specs are validated by their own schema (a sweep also expands every cell);
+    returns what the file is, or None for an experiment config."""
+    from qbert.config import read_yaml
+
+    data = read_yaml(path)
+    if "rows" in data and "sweep" in data:
+        from qbert.tables import load_table_spec
+
+        spec = load_table_spec(path)
+        return f"table spec: {spec.title}"
+    from qbert.sweep import expand, is_sweep_file, load_sweep
+
+    if not is_sweep_file(data):
+        return None
+    spec, base = load_sweep(path)
+    cells = expand(spec, base)
+    return f"sweep {spec.name}, {len(cells)} cells"

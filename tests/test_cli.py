@@ -80,6 +80,22 @@ def test_validate_reports_each_file(tmp_path):
     assert f"error: {bad}: foo: unknown key" in result.output
 
 
+def test_validate_takes_overrides_like_run_and_knows_sweeps_and_tables(tmp_path):
+    good = write(tmp_path, "task: rte\nrecipe: {name: peg}\n", "good.yaml")
+    result = invoke("validate", good, "recipe.groups=3", "finetune=null")
+    assert result.exit_code == 0, result.output
+    bad = invoke("validate", good, "recipe.grups=3")
+    assert bad.exit_code == 2 and "recipe.grups: unknown key (did you mean 'groups'?)" in bad.output
+    papers = invoke("validate", str(ROOT / "configs" / "default.sweep.yaml"), str(ROOT / "configs" / "default.table.yaml"))
+    assert papers.exit_code == 0, papers.output
+    assert "sweep default, 4 cells" in papers.output and "table spec" in papers.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("qbert ")
+
+
 def test_validate_preflight_catches_offline_hub_id(tmp_path):
     path = write(tmp_path, "model: bert-base-uncased\n")
     assert invoke("validate", path).exit_code == 0
