@@ -86,7 +86,8 @@ def test_validate_takes_overrides_like_run_and_knows_sweeps_and_tables(tmp_path)
     assert result.exit_code == 0, result.output
     bad = invoke("validate", good, "recipe.grups=3")
     assert bad.exit_code == 2 and "recipe.grups: unknown key (did you mean 'groups'?)" in bad.output
-    papers = invoke("validate", str(ROOT / "configs" / "default.sweep.yaml"), str(ROOT / "configs" / "default.table.yaml"))
+    configs = ROOT / "configs"
+    papers = invoke("validate", str(configs / "default.sweep.yaml"), str(configs / "default.table.yaml"))
     assert papers.exit_code == 0, papers.output
     assert "sweep default, 4 cells" in papers.output and "table spec" in papers.output
 
