@@ -113,6 +113,9 @@ def integer_codes(
 
 def bias_codes(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A bias as int32 codes on the accumulator's grid ``scale = s_input * s_weight``:
-    ``clip(round(b / scale), -2^31, 2^31 - 1)`` (what integer inference adds to the int32 accumulator)."""
+    ``clip(round(b / scale), -2^31, 2^31 - 1)`` (what integer inference adds to the int32 accumulator), as
+    float64 whole numbers."""
     with torch.no_grad():
-        return torch.clamp(torch.round(bias / scale), *INT32_LIMITS)
+        # divided and rounded in the bias' dtype; clamped in float64, where 2^31 - 1 is exact (in float32
+        # it rounds to 2^31, which overflows int32)
+        return torch.round(bias / scale).double().clamp(*INT32_LIMITS)

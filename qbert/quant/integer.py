@@ -152,7 +152,7 @@ def quantize_biases(inst: Any, inputs: dict[str, str]) -> dict[str, Any]:
         if wq is None or aq is None or bias is None:
             continue
         scale = wq.scale * aq.scale  # per-tensor input: one scale, or one per output channel
-        rounded = bias_codes(bias, scale) * scale
+        rounded = (bias_codes(bias, scale) * scale).to(bias.dtype)
         largest = max(largest, float((rounded - bias).abs().max()))
         bias.copy_(rounded)
         inst.integer_biases[site] = source

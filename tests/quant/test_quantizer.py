@@ -178,3 +178,29 @@ def test_learn_state_gives_scale_and_offset_gradients() -> None:
     assert q.scale.grad is not None and float(q.scale.grad.abs()) > 0
     q.set_state("fixed")
     assert not q.scale.requires_grad
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_integer_codes_are_the_grid_the_fake_quantizer_dequantizes(granularity: str) -> None:
+    """Codes by numpy's textbook formula (half to even), and de-quantized they are the fake-quantized weight."""
+    rng = np.random.default_rng(3)
+    w = torch.tensor(rng.normal(0, 0.05, size=(6, 10)), dtype=torch.float32)
+    q = Quantizer(QuantSpec(bits=4, symmetric=True, granularity=granularity), CurrentMinMax(), channels=6,
+                  channel_dim=0)
+    q.observe(w)
+    q.freeze()
+    codes = q.integer_codes(w)
+    scale = q.scale.numpy().reshape(-1, 1) if granularity == "per_channel" else q.scale.numpy()
+    expected = np.clip(np.round(w.numpy() / scale), -8, 7)
+    np.testing.assert_array_equal(codes.numpy(), expected)
+    assert torch.equal(codes * q.scale.view(-1, 1) if granularity == "per_channel" else codes * q.scale, q(w))
+
+
+def test_bias_codes_are_int32_on_the_accumulator_grid() -> None:
+    from qbert.quant.functional import INT32_LIMITS, bias_codes
+
+    scale = torch.tensor([0.25])
+    bias = torch.tensor([0.375, -0.625, 2.5, 1e12, -1e12])  # 1.5 and -2.5 round half to even
+    codes = bias_codes(bias, scale)
+    assert codes.tolist() == [2, -2, 10, INT32_LIMITS[1], INT32_LIMITS[0]]
+    assert codes.to(torch.int64).numpy().astype(np.int32).tolist() == [2, -2, 10, 2**31 - 1, -(2**31)]
