@@ -161,6 +161,7 @@ def quantize(
     config sections of the same names (e.g. ``{"weights": "mse"}``, ``{"batches": 16, "batch_size": 1}``);
     ``seed`` draws the calibration batches; ``data`` is the config's data section (``max_train_samples``,
     ``dir``; ``data_dir`` is a shortcut for the folder). Returns the :class:`~qbert.recipes.Quantized` value.
+    A model object is quantized in place (as torchao's ``quantize_``); deep-copy it first to keep it.
     """
     q, (method, ctx) = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data,
                                  max_seq_len, seed)
