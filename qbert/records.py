@@ -34,16 +34,18 @@ class SeedRecord(Record):
     """``metrics.json`` of one seed."""
 
     version: int = 1
-    name: str
-    config_hash: str
-    seed: int
-    model: str
-    task: str
-    recipe: str
-    headline: str
-    simulated: bool
-    arithmetic: str | None = None
     metrics: dict[str, float]
+    """The one field every reader needs; the others are what qbert writes (readers tolerate older and
+    hand-made records without them)."""
+    name: str | None = None
+    config_hash: str | None = None
+    seed: int | None = None
+    model: str | None = None
+    task: str | None = None
+    recipe: str | None = None
+    headline: str | None = None
+    simulated: bool | None = None
+    arithmetic: str | None = None
     finetune: dict[str, Any] | None = None
     qat: dict[str, Any] | None = None
     checkpoint: str | None = None
@@ -63,13 +65,13 @@ class Status(Record):
 class Summary(Record):
     """``summary.json`` of one config: median, min, max and n of each metric over finished seeds."""
 
-    name: str
+    name: str | None = None
     config_hash: str
-    task: str
-    model: str
-    recipe: str
-    headline: str
-    simulated: bool
+    task: str | None = None
+    model: str | None = None
+    recipe: str | None = None
+    headline: str | None = None
+    simulated: bool | None = None
     seeds: list[int]
     metrics: dict[str, dict[str, float]]
     per_seed: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -127,6 +129,13 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
     return summary.model_dump(mode="json") if summary is not None else None
 
 
+WRITTEN = ("name", "config_hash", "seed", "model", "task", "recipe", "headline", "simulated", "arithmetic")
+"""Fields qbert always writes (optional only when reading)."""
+
+
 def seed_record(**fields: Any) -> dict[str, Any]:
-    """A new ``metrics.json`` record, checked against :class:`SeedRecord`."""
+    """A new ``metrics.json`` record, checked against :class:`SeedRecord` (with every written field set)."""
+    missing = [key for key in WRITTEN if fields.get(key) is None]
+    if missing:
+        raise ValueError(f"a seed record needs {', '.join(missing)}")
     return SeedRecord.model_validate({"version": RECORD_VERSION, **fields}).model_dump(mode="json")
