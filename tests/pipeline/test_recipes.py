@@ -228,3 +228,41 @@ def test_q8bert_delay_beyond_training_fails_before_training(real_data, tmp_path)
     with pytest.raises(QbertError, match="start_step 4 is not below the 4 training steps") as info:
         run_experiment(cfg, root=tmp_path)
     assert info.value.key == "recipe.start_step" and not any(tmp_path.rglob("metrics.json"))
+
+
+NEW_RECIPE = '''
+"""W6A8 PTQ: a recipe added as one module (the registry finds it)."""
+
+from typing import Literal
+
+from qbert.recipes.ptq import StaticQuantParams, StaticQuantRecipe
+
+
+class W6A8PtqParams(StaticQuantParams):
+    name: Literal["w6a8_ptq"] = "w6a8_ptq"
+
+
+class W6A8Ptq(StaticQuantRecipe):
+    name = "w6a8_ptq"
+    Params = W6A8PtqParams
+    source = "test: a new recipe is one file"
+    weight_bits = 6
+'''
+
+
+def test_a_new_recipe_is_one_module(real_data, tmp_path, monkeypatch):
+    """Dropping a module into the recipes package is all it takes: config, plan, pipeline, export."""
+    import qbert.recipes as registry
+
+    folder = tmp_path / "more_recipes"
+    folder.mkdir()
+    (folder / "w6a8_ptq.py").write_text(NEW_RECIPE)
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(folder)])
+    monkeypatch.setattr(registry, "RECIPES", {})
+    monkeypatch.setattr("qbert.config.RECIPES", registry.RECIPES)
+    assert "w6a8_ptq" in registry.available()
+    cfg = tiny(real_data, {"name": "w6a8_ptq"}, export={"formats": ["integer"]})
+    record = read_json(run_experiment(cfg, root=tmp_path / "runs").folder / "seed=0" / "metrics.json")
+    assert record["recipe"] == "w6a8_ptq" and record["arithmetic"] == "simulated"
+    assert record["recipe_report"]["plan"]["weight"]["by_bits"] == {"6": 3 + 2 * 6 + 2}
+    assert record["exports"]["integer"]["bit_exact"]
