@@ -1,1 +1,1 @@
-"""The pipeline stages: fine-tune, calibrate, quantize, evaluate, export."""
+"""The pipeline stages (finetune, calibrate, quantize, evaluate, export) and the run that orders them."""

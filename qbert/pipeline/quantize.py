@@ -1,5 +1,6 @@
-"""The quantize stage for static post-training quantization: quantizers in, weights ranged,
-activations calibrated, everything frozen.
+"""The stages of static post-training quantization, as the static recipes compose them:
+``instrument_plan`` (prepare: quantizers in, weight ranges set), ``calibrate_activations``
+(calibrate), ``freeze_activations`` (convert).
 
 Order: weight ranges come from the weights themselves (no data); the calibration batches then run
 through the network with quantized weights and floating-point activations while the activation

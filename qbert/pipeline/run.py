@@ -1,7 +1,8 @@
-"""The fixed pipeline: fine-tune -> calibrate -> quantize -> evaluate -> export, for every seed.
+"""The fixed pipeline, for every seed: fine-tune (skipped for an already fine-tuned model) ->
+prepare -> QAT (recipes that train) -> calibrate -> convert -> evaluate -> export.
 
-The recipe (from ``recipes/``) is asked what to do at each stage; this module never changes when a
-recipe is added.
+This module owns the order; the recipe (from ``recipes/``) implements the stages and hands a
+:class:`~qbert.recipes.Quantized` value from one to the next. It never changes when a recipe is added.
 """
 
 from __future__ import annotations
