@@ -171,6 +171,18 @@ def quantize(
     return method.convert(method.calibrate(q, ctx), ctx)
 
 
+def to_integer(q: Quantized) -> Quantized:
+    """``q`` with every linear layer whose input and weight are quantized (8 bits or fewer) on integer
+    GEMMs (int8 x int8 -> int32, ``torch._int_mm``), in place; ``report["gemms"]`` says which layers
+    are integer and why the others are not. Needs a recipe with uniform quantizers."""
+    from qbert.quant.integer_model import integer_gemms
+
+    if q.instrumented is None:
+        raise QbertError(f"recipe {q.recipe} has no uniform quantizers to run on integer GEMMs", key="quantized")
+    gemms = integer_gemms(q.instrumented)
+    return q.but(arithmetic="integer", report={"gemms": gemms})
+
+
 def evaluate(
     quantized: Any, task: str, *, tokenizer: Any = None, data_dir: str | None = None, batch_size: int = 64,
     max_seq_len: int = 128, max_eval_samples: int | None = None,

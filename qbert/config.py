@@ -109,6 +109,10 @@ class EvaluateConfig(Section):
     save_predictions: bool = Field(True, description="Write per-example predictions next to metrics.")
     n_best: int = Field(20, gt=0, description="SQuAD: start and end candidates searched per window.")
     max_answer_len: int = Field(30, gt=0, description="SQuAD: longest answer span in tokens.")
+    integer: bool = Field(
+        False, description="Also evaluate the model with its linear layers on integer GEMMs (int8 x int8 -> int32), "
+        "recorded beside the simulated metrics with their agreement (recipes with uniform quantizers).",
+    )
 
 
 class ExportConfig(Section):
@@ -189,6 +193,10 @@ class ExperimentConfig(Section):
                 f"finetune.max_seq_len ({self.finetune.max_seq_len}) for squad (e.g. 128 with 384)"
             )
         recipe = get_recipe(self.recipe.name)
+        if self.evaluate.integer and "integer" not in recipe.export_formats:
+            able = ", ".join(sorted(n for n in available() if "integer" in get_recipe(n).export_formats))
+            raise ValueError(f"evaluate.integer: recipe {self.recipe.name} has no uniform quantizers to run on integer "
+                             f"GEMMs (recipes that do: {able}); remove evaluate.integer")
         for fmt in self.export.formats:
             if fmt not in recipe.export_formats:
                 able = ", ".join(sorted(n for n in available() if fmt in get_recipe(n).export_formats))
@@ -215,7 +223,7 @@ class ExperimentConfig(Section):
         return stable_hash(hashed_data(self.resolved()))
 
 
-HASH_NEUTRAL: dict[str, Any] = {}
+HASH_NEUTRAL: dict[str, Any] = {"evaluate.integer": False}
 """Keys added to the schema after results were first hashed (dotted; ``recipe.<field>`` for any recipe's
 parameter), each with the value that reproduces the behaviour from before the key existed. The hash
 leaves a key out while it has that value, so adding a key never orphans earlier results. Every key

@@ -46,6 +46,9 @@ class SeedRecord(Record):
     headline: str | None = None
     simulated: bool | None = None
     arithmetic: str | None = None
+    integer: dict[str, Any] | None = None
+    """``evaluate.integer``: the metrics of the model on integer GEMMs, their agreement with the
+    simulated ones, which GEMMs are integer."""
     finetune: dict[str, Any] | None = None
     qat: dict[str, Any] | None = None
     checkpoint: str | None = None

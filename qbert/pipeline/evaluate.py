@@ -59,4 +59,19 @@ def evaluate(
     )
     seconds = time.perf_counter() - start
     result = task.score(examples, features, outputs)
+    result.outputs = outputs
     return result, {"examples": len(examples), "features": len(features), "seconds": round(seconds, 3)}
+
+
+def agreement(reference: EvalOutput, other: EvalOutput) -> dict[str, Any]:
+    """How closely ``other`` reproduces ``reference`` on the same examples: the share of equal
+    per-example predictions and the largest absolute difference of the raw outputs."""
+    pairs = list(zip(reference.predictions, other.predictions, strict=True))
+    equal = sum(a.get("prediction") == b.get("prediction") for a, b in pairs)
+    if isinstance(reference.outputs, np.ndarray):
+        largest = float(np.abs(reference.outputs - other.outputs).max()) if len(reference.outputs) else 0.0
+    else:  # question answering: (start, end) logits per feature
+        largest = max((float(np.abs(a - b).max()) for ra, rb in zip(reference.outputs, other.outputs, strict=True)
+                       for a, b in zip(ra, rb, strict=True)), default=0.0)
+    return {"equal_predictions": round(equal / len(pairs), 6) if pairs else 1.0, "examples": len(pairs),
+            "max_abs_output_diff": largest}

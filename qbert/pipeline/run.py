@@ -241,21 +241,43 @@ def run_seed(
         eval_device = q.device or device
 
         # evaluate every evaluation split; metrics of later splits carry the split name
-        metrics: dict[str, float] = {}
-        evaluation: dict[str, Any] = {}
-        for i, split in enumerate(task.eval_splits):
-            examples = task.load(split, config.data)
-            output, info = evaluate(
-                q.model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
-                max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
-                reporter=reporter,
-            )
-            suffix = "" if i == 0 else f"_{split}"
-            metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
-            evaluation[split] = info
-            if config.evaluate.save_predictions:
-                atomic_write_jsonl(folder / f"predictions{'' if i == 0 else '-' + split}.jsonl", output.predictions)
+        def evaluate_splits(model: torch.nn.Module, tag: str = "") -> tuple[dict, dict, dict]:
+            metrics: dict[str, float] = {}
+            evaluation: dict[str, Any] = {}
+            outputs: dict[str, Any] = {}
+            for i, split in enumerate(task.eval_splits):
+                examples = task.load(split, config.data)
+                output, info = evaluate(
+                    model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
+                    max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
+                    reporter=reporter,
+                )
+                suffix = "" if i == 0 else f"_{split}"
+                metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
+                evaluation[split], outputs[split] = info, output
+                if config.evaluate.save_predictions:
+                    name = f"predictions{tag}{'' if i == 0 else '-' + split}.jsonl"
+                    atomic_write_jsonl(folder / name, output.predictions)
+            return metrics, evaluation, outputs
+
+        metrics, evaluation, outputs = evaluate_splits(q.model)
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
+
+        # the same model with its linear layers on integer GEMMs, beside the simulation
+        integer = None
+        if config.evaluate.integer:
+            from qbert.pipeline.evaluate import agreement
+            from qbert.quant.integer_model import float_gemms, integer_gemms
+
+            gemms = integer_gemms(q.instrumented)
+            try:
+                int_metrics, int_evaluation, int_outputs = evaluate_splits(q.model, "-integer")
+            finally:
+                float_gemms(q.instrumented)
+            integer = {"metrics": int_metrics, "simulated": False, "arithmetic": "integer",
+                       "agreement": {s: agreement(outputs[s], int_outputs[s]) for s in outputs},
+                       "gemms": gemms, "evaluate": int_evaluation}
+            timings["evaluate_integer"] = round(sum(v["seconds"] for v in int_evaluation.values()), 2)
 
         start = time.perf_counter()
         exports = {}
@@ -276,6 +298,7 @@ def run_seed(
             "simulated": q.simulated,
             "arithmetic": q.arithmetic,
             "metrics": metrics,
+            "integer": integer,
             "finetune": training,
             "qat": qat,
             "checkpoint": checkpoint,

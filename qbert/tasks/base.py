@@ -18,6 +18,8 @@ class EvalOutput:
 
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]
+    outputs: Any = None
+    """The model's raw outputs (logits, or start/end logits per feature) the metrics came from."""
 
 
 class Task:

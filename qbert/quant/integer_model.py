@@ -1,0 +1,143 @@
+"""Integer GEMMs for a fake-quantized model: every linear layer whose input and weight are quantized
+(at most 8 bits) runs as int8 x int8 -> int32 (``torch._int_mm``) with the calibrated scales and zero
+points, then rescales to float.
+
+For a linear ``y = x W^T + b`` with input grid ``x = s_x (q_x - z_x)`` and weight grid ``W = s_w q_w``
+(symmetric, per tensor or per output channel)::
+
+    y = s_x s_w (q_x - z_x) q_w^T + b
+      = s_x s_w [(q_x - c) q_w^T] + (b - s_x s_w (z_x - c) * rowsum(q_w))
+
+where ``c`` is 128 for unsigned 8-bit inputs (so ``q_x - c`` fits int8) and 0 otherwise: the bracket
+is the int32 GEMM, the second term a float bias folded offline. A per-embedding-group input (PEG,
+Bondarenko et al. 2021 sec. 4 and Figure 4) runs as K group GEMMs summed, each with its group's scale
+and zero point; its range-based permutation is folded into the weight's columns offline (the input is
+gathered once in the same order). Weights of fewer bits (4-bit) are int8 codes in a narrower range.
+
+Everything else (attention matmuls, softmax, GELU, LayerNorm, the output fake-quantization of each
+site) stays as the simulated model computes it, so the integer model differs from the simulation only
+in the GEMMs, where int32 accumulation is exact and the float GEMM rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qbert.quant.quantizer import Quantizer
+
+
+def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [K, N] -> int32 [M, N] (``b_t`` is the transpose of a row-major [N, K]).
+    CUDA's kernel wants more than 16 rows: smaller inputs are padded with zero rows."""
+    rows = a.shape[0]
+    if a.is_cuda and rows <= 16:
+        a = torch.cat([a, a.new_zeros(17 - rows, a.shape[1])])
+    return torch._int_mm(a, b_t)[:rows]
+
+
+class IntegerGemm(nn.Module):
+    """The integer forward of one linear layer (replaces its ``forward``; its hooks stay in place)."""
+
+    def __init__(self, linear: nn.Module, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
+                 input_quantizer: Quantizer) -> None:
+        super().__init__()
+        aq = input_quantizer
+        self.in_features = weight_codes.shape[1]
+        self.qmin, self.qmax = aq.qmin, aq.qmax
+        self.shift = 128 if aq.qmax > 127 else 0
+        groups = aq.groups if aq.spec.granularity == "per_embedding_group" else 1
+        permutation = aq.permutation if groups > 1 else None
+        codes = weight_codes if permutation is None else weight_codes[:, permutation]
+        size = self.in_features // groups
+        s_w = weight_scale.reshape(-1).float()  # [1] or [N]
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(codes.shape[0])
+        s_x = aq.scale.detach().float().reshape(-1)[:groups]
+        z_x = aq.zero_point.detach().float().reshape(-1)[:groups]
+        chunks = [codes[:, g * size:(g + 1) * size] for g in range(groups)]
+        for g, chunk in enumerate(chunks):
+            bias = bias - s_x[g] * s_w * (z_x[g] - self.shift) * chunk.double().sum(dim=1).float()
+        identity = permutation is not None and torch.equal(permutation, torch.arange(len(permutation),
+                                                                                    device=permutation.device))
+        self.register_buffer("permutation", None if permutation is None or identity else permutation.clone())
+        # weights stored [N, K_g] row-major and passed transposed: the fast layout for _int_mm on CPU;
+        # buffers, not parameters, so the model's parameters stay the float ones the exports read
+        self.groups = groups
+        for g, chunk in enumerate(chunks):
+            self.register_buffer(f"weight_{g}", chunk.to(torch.int8).contiguous())
+        self.register_buffer("out_scale", (s_x.reshape(-1, 1) * s_w.reshape(1, -1)))  # [G, N] or [G, 1]
+        self.register_buffer("input_scale", s_x.repeat_interleave(size))
+        self.register_buffer("input_zero", z_x.repeat_interleave(size))
+        self.register_buffer("folded_bias", bias.float())
+        self.size = size
+
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 codes ``q_x - c`` of ``x`` (in the weights' column order)."""
+        if self.permutation is not None:
+            x = x.index_select(-1, self.permutation)
+        q = torch.clamp(torch.round(x / self.input_scale) + self.input_zero, self.qmin, self.qmax)
+        return (q - self.shift).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        codes = self.input_codes(x.reshape(-1, self.in_features).float())
+        out = None
+        for g in range(self.groups):
+            weight = getattr(self, f"weight_{g}")
+            acc = _int_mm(codes[:, g * self.size:(g + 1) * self.size].contiguous(), weight.t())
+            part = acc.float() * self.out_scale[g]
+            out = part if out is None else out + part
+        out = out + self.folded_bias
+        return out.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def integer_gemms(inst: Any) -> dict[str, Any]:
+    """Switch every eligible linear layer of ``inst`` (an instrumented model with frozen ranges) to
+    :class:`IntegerGemm`, in place. Returns which GEMMs run on integers and why the others do not."""
+    from qbert.quant.sites import linear_inputs, weight_modules
+
+    modules = weight_modules(inst.model)
+    integer: list[str] = []
+    floating: dict[str, str] = {}
+    for site, source in linear_inputs(inst.model).items():
+        module = modules.get(site)
+        wq, aq = inst.quantizers.get(site), inst.quantizers.get(source)
+        reason = _not_integer(wq, aq, source)
+        if module is None or reason:
+            floating[site.removesuffix(".weight")] = reason or "no such layer"
+            continue
+        codes = wq.integer_codes(inst.weight_tensors[site])
+        gemm = IntegerGemm(module, codes, wq.scale.detach(), aq).to(inst.weight_tensors[site].device)
+        module.integer_gemm = gemm
+        module.forward = gemm.forward  # hooks on the module (its output's fake quantization) stay
+        integer.append(site.removesuffix(".weight"))
+    return {"integer": integer, "float": floating, "kernel": "torch._int_mm (int8 x int8 -> int32)"}
+
+
+def float_gemms(inst: Any) -> None:
+    """Undo :func:`integer_gemms`: every linear layer computes the simulated float GEMM again."""
+    for module in inst.model.modules():
+        if "integer_gemm" in module._modules:
+            del module._modules["integer_gemm"]
+            module.__dict__.pop("forward", None)
+
+
+def _not_integer(wq: Quantizer | None, aq: Quantizer | None, source: str) -> str | None:
+    if wq is None:
+        return "weight in floating point"
+    if aq is None:
+        return f"input {source} in floating point"
+    if wq.spec.bits > 8 or not wq.spec.symmetric:
+        kind = "symmetric" if wq.spec.symmetric else "asymmetric"
+        return f"weight {wq.spec.bits}-bit {kind} (int8 needs <= 8 bits, symmetric)"
+    if wq.spec.granularity not in ("per_tensor", "per_channel"):
+        return f"weight granularity {wq.spec.granularity}"
+    if aq.spec.bits > 8:
+        return f"input {source} at {aq.spec.bits} bits"
+    if aq.spec.granularity == "per_channel":
+        return f"input {source} per channel"
+    if aq.state != "fixed":
+        return f"input {source} range not frozen ({aq.state})"
+    return None

@@ -1,0 +1,127 @@
+"""Integer GEMMs: int32 accumulators checked exactly against an independent integer computation, the
+rescaled output against float64 arithmetic on the same grids, and the pipeline's integer evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qbert.config import parse_config
+from qbert.errors import QbertError
+from qbert.quant.estimators import CurrentMinMax
+from qbert.quant.integer_model import IntegerGemm, _int_mm
+from qbert.quant.quantizer import Quantizer
+from qbert.quant.spec import QuantSpec
+
+
+def _setup(spec: QuantSpec, weight_bits: int = 8):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 5)
+    x = torch.randn(3, 7, 12) * torch.linspace(0.1, 6, 12)  # outlier-ish dimensions
+    aq = Quantizer(spec, CurrentMinMax(), channels=12)
+    if spec.permute:
+        aq.track_dimensions = True
+        aq.observe(x)
+        aq.set_permutation(aq.range_permutation())
+        aq.restart_estimation()
+    aq.observe(x)
+    aq.freeze()
+    wq = Quantizer(QuantSpec(bits=weight_bits, symmetric=True, granularity="per_channel"), CurrentMinMax(),
+                   channels=5, channel_dim=0)
+    wq.observe(linear.weight.detach())
+    wq.freeze()
+    codes = wq.integer_codes(linear.weight.detach())
+    return linear, x, aq, wq, codes
+
+
+SPECS = {
+    "per_tensor": QuantSpec(bits=8),
+    "peg_k3_permuted": QuantSpec(bits=8, granularity="per_embedding_group", groups=3, permute=True),
+    "peg_k4": QuantSpec(bits=8, granularity="per_embedding_group", groups=4),
+    "symmetric_narrow": QuantSpec(bits=8, symmetric=True, narrow=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_integer_gemm_equals_the_integer_arithmetic(name, weight_bits):
+    spec = SPECS[name]
+    linear, x, aq, wq, codes = _setup(spec, weight_bits)
+    gemm = IntegerGemm(linear, codes, wq.scale.detach(), aq)
+    x_hat = aq(x)  # what the linear layer receives in the simulated model: values on the input grid
+
+    # independent integer arithmetic (numpy, int64): input codes by the textbook formula
+    s = aq.scale.detach().numpy()
+    z = aq.zero_point.detach().numpy()
+    position = np.empty(12, dtype=np.int64)
+    perm = aq.permutation.numpy() if aq.permutation is not None else np.arange(12)
+    position[perm] = np.arange(12)
+    group = position * aq.groups // 12 if spec.granularity == "per_embedding_group" else np.zeros(12, np.int64)
+    xs = x.reshape(-1, 12).numpy().astype(np.float64)
+    q = np.clip(np.round(xs / s[group]) + z[group], aq.qmin, aq.qmax).astype(np.int64)
+    qw = codes.numpy().astype(np.int64)
+    shift = 128 if aq.qmax > 127 else 0
+    input_codes = gemm.input_codes(x_hat.reshape(-1, 12)).numpy().astype(np.int64)
+    np.testing.assert_array_equal(input_codes, (q - shift)[:, perm] if gemm.permutation is not None
+                                  else q - shift)
+    size = 12 // gemm.groups
+    for g in range(gemm.groups):
+        dims = perm[g * size:(g + 1) * size] if gemm.permutation is not None else np.arange(g * size, (g + 1) * size)
+        acc = _int_mm(torch.tensor(q[:, dims] - shift, dtype=torch.int8), getattr(gemm, f"weight_{g}").t())
+        np.testing.assert_array_equal(acc.numpy(), (q[:, dims] - shift) @ qw[:, dims].T)  # exact
+
+    # the rescaled output: float64 of s_x s_w (q_x - z_x) q_w + b on the same grids
+    sw = wq.scale.detach().numpy().astype(np.float64).reshape(-1, 1)
+    expected = ((q - z[group]) * s[group]) @ (qw * sw).T + linear.bias.detach().numpy()
+    got = gemm(x_hat).reshape(-1, 5).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def tiny(real_data: Path, recipe: dict, **extra):
+    return parse_config({
+        "name": f"int_{recipe['name']}", "model": "tiny-random", "task": "mrpc", "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+        "recipe": recipe, "calibrate": {"batches": 2, "batch_size": 4}, **extra,
+    })
+
+
+def test_the_pipeline_evaluates_the_integer_model_beside_the_simulation(real_data, tmp_path):
+    from qbert.pipeline.run import run_experiment
+    from qbert.runs import read_json
+
+    cfg = tiny(real_data, {"name": "peg", "groups": 4}, evaluate={"integer": True}, export={"formats": ["integer"]})
+    folder = run_experiment(cfg, root=tmp_path).folder / "seed=0"
+    record = read_json(folder / "metrics.json")
+    integer = record["integer"]
+    assert record["simulated"] is True and integer["simulated"] is False and integer["arithmetic"] == "integer"
+    assert set(integer["metrics"]) == {"f1", "accuracy"}
+    assert len(integer["gemms"]["integer"]) == 2 * 6 + 2 and integer["gemms"]["float"] == {}
+    dev = integer["agreement"]["dev"]
+    assert dev["examples"] == 32 and 0.9 <= dev["equal_predictions"] <= 1.0
+    assert (folder / "predictions-integer.jsonl").is_file()
+    assert record["exports"]["integer"]["bit_exact"]  # the float GEMMs are back for the export
+    assert "evaluate_integer" in record["timings"]
+
+
+def test_sites_kept_in_floating_point_keep_their_gemm_in_floating_point(real_data, tmp_path):
+    import qbert
+
+    cfg = tiny(real_data, {"name": "mp_ptq", "preset": "ffn_sum_io"})
+    from qbert.pipeline.run import run_experiment
+
+    checkpoint = run_experiment(cfg, root=tmp_path).seeds[0].folder
+    q = qbert.quantize(str(checkpoint), {"name": "mp_ptq", "preset": "ffn_sum_io"}, calibration="mrpc",
+                       data={"dir": str(real_data), "max_train_samples": 64}, max_seq_len=64,
+                       calibrate={"batches": 2, "batch_size": 4})
+    gemms = qbert.to_integer(q).report["gemms"]
+    assert sorted(gemms["float"]) == ["layer.0.ffn.intermediate", "layer.1.ffn.intermediate"]
+    assert "16 bits" in gemms["float"]["layer.0.ffn.intermediate"] and len(gemms["integer"]) == 12
+
+
+def test_integer_evaluation_needs_uniform_quantizers():
+    with pytest.raises(QbertError, match="evaluate.integer: recipe gobo has no uniform quantizers"):
+        parse_config({"recipe": {"name": "gobo"}, "evaluate": {"integer": True}})
