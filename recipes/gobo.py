@@ -71,7 +71,7 @@ class Gobo(Recipe):
     name = "gobo"
     Params = GoboParams
     source = "Zadeh et al. 2020, GOBO (seed 002): sec. IV, Tables III-VII"
-    export_formats = ("packed",)
+    export_formats = ("packed", "hf")
     fp32_evaluation = "GOBO's decoded weights are FP32 values and bf16 would round them again"
 
     def plan(self, sites: list[Any]) -> Any:

@@ -9,6 +9,7 @@ which format is the recipe's ``export_formats``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -81,17 +82,128 @@ def export_integer(q: Any, folder: Path) -> dict[str, Any]:
             "compression": round(fp32_bytes / info["bytes"], 3), "entries": info["entries"]}
 
 
-EXPORT_FORMATS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
+def evaluated_weights(model: Any) -> dict[str, Any]:
+    """Every parameter of ``model`` as the evaluated model used it, by its plain name: quantized weights
+    on their grid (the parametrization's output), GOBO's decoded weights, the rest as they are;
+    quantizer parameters left out."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from qbert.quant.quantizer import Quantizer
+
+    skip = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    weights: dict[str, Any] = {}
+    with torch.no_grad(), parametrize.cached():
+        for name, module in model.named_modules():
+            if isinstance(module, Quantizer):
+                continue
+            prefix = f"{name}." if name else ""
+            for pname, param in module.named_parameters(recurse=False):
+                if id(param) not in skip:
+                    weights[prefix + pname] = param.detach()
+            if parametrize.is_parametrized(module):
+                for pname in module.parametrizations:
+                    weights[prefix + pname] = getattr(module, pname).detach()
+    return {k: v for k, v in weights.items() if ".parametrizations." not in k}
+
+
+def quantizer_record(q: Any) -> list[dict[str, Any]]:
+    """Every quantizer of ``q``: site, kind, grid, scale, zero point, permutation, state (JSON-ready)."""
+    rows = []
+    for site, quantizer in q.quantizers.items():
+        spec = quantizer.spec
+        rows.append({
+            "site": site, "kind": "weight" if site.endswith(".weight") else "activation", "bits": spec.bits,
+            "symmetric": spec.symmetric, "narrow": spec.narrow, "granularity": spec.granularity,
+            "groups": quantizer.groups, "qmin": quantizer.qmin, "qmax": quantizer.qmax, "state": quantizer.state,
+            "scale": quantizer.scale.detach().cpu().reshape(-1).tolist(),
+            "zero_point": quantizer.zero_point.detach().cpu().reshape(-1).tolist(),
+            "permutation": (quantizer.permutation.cpu().tolist()
+                            if quantizer.permutation is not None and quantizer.groups > 1 else None),
+        })
+    return rows
+
+
+def export_hf(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``save_pretrained`` folder any transformers user can load: the weights as evaluated (on their
+    grids, or GOBO-decoded), the tokenizer, ``quantizers.json`` (every quantizer's grid; activation
+    quantization is not part of a plain transformers model) and a model card. Reloaded with
+    ``from_pretrained`` and compared bit for bit with the evaluated weights."""
+    import copy
+
+    import numpy as np
+
+    from qbert.runs import atomic_write_json, atomic_write_text
+
+    if q.arithmetic == "integer" and q.instrumented is None:
+        raise QbertError(f"format 'hf' needs float weights and recipe {q.recipe} runs int8 modules",
+                         key="export.formats")
+    weights = evaluated_weights(q.model)
+    config = copy.deepcopy(q.model.config)
+    config._attn_implementation = None  # qbert's instrumented attention is not part of the saved model
+    fresh = type(q.model)._from_config(config)
+    missing, unexpected = fresh.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k not in weights]:
+        raise RuntimeError(f"{folder}: the evaluated weights do not fit {type(q.model).__name__}: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    fresh.save_pretrained(folder)
+    if q.tokenizer is not None:
+        q.tokenizer.save_pretrained(folder)
+    activations = [r for r in quantizer_record(q) if r["kind"] == "activation"]
+    atomic_write_json(folder / "quantizers.json", {"recipe": q.recipe, "arithmetic": q.arithmetic,
+                                                   "quantizers": quantizer_record(q)})
+    atomic_write_text(folder / "README.md", _model_card(q, card or {}, bool(activations)))
+    reloaded = type(q.model).from_pretrained(folder)
+    mismatched = [name for name, value in reloaded.state_dict().items()
+                  if name in weights and not np.array_equal(value.cpu().numpy(), weights[name].cpu().numpy())]
+    if mismatched:
+        raise RuntimeError(f"{folder}: reloaded weights differ from the evaluated model: {', '.join(mismatched[:5])}")
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    log.info("hf export: %s, %.2f MB", folder, size / 1e6)
+    return {"path": str(folder / "config.json"), "bit_exact": True, "folder_bytes": size,
+            "activation_quantizers": len(activations),
+            "reproduces_evaluation": not activations}
+
+
+def _model_card(q: Any, card: dict[str, Any], activations: bool) -> str:
+    config = q.config
+    recipe = config.recipe.model_dump(mode="json") if config is not None else {"name": q.recipe}
+    lines = [
+        "---", "library_name: transformers", "tags: [bert, quantization, qbert]", "---", "",
+        f"# {card.get('name', q.recipe)}: {q.recipe} ({q.arithmetic})", "",
+        f"Quantized with qbert's recipe `{q.recipe}`"
+        + (f" on task `{config.task}`" if config is not None else "") + ".", "",
+        f"- recipe parameters: `{json.dumps(recipe)}`",
+    ]
+    for key in ("task", "seed", "metrics", "integer_metrics", "model", "config_hash", "command"):
+        value = card.get(key)
+        if value is not None:
+            lines.append(f"- {key.replace('_', ' ')}: `{value if isinstance(value, str) else json.dumps(value)}`")
+    lines += ["", "The weights are stored as the evaluated model used them (on their quantization grids, or "
+              "decoded from their codebooks); they load with `AutoModel*.from_pretrained`."]
+    if activations:
+        lines.append("Activation quantization is not part of a plain transformers model: its grids are in "
+                     "`quantizers.json`, so this folder alone computes weight-only quantized arithmetic.")
+    else:
+        lines.append("No activation is quantized: this folder computes exactly what was evaluated.")
+    return "\n".join(lines) + "\n"
+
+
+EXPORT_FORMATS: dict[str, Callable[..., dict[str, Any]]] = {
     "packed": export_packed,
     "integer": export_integer,
+    "hf": export_hf,
 }
 """Export formats by name: ``exporter(quantized, folder) -> facts about what was written``."""
 
 
-def export(q: Any, fmt: str, folder: str | Path) -> dict[str, Any]:
-    """Write ``q`` as ``fmt`` into ``folder`` (created); returns what was written."""
+def export(q: Any, fmt: str, folder: str | Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``q`` as ``fmt`` into ``folder`` (created); returns what was written. ``card``: facts for the
+    formats that write a model card (task, seed, metrics, command)."""
     if fmt not in EXPORT_FORMATS:
         raise QbertError(f"unknown export format {fmt!r} (available: {', '.join(EXPORT_FORMATS)})", key="format")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        return export_hf(q, folder, card)
     return EXPORT_FORMATS[fmt](q, folder)

@@ -281,8 +281,11 @@ def run_seed(
 
         start = time.perf_counter()
         exports = {}
+        card = {"name": config.name, "task": config.task, "seed": seed, "metrics": metrics,
+                "integer_metrics": integer["metrics"] if integer else None, "model": config.model,
+                "config_hash": config.config_hash(), "command": f"qbert run {folder / 'config.yaml'}"}
         for fmt in config.export.formats:
-            written = export(q, fmt, folder / "export" / fmt)
+            written = export(q, fmt, folder / "export" / fmt, card=card)
             exports[fmt] = {**written, "path": str(Path(written["path"]).relative_to(folder))}
         if exports:
             timings["export"] = round(time.perf_counter() - start, 2)

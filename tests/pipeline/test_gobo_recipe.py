@@ -113,3 +113,69 @@ def test_run_with_packed_export_is_bit_exact_and_reports(real_data, tmp_path):
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[101, 2023, 102]])).logits
     assert out.shape == (1, 1)
+
+
+def test_hf_export_loads_with_transformers_alone_and_reproduces_the_run(real_data, tmp_path):
+    """The hf folder of a GOBO run: from_pretrained in a process that never imports qbert gives the
+    evaluated weights, and the reloaded model scores the run's metric."""
+    import json
+    import subprocess
+    import sys
+
+    import qbert
+    from qbert.config import parse_config
+    from qbert.pipeline.run import run_experiment
+    from qbert.runs import read_json
+
+    cfg = parse_config({
+        "name": "gobo_hf", "model": "tiny-random", "task": "mrpc", "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+        "recipe": {"name": "gobo", "bits": 3, "embeddings": True}, "export": {"formats": ["hf", "packed"]},
+    })
+    seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
+    record = read_json(seed / "metrics.json")
+    export = record["exports"]["hf"]
+    assert export["bit_exact"] and export["reproduces_evaluation"] and export["activation_quantizers"] == 0
+    folder = seed / "export" / "hf"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "quantizers.json", "README.md"} <= \
+        {p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    assert "gobo" in card and '"f1"' in card and "computes exactly what was evaluated" in card
+    code = ("import sys, torch; from transformers import AutoModelForSequenceClassification as A; "
+            f"m = A.from_pretrained({str(folder)!r}); "
+            "assert not any(k.startswith('qbert') for k in sys.modules); "
+            "print(repr(m.bert.encoder.layer[0].output.dense.weight.double().abs().sum().item()))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    from qbert.quant.packing import read_packed  # the packed export decodes to the evaluated weights
+
+    decoded = read_packed(seed / "export" / "packed" / "model.safetensors").tensors
+    expected = float(np.abs(decoded["bert.encoder.layer.0.output.dense.weight"].astype(np.float64)).sum())
+    assert float(out.stdout) == pytest.approx(expected, rel=1e-12)
+    metrics = qbert.evaluate(str(folder), "mrpc", data_dir=real_data, max_seq_len=64, max_eval_samples=32)
+    assert metrics == record["metrics"]
+    quantizers = json.loads((folder / "quantizers.json").read_text())
+    assert quantizers["recipe"] == "gobo" and quantizers["arithmetic"] == "decoded"
+
+
+def test_hf_export_of_a_fake_quant_run_records_every_quantizer(real_data, tmp_path):
+    import json
+
+    from qbert.config import parse_config
+    from qbert.pipeline.run import run_experiment
+    from qbert.runs import read_json
+
+    cfg = parse_config({
+        "name": "peg_hf", "model": "tiny-random", "task": "mrpc", "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+        "recipe": {"name": "peg", "groups": 4}, "calibrate": {"batches": 2, "batch_size": 4},
+        "export": {"formats": ["hf", "integer"]},
+    })
+    seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
+    export = read_json(seed / "metrics.json")["exports"]["hf"]
+    assert export["bit_exact"] and not export["reproduces_evaluation"]
+    record = json.loads((seed / "export" / "hf" / "quantizers.json").read_text())["quantizers"]
+    peg = [r for r in record if r["granularity"] == "per_embedding_group"]
+    assert len(peg) == 2 * 3 and all(len(r["scale"]) == 4 and len(r["permutation"]) == 64 for r in peg)
+    assert "quantizers.json" in (seed / "export" / "hf" / "README.md").read_text()
