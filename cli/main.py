@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from qbert.cli import export as export_cmd
 from qbert.cli import inspect as inspect_cmd
 from qbert.cli import ls as ls_cmd
 from qbert.cli import run as run_cmd
@@ -52,6 +53,7 @@ app.command(
     "validate", epilog="Example: qbert validate configs/*.yaml; qbert validate configs/mrpc_peg.yaml recipe.groups=3"
 )(validate_cmd.validate)
 app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
+app.command("export", epilog="Example: qbert export runs/mrpc_gobo/<hash>/seed=42 --format hf")(export_cmd.export)
 app.add_typer(inspect_cmd.app, name="inspect")
 
 

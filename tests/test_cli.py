@@ -157,3 +157,28 @@ def test_inspect_sites_bad_rule_is_one_line(tmp_path):
     line = result.output.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "recipe.sites.ffn.residul_sum" in line and "matches no site" in line and str(cfg) in line
+
+
+def test_export_a_finished_run_without_training_it_again(tmp_path, real_data):
+    from qbert.config import parse_config
+    from qbert.pipeline.run import run_experiment
+    from qbert.runs import read_json
+
+    cfg = parse_config({
+        "name": "late_export", "model": "tiny-random", "task": "mrpc", "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+        "recipe": {"name": "peg", "groups": 4}, "calibrate": {"batches": 2, "batch_size": 4},
+    })
+    seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
+    assert read_json(seed / "metrics.json")["exports"] == {}
+    result = invoke("export", str(seed), "--format", "hf", "--format", "integer")
+    assert result.exit_code == 0, result.output
+    assert "hf: export/hf/config.json" in result.output and "integer: export/integer/model.safetensors" in result.output
+    record = read_json(seed / "metrics.json")
+    assert record["exports"]["integer"]["bit_exact"] and record["exports"]["hf"]["bit_exact"]
+    assert (seed / "export" / "hf" / "quantizers.json").is_file()
+    bad = invoke("export", str(seed), "--format", "packed")
+    assert bad.exit_code == 2 and "recipe peg cannot write 'packed'" in bad.output
+    missing = invoke("export", str(tmp_path), "--format", "hf")
+    assert missing.exit_code == 2 and "is not a finished seed folder" in missing.output
