@@ -30,6 +30,18 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def tiny_config(real_data: Path, recipe: dict, name: str | None = None, **extra):
+    """The tiny end-to-end experiment: tiny-random on 64 real MRPC training and 32 dev examples, 1 epoch."""
+    from qbert.config import parse_config
+
+    return parse_config({
+        "name": name or f"tiny_{recipe['name']}", "model": "tiny-random", "task": "mrpc", "seeds": [0],
+        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
+        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
+        "recipe": recipe, "calibrate": {"batches": 2, "batch_size": 4}, **extra,
+    })
+
+
 def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]

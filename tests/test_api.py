@@ -16,17 +16,13 @@ from qbert.models import check_finetuned, resolve_model
 from qbert.pipeline.run import run_experiment
 from qbert.runs import read_json
 from qbert.tasks import get_task
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(real_data: Path, recipe: dict, **extra) -> object:
-    return parse_config({
-        "name": f"api_{recipe['name']}", "model": "tiny-random", "task": "mrpc", "seeds": [0],
-        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
-        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
-        "recipe": recipe, "calibrate": {"batches": 2, "batch_size": 4}, **extra,
-    })
+    return tiny_config(real_data, recipe, name=extra.pop("name", f"api_{recipe['name']}"), **extra)
 
 
 @pytest.fixture(scope="module")

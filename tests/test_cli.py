@@ -160,16 +160,11 @@ def test_inspect_sites_bad_rule_is_one_line(tmp_path):
 
 
 def test_export_a_finished_run_without_training_it_again(tmp_path, real_data):
-    from qbert.config import parse_config
     from qbert.pipeline.run import run_experiment
     from qbert.runs import read_json
+    from tests.conftest import tiny_config
 
-    cfg = parse_config({
-        "name": "late_export", "model": "tiny-random", "task": "mrpc", "seeds": [0],
-        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
-        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
-        "recipe": {"name": "peg", "groups": 4}, "calibrate": {"batches": 2, "batch_size": 4},
-    })
+    cfg = tiny_config(real_data, {"name": "peg", "groups": 4}, name="late_export")
     seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
     assert read_json(seed / "metrics.json")["exports"] == {}
     result = invoke("export", str(seed), "--format", "hf", "--format", "integer")

@@ -11,6 +11,7 @@ from qbert.errors import QbertError
 from qbert.pipeline.run import check_site_plan, run_experiment
 from qbert.quant.packing import load_packed, read_packed
 from qbert.runs import read_json
+from tests.conftest import tiny_config
 
 
 def gobo_config(recipe: dict, model: str = "minilm-l6", **extra):
@@ -123,16 +124,11 @@ def test_hf_export_loads_with_transformers_alone_and_reproduces_the_run(real_dat
     import sys
 
     import qbert
-    from qbert.config import parse_config
     from qbert.pipeline.run import run_experiment
     from qbert.runs import read_json
 
-    cfg = parse_config({
-        "name": "gobo_hf", "model": "tiny-random", "task": "mrpc", "seeds": [0],
-        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
-        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
-        "recipe": {"name": "gobo", "bits": 3, "embeddings": True}, "export": {"formats": ["hf", "packed"]},
-    })
+    cfg = tiny_config(real_data, {"name": "gobo", "bits": 3, "embeddings": True}, name="gobo_hf",
+                      export={"formats": ["hf", "packed"]})
     seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
     record = read_json(seed / "metrics.json")
     export = record["exports"]["hf"]
@@ -161,17 +157,10 @@ def test_hf_export_loads_with_transformers_alone_and_reproduces_the_run(real_dat
 def test_hf_export_of_a_fake_quant_run_records_every_quantizer(real_data, tmp_path):
     import json
 
-    from qbert.config import parse_config
     from qbert.pipeline.run import run_experiment
     from qbert.runs import read_json
 
-    cfg = parse_config({
-        "name": "peg_hf", "model": "tiny-random", "task": "mrpc", "seeds": [0],
-        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
-        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
-        "recipe": {"name": "peg", "groups": 4}, "calibrate": {"batches": 2, "batch_size": 4},
-        "export": {"formats": ["hf", "integer"]},
-    })
+    cfg = tiny_config(real_data, {"name": "peg", "groups": 4}, name="peg_hf", export={"formats": ["hf", "integer"]})
     seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
     export = read_json(seed / "metrics.json")["exports"]["hf"]
     assert export["bit_exact"] and not export["reproduces_evaluation"]

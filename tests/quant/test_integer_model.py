@@ -15,6 +15,7 @@ from qbert.quant.estimators import CurrentMinMax
 from qbert.quant.integer_model import IntegerGemm, _int_mm
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec
+from tests.conftest import tiny_config
 
 
 def _setup(spec: QuantSpec, weight_bits: int = 8):
@@ -81,12 +82,7 @@ def test_integer_gemm_equals_the_integer_arithmetic(name, weight_bits):
 
 
 def tiny(real_data: Path, recipe: dict, **extra):
-    return parse_config({
-        "name": f"int_{recipe['name']}", "model": "tiny-random", "task": "mrpc", "seeds": [0],
-        "data": {"dir": str(real_data), "max_train_samples": 64, "max_eval_samples": 32},
-        "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64},
-        "recipe": recipe, "calibrate": {"batches": 2, "batch_size": 4}, **extra,
-    })
+    return tiny_config(real_data, recipe, name=f"int_{recipe['name']}", **extra)
 
 
 def test_the_pipeline_evaluates_the_integer_model_beside_the_simulation(real_data, tmp_path):
