@@ -190,7 +190,7 @@ def evaluate(
     """The task's official metrics for ``quantized`` (a :class:`~qbert.recipes.Quantized` value or a plain
     model) on every evaluation split present (later splits' metrics carry the split's name)."""
     from qbert.config import parse_config
-    from qbert.pipeline.evaluate import evaluate as evaluate_stage
+    from qbert.pipeline.evaluate import evaluate_splits
     from qbert.tasks import get_task
 
     model = getattr(quantized, "model", quantized)
@@ -201,17 +201,9 @@ def evaluate(
     config = parse_config({"task": task, "finetune": {"epochs": 0, "max_seq_len": max_seq_len},
                            "data": {"dir": str(data_dir) if data_dir else None, "max_eval_samples": max_eval_samples}},
                           source="qbert.evaluate")
-    task_obj = get_task(task, config)
     device = getattr(quantized, "device", None) or _device(model)
-    metrics: dict[str, float] = {}
-    for i, split in enumerate(task_obj.eval_splits):
-        examples = task_obj.load(split, config.data)
-        if not examples:
-            continue
-        output, _ = evaluate_stage(model, task_obj, tokenizer, examples, batch_size=batch_size, max_len=max_seq_len,
-                                   device=device)
-        suffix = "" if i == 0 else f"_{split}"
-        metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
+    metrics, _, _ = evaluate_splits(model, get_task(task, config), tokenizer, config.data, batch_size=batch_size,
+                                    max_len=max_seq_len, device=device)
     return metrics
 
 

@@ -63,6 +63,28 @@ def evaluate(
     return result, {"examples": len(examples), "features": len(features), "seconds": round(seconds, 3)}
 
 
+def evaluate_splits(
+    model: torch.nn.Module, task: Task, tokenizer: Any, data: Any, *, batch_size: int, max_len: int,
+    device: torch.device, precision: str = "fp32", reporter: Reporter = SILENT,
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, EvalOutput]]:
+    """Every evaluation split of ``task`` that has examples (``data``: the config's data section): the
+    metrics (x100, 4 decimals; later splits' names carry the split as a suffix), the timing facts and
+    the outputs, by split."""
+    metrics: dict[str, float] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, EvalOutput] = {}
+    for i, split in enumerate(task.eval_splits):
+        examples = task.load(split, data)
+        if not examples:
+            continue
+        output, info = evaluate(model, task, tokenizer, examples, batch_size=batch_size, max_len=max_len,
+                                device=device, precision=precision, reporter=reporter)
+        suffix = "" if i == 0 else f"_{split}"
+        metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
+        facts[split], outputs[split] = info, output
+    return metrics, facts, outputs
+
+
 def agreement(reference: EvalOutput, other: EvalOutput) -> dict[str, Any]:
     """How closely ``other`` reproduces ``reference`` on the same examples: the share of equal
     per-example predictions and the largest absolute difference of the raw outputs."""

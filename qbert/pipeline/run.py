@@ -22,7 +22,7 @@ from qbert.errors import QbertError
 from qbert.models import ModelSource, check_finetuned, load_finetuned, load_model, load_tokenizer, resolve_model
 from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
 from qbert.pipeline.context import StageContext
-from qbert.pipeline.evaluate import evaluate
+from qbert.pipeline.evaluate import evaluate_splits
 from qbert.pipeline.export import export
 from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
 from qbert.progress import SILENT, Reporter
@@ -241,26 +241,19 @@ def run_seed(
         eval_device = q.device or device
 
         # evaluate every evaluation split; metrics of later splits carry the split name
-        def evaluate_splits(model: torch.nn.Module, tag: str = "") -> tuple[dict, dict, dict]:
-            metrics: dict[str, float] = {}
-            evaluation: dict[str, Any] = {}
-            outputs: dict[str, Any] = {}
-            for i, split in enumerate(task.eval_splits):
-                examples = task.load(split, config.data)
-                output, info = evaluate(
-                    model, task, tokenizer, examples, batch_size=config.evaluate.batch_size,
-                    max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
-                    reporter=reporter,
-                )
-                suffix = "" if i == 0 else f"_{split}"
-                metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
-                evaluation[split], outputs[split] = info, output
-                if config.evaluate.save_predictions:
+        def evaluate_all(model: torch.nn.Module, tag: str = "") -> tuple[dict, dict, dict]:
+            metrics, evaluation, outputs = evaluate_splits(
+                model, task, tokenizer, config.data, batch_size=config.evaluate.batch_size,
+                max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
+                reporter=reporter,
+            )
+            if config.evaluate.save_predictions:
+                for i, (split, output) in enumerate(outputs.items()):
                     name = f"predictions{tag}{'' if i == 0 else '-' + split}.jsonl"
                     atomic_write_jsonl(folder / name, output.predictions)
             return metrics, evaluation, outputs
 
-        metrics, evaluation, outputs = evaluate_splits(q.model)
+        metrics, evaluation, outputs = evaluate_all(q.model)
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
 
         # the same model with its linear layers on integer GEMMs, beside the simulation
@@ -271,7 +264,7 @@ def run_seed(
 
             gemms = integer_gemms(q.instrumented)
             try:
-                int_metrics, int_evaluation, int_outputs = evaluate_splits(q.model, "-integer")
+                int_metrics, int_evaluation, int_outputs = evaluate_all(q.model, "-integer")
             finally:
                 float_gemms(q.instrumented)
             integer = {"metrics": int_metrics, "simulated": False, "arithmetic": "integer",
