@@ -20,7 +20,7 @@ from qbert.errors import QbertError
 log = logging.getLogger("qbert")
 
 
-def export_packed(q: Any, folder: Path) -> dict[str, Any]:
+def export_packed(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
     """The packed safetensors file (``qbert.quant.packing``) plus the tokenizer, with its bit ledger;
     the file is read back and every parameter compared bit for bit with the evaluated model."""
     import numpy as np
@@ -46,7 +46,7 @@ def export_packed(q: Any, folder: Path) -> dict[str, Any]:
     return {"path": str(path), "bit_exact": True, **ledger.as_dict()}
 
 
-def export_integer(q: Any, folder: Path) -> dict[str, Any]:
+def export_integer(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
     """The integer file (``qbert.quant.integer``: bit-packed weight codes, int32 biases where the method
     made them, activation grids) plus the tokenizer; read back, de-quantized and compared bit for bit
     with the weights and biases the evaluated model used."""
@@ -189,12 +189,13 @@ def _model_card(q: Any, card: dict[str, Any], activations: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-EXPORT_FORMATS: dict[str, Callable[..., dict[str, Any]]] = {
+EXPORT_FORMATS: dict[str, Callable[[Any, Path, dict[str, Any] | None], dict[str, Any]]] = {
     "packed": export_packed,
     "integer": export_integer,
     "hf": export_hf,
 }
-"""Export formats by name: ``exporter(quantized, folder) -> facts about what was written``."""
+"""Export formats by name: ``exporter(quantized, folder, card) -> facts about what was written`` (``card``:
+facts for formats that write a model card; the others ignore it)."""
 
 
 def export(q: Any, fmt: str, folder: str | Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -204,6 +205,26 @@ def export(q: Any, fmt: str, folder: str | Path, card: dict[str, Any] | None = N
         raise QbertError(f"unknown export format {fmt!r} (available: {', '.join(EXPORT_FORMATS)})", key="format")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        return export_hf(q, folder, card)
-    return EXPORT_FORMATS[fmt](q, folder)
+    return EXPORT_FORMATS[fmt](q, folder, card)
+
+
+def card_facts(config: Any, seed: int, metrics: dict[str, float], seed_folder: Path,
+               integer_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """What a model card says about the run that made the model (and the command that reruns it)."""
+    return {"name": config.name, "task": config.task, "seed": seed, "metrics": metrics,
+            "integer_metrics": integer_metrics, "model": config.model, "config_hash": config.config_hash(),
+            "command": f"qbert run {seed_folder / 'config.yaml'}"}
+
+
+def export_seed(q: Any, formats: list[str], seed_folder: Path, card: dict[str, Any],
+                root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Write ``formats`` into ``root/<format>`` (default ``<seed folder>/export``); what was written by
+    format, paths relative to the seed folder when inside it (as ``metrics.json`` records them)."""
+    root = root if root is not None else seed_folder / "export"
+    written = {}
+    for fmt in formats:
+        facts = export(q, fmt, root / fmt, card=card)
+        path = Path(facts["path"])
+        written[fmt] = {**facts, "path": str(path.relative_to(seed_folder)) if path.is_relative_to(seed_folder)
+                        else str(path)}
+    return written

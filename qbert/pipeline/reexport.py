@@ -23,7 +23,7 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
 
     from qbert.config import load_config
     from qbert.models import load_finetuned, load_tokenizer, resolve_model
-    from qbert.pipeline.export import EXPORT_FORMATS, export
+    from qbert.pipeline.export import EXPORT_FORMATS, card_facts, export_seed
     from qbert.pipeline.run import stage_context
     from qbert.recipes import get_recipe
     from qbert.records import read_record
@@ -61,16 +61,8 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     q = recipe.convert(recipe.calibrate(q, ctx), ctx)
     _same_as_the_run(q.report, record.get("recipe_report") or {}, folder)
 
-    root = Path(out) if out is not None else folder / "export"
-    card = {"name": config.name, "task": config.task, "seed": seed, "metrics": record["metrics"],
-            "model": config.model, "config_hash": record.get("config_hash"),
-            "command": f"qbert run {folder / 'config.yaml'}"}
-    written = {}
-    for fmt in formats:
-        facts = export(q, fmt, root / fmt, card=card)
-        path = Path(facts["path"])
-        facts["path"] = str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
-        written[fmt] = facts
+    card = card_facts(config, seed, record["metrics"], folder)
+    written = export_seed(q, formats, folder, card, root=Path(out) if out is not None else None)
     raw = dict(record)
     raw["exports"] = {**(raw.get("exports") or {}), **written}
     atomic_write_json(folder / "metrics.json", raw)

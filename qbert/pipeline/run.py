@@ -23,7 +23,7 @@ from qbert.models import ModelSource, check_finetuned, load_finetuned, load_mode
 from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate_splits
-from qbert.pipeline.export import export
+from qbert.pipeline.export import card_facts, export_seed
 from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
 from qbert.progress import SILENT, Reporter
 from qbert.recipes import get_recipe
@@ -273,13 +273,8 @@ def run_seed(
             timings["evaluate_integer"] = round(sum(v["seconds"] for v in int_evaluation.values()), 2)
 
         start = time.perf_counter()
-        exports = {}
-        card = {"name": config.name, "task": config.task, "seed": seed, "metrics": metrics,
-                "integer_metrics": integer["metrics"] if integer else None, "model": config.model,
-                "config_hash": config.config_hash(), "command": f"qbert run {folder / 'config.yaml'}"}
-        for fmt in config.export.formats:
-            written = export(q, fmt, folder / "export" / fmt, card=card)
-            exports[fmt] = {**written, "path": str(Path(written["path"]).relative_to(folder))}
+        card = card_facts(config, seed, metrics, folder, integer["metrics"] if integer else None)
+        exports = export_seed(q, config.export.formats, folder, card)
         if exports:
             timings["export"] = round(time.perf_counter() - start, 2)
 
