@@ -49,6 +49,9 @@ class SeedRecord(Record):
     integer: dict[str, Any] | None = None
     """``evaluate.integer``: the metrics of the model on integer GEMMs, their agreement with the
     simulated ones, which GEMMs are integer."""
+    onnx: dict[str, Any] | None = None
+    """``export.formats: [onnx]``: the metrics of the exported file on onnxruntime and their agreement
+    with the simulated ones."""
     finetune: dict[str, Any] | None = None
     qat: dict[str, Any] | None = None
     checkpoint: str | None = None

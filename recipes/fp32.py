@@ -19,4 +19,4 @@ class Fp32(Recipe):
     name = "fp32"
     Params = Fp32Params
     source = "baseline of all seed papers (Q8BERT, GOBO, Bondarenko et al. 2021)"
-    export_formats = ("hf",)
+    export_formats = ("hf", "onnx")

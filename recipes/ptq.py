@@ -43,7 +43,7 @@ class StaticQuantRecipe(Recipe):
     """Base of the static fake-quant recipes: a site plan, calibration, frozen ranges."""
 
     needs_calibration = True
-    export_formats = ("integer", "hf")
+    export_formats = ("integer", "hf", "onnx")
     fp32_evaluation = "fake quantization needs fp32 evaluation (bf16 cannot hold the quantization grid)"
     # defaults of the named recipes; ``ptq`` sets them per instance from its parameters
     weight_bits: int | None = 8

@@ -189,10 +189,77 @@ def _model_card(q: Any, card: dict[str, Any], activations: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_onnx(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``model.onnx`` (QuantizeLinear / DequantizeLinear at the method's sites, int8 GEMMs laid out as
+    integer runtimes fuse them: :mod:`qbert.quant.onnx_export`) plus the tokenizer; run once in
+    onnxruntime on a fixed batch and compared with the evaluated (simulated) model."""
+    import torch
+
+    from qbert.quant.integer_model import float_gemms, integer_gemms
+    from qbert.quant.onnx_export import OnnxModel, export_onnx_model
+
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  (torch.onnx's exporter translates with it)
+    except ImportError as exc:
+        raise QbertError(f"format 'onnx' needs onnx and onnxruntime ({exc.name} is missing): "
+                         "pip install 'qbert[onnx]'", key="export.formats") from None
+    if q.arithmetic == "integer" and q.instrumented is None:
+        raise QbertError(f"format 'onnx' needs a float or fake-quantized model and recipe {q.recipe} runs "
+                         "PyTorch int8 modules", key="export.formats")
+    model = q.model.cpu().eval()
+    sample = _sample_inputs(q, model)
+    inst = q.instrumented
+    with torch.no_grad():
+        reference = dict(model(**sample).items())
+    applied = inst is not None and not any("integer_gemm" in m._modules for m in model.modules())
+    gemms = integer_gemms(inst) if inst is not None else None
+    try:
+        metadata = {"qbert.recipe": q.recipe, "qbert.arithmetic": q.arithmetic}
+        if card:
+            metadata.update({f"qbert.{k}": str(card[k]) for k in ("task", "seed", "config_hash") if k in card})
+        facts = export_onnx_model(model, folder / "model.onnx", sample, metadata)
+    finally:
+        if applied:
+            float_gemms(inst)
+    if q.tokenizer is not None:
+        q.tokenizer.save_pretrained(folder)
+    runner = OnnxModel(folder / "model.onnx")
+    outputs = runner(**sample)
+    diff = max(float((getattr(outputs, k) - v.float()).abs().max()) for k, v in reference.items() if v is not None)
+    if diff != diff:
+        raise RuntimeError(f"{folder / 'model.onnx'}: onnxruntime returned NaN on a fixed batch")
+    size = (folder / "model.onnx").stat().st_size
+    log.info("onnx export: %s, %.2f MB, max |output difference| on a fixed batch %.4g", folder / "model.onnx",
+             size / 1e6, diff)
+    return {"path": str(folder / "model.onnx"), "file_bytes": size, "runtime": runner.runtime, **facts,
+            "integer_gemms": len(gemms["integer"]) if gemms else 0,
+            "fixed_batch_max_abs_output_diff": round(diff, 6)}
+
+
+def _sample_inputs(q: Any, model: Any) -> dict[str, Any]:
+    """Two rows of different lengths (the export's dynamic axes need at least two of each)."""
+    import torch
+
+    from qbert.pipeline.batching import MODEL_INPUTS
+
+    if q.tokenizer is not None:
+        encoded = q.tokenizer(["qbert exports this model to ONNX.", "A second, longer sentence: the batch and "
+                               "sequence axes stay dynamic."], padding=True, return_tensors="pt")
+        return {k: v for k, v in encoded.items() if k in MODEL_INPUTS}
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
 EXPORT_FORMATS: dict[str, Callable[[Any, Path, dict[str, Any] | None], dict[str, Any]]] = {
     "packed": export_packed,
     "integer": export_integer,
     "hf": export_hf,
+    "onnx": export_onnx,
 }
 """Export formats by name: ``exporter(quantized, folder, card) -> facts about what was written`` (``card``:
 facts for formats that write a model card; the others ignore it)."""

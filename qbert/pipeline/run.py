@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,27 @@ def run_experiment(
     return ExperimentResult(config, folder, outcomes, summarize(folder, also=elsewhere))
 
 
+def evaluate_beside(model: torch.nn.Module, arithmetic: str, reference: dict[str, Any],
+                    evaluate_all: Callable[..., tuple[dict, dict, dict]], **facts: Any) -> dict[str, Any]:
+    """``model`` (another arithmetic of the evaluated model) on the same splits: its metrics, and per split
+    its agreement with the ``reference`` outputs (the simulated model's)."""
+    from qbert.pipeline.evaluate import agreement
+
+    metrics, evaluation, outputs = evaluate_all(model, f"-{arithmetic}")
+    return {"metrics": metrics, "simulated": False, "arithmetic": arithmetic,
+            "agreement": {s: agreement(reference[s], outputs[s]) for s in reference}, **facts,
+            "evaluate": evaluation, "seconds": round(sum(v["seconds"] for v in evaluation.values()), 2)}
+
+
+def evaluate_onnx(path: Path, reference: dict[str, Any],
+                  evaluate_all: Callable[..., tuple[dict, dict, dict]]) -> dict[str, Any]:
+    """The exported ONNX model on onnxruntime (CPU), beside the simulated outputs ``reference``."""
+    from qbert.quant.onnx_export import OnnxModel
+
+    runner = OnnxModel(path)
+    return evaluate_beside(runner, "onnx", reference, evaluate_all, runtime=runner.runtime)
+
+
 def run_seed(
     config: ExperimentConfig, seed: int, folder: Path, source: ModelSource, task: Task, root: Path,
     reporter: Reporter = SILENT,
@@ -259,24 +280,24 @@ def run_seed(
         # the same model with its linear layers on integer GEMMs, beside the simulation
         integer = None
         if config.evaluate.integer:
-            from qbert.pipeline.evaluate import agreement
             from qbert.quant.integer_model import float_gemms, integer_gemms
 
             gemms = integer_gemms(q.instrumented)
             try:
-                int_metrics, int_evaluation, int_outputs = evaluate_all(q.model, "-integer")
+                integer = evaluate_beside(q.model, "integer", outputs, evaluate_all, gemms=gemms)
             finally:
                 float_gemms(q.instrumented)
-            integer = {"metrics": int_metrics, "simulated": False, "arithmetic": "integer",
-                       "agreement": {s: agreement(outputs[s], int_outputs[s]) for s in outputs},
-                       "gemms": gemms, "evaluate": int_evaluation}
-            timings["evaluate_integer"] = round(sum(v["seconds"] for v in int_evaluation.values()), 2)
+            timings["evaluate_integer"] = integer["seconds"]
 
         start = time.perf_counter()
         card = card_facts(config, seed, metrics, folder, integer["metrics"] if integer else None)
         exports = export_seed(q, config.export.formats, folder, card)
         if exports:
             timings["export"] = round(time.perf_counter() - start, 2)
+        onnx = None
+        if "onnx" in exports:  # the exported file on onnxruntime, on the same evaluation splits
+            onnx = evaluate_onnx(folder / exports["onnx"]["path"], outputs, evaluate_all)
+            timings["evaluate_onnx"] = onnx["seconds"]
 
         record = seed_record(**{
             "name": config.name,
@@ -290,6 +311,7 @@ def run_seed(
             "arithmetic": q.arithmetic,
             "metrics": metrics,
             "integer": integer,
+            "onnx": onnx,
             "finetune": training,
             "qat": qat,
             "checkpoint": checkpoint,

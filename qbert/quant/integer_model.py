@@ -72,6 +72,11 @@ class IntegerGemm(nn.Module):
         self.register_buffer("input_zero", z_x.repeat_interleave(size))
         self.register_buffer("folded_bias", bias.float())
         self.size = size
+        # the same layer as ONNX expresses it (QDQ per group, the bias unfolded): see _onnx_forward
+        self.register_buffer("group_scale", s_x.clone())
+        self.register_buffer("group_zero", z_x.clone())
+        self.register_buffer("weight_scale", s_w.clone())
+        self.register_buffer("bias", linear.bias.detach().float().clone() if linear.bias is not None else None)
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """int8 codes ``q_x - c`` of ``x`` (in the weights' column order)."""
@@ -81,6 +86,8 @@ class IntegerGemm(nn.Module):
         return (q - self.shift).to(torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._onnx_forward(x)
         shape = x.shape
         codes = self.input_codes(x.reshape(-1, self.in_features).float())
         out = None
@@ -91,6 +98,23 @@ class IntegerGemm(nn.Module):
             out = part if out is None else out + part
         out = out + self.folded_bias
         return out.reshape(*shape[:-1], -1).to(x.dtype)
+
+    def _onnx_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ONNX nodes an integer runtime fuses into int8 GEMMs: per group, a per-tensor Q -> DQ of the input
+        slice and the DequantizeLinear of the int8 weight codes feed one MatMul; the K products are summed."""
+        from qbert.quant.onnx_export import dequantize_weight, quantize_dequantize
+
+        x = x.float()
+        if self.permutation is not None:
+            x = x.index_select(-1, self.permutation)
+        out = None
+        for g in range(self.groups):
+            part = x if self.groups == 1 else x[..., g * self.size:(g + 1) * self.size]
+            part = quantize_dequantize(part, self.group_scale[g], self.group_zero[g], self.qmin, self.qmax)
+            weight = dequantize_weight(getattr(self, f"weight_{g}"), self.weight_scale)
+            part = torch.matmul(part, weight.t())
+            out = part if out is None else out + part
+        return out if self.bias is None else out + self.bias
 
 
 def integer_gemms(inst: Any) -> dict[str, Any]:

@@ -177,7 +177,10 @@ class Quantizer(nn.Module):
         return values
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with the current scale and zero point (in float32, cast back)."""
+        """Fake-quantize ``x`` with the current scale and zero point (in float32, cast back).
+        While ``torch.onnx.export`` traces, the same grid as ONNX QuantizeLinear -> DequantizeLinear."""
+        if torch.onnx.is_in_onnx_export():
+            return self._onnx_quantize(x)
         scale = self._broadcast(self.scale, x)
         zero_point = self._broadcast(self.zero_point, x)
         if self.state == "learn":
@@ -188,6 +191,16 @@ class Quantizer(nn.Module):
         out = fake_quantize(x.float(), scale.float(), zero_point.float(), self.qmin, self.qmax,
                             clipped_ste=self.spec.ste == "clipped")
         return out.to(x.dtype)
+
+    def _onnx_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        from qbert.quant.onnx_export import quantize_dequantize
+
+        scale, zero_point, axis = self.scale, self.zero_point, None
+        if self.spec.granularity == "per_embedding_group":
+            scale, zero_point, axis = scale[self.dim_to_group], zero_point[self.dim_to_group], x.dim() - 1
+        elif self.spec.granularity == "per_channel":
+            axis = 0 if self.channel_dim == 0 else x.dim() - 1
+        return quantize_dequantize(x, scale, zero_point, self.qmin, self.qmax, axis).to(x.dtype)
 
     def integer_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer grid values of ``x`` under the current scale and zero point (float tensor of
