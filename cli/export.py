@@ -12,8 +12,8 @@ from qbert.cli.common import user_errors
 def export(
     run_folder: Annotated[Path, typer.Argument(help="A finished seed folder: runs/<name>/<hash>/seed=<n>.",
                                                show_default=False)],
-    formats: Annotated[list[str], typer.Option("--format", "-f", help="hf, integer or packed; repeatable.",
-                                               show_default=False)],
+    formats: Annotated[list[str], typer.Option(
+        "--format", "-f", help="hf, integer, onnx, packed or torchscript; repeatable.", show_default=False)],
     out: Annotated[Path | None, typer.Option(help="Write into OUT/<format> (default: the seed's export/).",
                                              show_default=False)] = None,
 ) -> None:

@@ -183,6 +183,57 @@ def to_integer(q: Quantized) -> Quantized:
     return q.but(arithmetic="integer", report={"gemms": gemms})
 
 
+def load(folder: str | Path) -> Quantized:
+    """The runnable integer model of an integer export (``export.formats: [integer]``): the folder with
+    ``model.safetensors`` (or a finished run's seed folder that wrote one). Weights are de-quantized from
+    their codes, every quantizer gets its stored grid, and every eligible linear layer runs on integer
+    GEMMs, as :func:`to_integer`; ``q.tokenizer`` is the folder's tokenizer when it has one. A folder with a
+    TorchScript export (``dynamic_int8``'s ``model.torchscript.pt``) loads that module instead."""
+    from qbert.quant.integer import instrumented_from_integer
+    from qbert.quant.integer_model import integer_gemms
+    from qbert.recipes import Quantized
+
+    folder = Path(folder)
+    for script in (folder / "model.torchscript.pt", folder / "export" / "torchscript" / "model.torchscript.pt"):
+        if script.is_file():
+            return _load_torchscript(script)
+    candidates = [folder / "model.safetensors", folder / "export" / "integer" / "model.safetensors"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if folder.is_file():
+        path, folder = folder, folder.parent
+    if path is None:
+        raise QbertError(f"{folder} holds no integer export (model.safetensors written by export.formats: "
+                         "[integer], or model.torchscript.pt by [torchscript]); write one with: "
+                         "qbert export RUN_FOLDER --format integer", key="folder")
+    try:
+        inst, metadata = instrumented_from_integer(path)
+    except ValueError as exc:
+        raise QbertError(str(exc), key="folder") from None
+    tokenizer = None
+    if (path.parent / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
+    gemms = integer_gemms(inst)
+    return Quantized(model=inst.model, recipe=metadata.get("recipe", "unknown"), arithmetic="integer",
+                     instrumented=inst, tokenizer=tokenizer, report={"gemms": gemms, "loaded_from": str(path)})
+
+
+def _load_torchscript(path: Path) -> Quantized:
+    from qbert.quant.torchscript import TorchScriptModel
+    from qbert.recipes import Quantized
+
+    model = TorchScriptModel(path)
+    tokenizer = None
+    if (path.parent / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
+    return Quantized(model=model, recipe=model.info.get("recipe", "unknown"),
+                     arithmetic=model.info.get("arithmetic", "integer"), tokenizer=tokenizer,
+                     report={"loaded_from": str(path)})
+
+
 def evaluate(
     quantized: Any, task: str, *, tokenizer: Any = None, data_dir: str | None = None, batch_size: int = 64,
     max_seq_len: int = 128, max_eval_samples: int | None = None,

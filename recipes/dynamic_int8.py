@@ -31,6 +31,7 @@ class DynamicInt8(Recipe):
     Params = DynamicInt8Params
     source = "PyTorch tutorial: Dynamic quantization on BERT (seed 003)"
     fp32_evaluation = "dynamic int8 kernels take fp32 inputs"
+    export_formats = ("torchscript",)
 
     def convert(self, q: Quantized, ctx: Any) -> Quantized:
         """Every nn.Linear to PyTorch's dynamic int8 module (CPU kernels). With evaluation data at hand

@@ -160,6 +160,7 @@ def test_inspect_sites_bad_rule_is_one_line(tmp_path):
 
 
 def test_export_a_finished_run_without_training_it_again(tmp_path, real_data):
+    import qbert
     from qbert.pipeline.run import run_experiment
     from qbert.runs import read_json
     from tests.conftest import tiny_config
@@ -167,11 +168,14 @@ def test_export_a_finished_run_without_training_it_again(tmp_path, real_data):
     cfg = tiny_config(real_data, {"name": "peg", "groups": 4}, name="late_export")
     seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
     assert read_json(seed / "metrics.json")["exports"] == {}
-    result = invoke("export", str(seed), "--format", "hf", "--format", "integer")
+    result = invoke("export", str(seed), "--format", "hf", "--format", "integer", "--format", "onnx")
     assert result.exit_code == 0, result.output
     assert "hf: export/hf/config.json" in result.output and "integer: export/integer/model.safetensors" in result.output
     record = read_json(seed / "metrics.json")
     assert record["exports"]["integer"]["bit_exact"] and record["exports"]["hf"]["bit_exact"]
+    assert record["onnx"]["agreement"]["dev"]["examples"] == 32  # the ONNX file was evaluated too
+    loaded = qbert.load(seed)  # the integer export runs again
+    assert loaded.arithmetic == "integer" and len(loaded.report["gemms"]["integer"]) == 14
     assert (seed / "export" / "hf" / "quantizers.json").is_file()
     bad = invoke("export", str(seed), "--format", "packed")
     assert bad.exit_code == 2 and "recipe peg cannot write 'packed'" in bad.output

@@ -62,7 +62,7 @@ def export_integer(q: Any, folder: Path, card: dict[str, Any] | None = None) -> 
                          key="export.formats")
     model = q.model
     path = folder / "model.safetensors"
-    info = write_integer(path, inst)
+    info = write_integer(path, inst, recipe=q.recipe)
     if q.tokenizer is not None:
         q.tokenizer.save_pretrained(folder)
     params, _ = read_integer(path)
@@ -238,6 +238,61 @@ def export_onnx(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dic
             "fixed_batch_max_abs_output_diff": round(diff, 6)}
 
 
+def export_torchscript(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``model.torchscript.pt`` (as the PyTorch tutorial serialises its dynamic int8 BERT) plus the tokenizer:
+    a traced module that ``torch.jit.load`` runs without qbert or transformers, taking the inputs named in
+    its ``qbert.json`` extra file positionally and returning a dict of outputs. Reloaded and compared with
+    the evaluated model on a batch of another shape than the traced one.
+
+    TorchScript because it is what serialises PyTorch's dynamic int8 modules in torch 2.13:
+    ``torch.export`` cannot flatten their packed weights, and a state dict needs qbert to rebuild the model."""
+    import io
+    import warnings
+
+    import torch
+
+    from qbert.runs import atomic_write_bytes
+
+    model = q.model.cpu().eval()
+    sample = _sample_inputs(q, model)
+    names = list(sample)
+    with torch.no_grad():
+        outputs = [k for k, v in model(**sample).items() if v is not None]
+
+    class Positional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.model(**dict(zip(names, inputs, strict=True)))
+            return {k: out[k] for k in outputs}
+
+    extra = {"inputs": names, "outputs": outputs, "recipe": q.recipe, "arithmetic": q.arithmetic,
+             **{k: card[k] for k in ("task", "seed", "config_hash") if card and k in card}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Positional().eval(), tuple(sample.values()), strict=False)
+        torch.jit.save(traced, buffer, _extra_files={"qbert.json": json.dumps(extra)})
+    path = folder / "model.torchscript.pt"
+    atomic_write_bytes(path, buffer.getvalue())
+    if q.tokenizer is not None:
+        q.tokenizer.save_pretrained(folder)
+    check = {k: v[:1, :-3] if v.dim() == 2 else v for k, v in _sample_inputs(q, model).items()}
+    check = {k: torch.cat([v, v.flip(0)[:1]]) for k, v in check.items()}  # 2 rows, 3 tokens shorter
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        reloaded = torch.jit.load(str(path))(*check.values())
+        expected = model(**check)
+    diff = max(float((reloaded[k] - expected[k]).abs().max()) for k in outputs)
+    if diff != 0.0:
+        raise RuntimeError(f"{path}: the reloaded module differs from the evaluated model by {diff:.3g}")
+    log.info("torchscript export: %s, %.2f MB", path, path.stat().st_size / 1e6)
+    return {"path": str(path), "file_bytes": path.stat().st_size, "inputs": names, "outputs": outputs,
+            "reload_exact": True}
+
+
 def _sample_inputs(q: Any, model: Any) -> dict[str, Any]:
     """Two rows of different lengths (the export's dynamic axes need at least two of each)."""
     import torch
@@ -260,6 +315,7 @@ EXPORT_FORMATS: dict[str, Callable[[Any, Path, dict[str, Any] | None], dict[str,
     "integer": export_integer,
     "hf": export_hf,
     "onnx": export_onnx,
+    "torchscript": export_torchscript,
 }
 """Export formats by name: ``exporter(quantized, folder, card) -> facts about what was written`` (``card``:
 facts for formats that write a model card; the others ignore it)."""

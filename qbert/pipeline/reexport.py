@@ -24,7 +24,7 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     from qbert.config import load_config
     from qbert.models import load_finetuned, load_tokenizer, resolve_model
     from qbert.pipeline.export import EXPORT_FORMATS, card_facts, export_seed
-    from qbert.pipeline.run import stage_context
+    from qbert.pipeline.run import evaluate_onnx, split_evaluator, stage_context
     from qbert.recipes import get_recipe
     from qbert.records import read_record
     from qbert.runs import atomic_write_json
@@ -65,6 +65,13 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     written = export_seed(q, formats, folder, card, root=Path(out) if out is not None else None)
     raw = dict(record)
     raw["exports"] = {**(raw.get("exports") or {}), **written}
+    if "onnx" in written:  # as the pipeline does: the file on onnxruntime beside the simulated model
+        evaluate_all = split_evaluator(config, task, tokenizer, q.device or device, folder)
+        metrics, _, outputs = evaluate_all(q.model)
+        if metrics != record["metrics"]:
+            raise QbertError(f"the derived model scores {metrics}, the run recorded {record['metrics']} (the "
+                             "code or the data changed since); rerun the config instead", key=str(folder))
+        raw["onnx"] = evaluate_onnx(folder / written["onnx"]["path"], outputs, evaluate_all)
     atomic_write_json(folder / "metrics.json", raw)
     return written
 

@@ -170,6 +170,27 @@ def run_experiment(
     return ExperimentResult(config, folder, outcomes, summarize(folder, also=elsewhere))
 
 
+def split_evaluator(config: ExperimentConfig, task: Task, tokenizer: Any, device: torch.device, folder: Path,
+                    reporter: Reporter = SILENT) -> Callable[..., tuple[dict, dict, dict]]:
+    """``evaluate_all(model, tag="")``: every evaluation split of the config's task (metrics, timing facts,
+    outputs by split), writing ``predictions<tag>[-<split>].jsonl`` into ``folder`` when the config saves
+    predictions."""
+
+    def evaluate_all(model: torch.nn.Module, tag: str = "") -> tuple[dict, dict, dict]:
+        metrics, evaluation, outputs = evaluate_splits(
+            model, task, tokenizer, config.data, batch_size=config.evaluate.batch_size,
+            max_len=config.finetune.max_seq_len, device=device, precision=config.evaluate.precision,
+            reporter=reporter,
+        )
+        if config.evaluate.save_predictions:
+            for i, (split, output) in enumerate(outputs.items()):
+                name = f"predictions{tag}{'' if i == 0 else '-' + split}.jsonl"
+                atomic_write_jsonl(folder / name, output.predictions)
+        return metrics, evaluation, outputs
+
+    return evaluate_all
+
+
 def evaluate_beside(model: torch.nn.Module, arithmetic: str, reference: dict[str, Any],
                     evaluate_all: Callable[..., tuple[dict, dict, dict]], **facts: Any) -> dict[str, Any]:
     """``model`` (another arithmetic of the evaluated model) on the same splits: its metrics, and per split
@@ -262,18 +283,7 @@ def run_seed(
         eval_device = q.device or device
 
         # evaluate every evaluation split; metrics of later splits carry the split name
-        def evaluate_all(model: torch.nn.Module, tag: str = "") -> tuple[dict, dict, dict]:
-            metrics, evaluation, outputs = evaluate_splits(
-                model, task, tokenizer, config.data, batch_size=config.evaluate.batch_size,
-                max_len=config.finetune.max_seq_len, device=eval_device, precision=config.evaluate.precision,
-                reporter=reporter,
-            )
-            if config.evaluate.save_predictions:
-                for i, (split, output) in enumerate(outputs.items()):
-                    name = f"predictions{tag}{'' if i == 0 else '-' + split}.jsonl"
-                    atomic_write_jsonl(folder / name, output.predictions)
-            return metrics, evaluation, outputs
-
+        evaluate_all = split_evaluator(config, task, tokenizer, eval_device, folder, reporter)
         metrics, evaluation, outputs = evaluate_all(q.model)
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
 

@@ -90,14 +90,19 @@ def integer_tensors(inst: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return tensors, entries
 
 
-def write_integer(path: str | Path, inst: Any) -> dict[str, Any]:
+def write_integer(path: str | Path, inst: Any, recipe: str | None = None) -> dict[str, Any]:
     """Write the integer file atomically; returns its size and what it holds."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, entries = integer_tensors(inst)
-    metadata = {"format": FORMAT, "config": inst.model.config.to_json_string(), "entries": json.dumps(entries)}
+    config = inst.model.config.to_dict()
+    config.pop("_attn_implementation", None)
+    metadata = {"format": FORMAT, "config": json.dumps(config), "entries": json.dumps(entries),
+                "architecture": type(inst.model).__name__}
+    if recipe:
+        metadata["recipe"] = recipe
     tmp = path.with_suffix(".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -107,17 +112,20 @@ def write_integer(path: str | Path, inst: Any) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "entries": kinds}
 
 
-def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """De-quantized FP32 parameters by name (weights and biases as the integer runtime sees them),
-    and the entries' metadata (activation grids included)."""
+def _read(path: str | Path) -> tuple[dict[str, str], dict[str, Any], dict[str, np.ndarray]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="np") as handle:
-        metadata = handle.metadata()
+        metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path}: not a qbert integer file (format {metadata.get('format')!r})")
-        entries = json.loads(metadata["entries"])
-        raw = {k: handle.get_tensor(k) for k in handle.keys()}
+        return metadata, json.loads(metadata["entries"]), {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """De-quantized FP32 parameters by name (weights and biases as the integer runtime sees them),
+    and the entries' metadata (activation grids included)."""
+    _, entries, raw = _read(path)
     params: dict[str, np.ndarray] = {}
     for name, entry in entries.items():
         if entry["kind"] == "float":
@@ -135,6 +143,79 @@ def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
         elif entry["kind"] == "bias_int32":
             params[name] = (raw[name].astype(np.float32) * raw[f"{name}.scale"]).astype(np.float32)
     return params, entries
+
+
+def _spec(entry: dict[str, Any], groups: int, permuted: bool) -> Any:
+    from qbert.quant.spec import QuantSpec
+
+    bits, qmin = entry["bits"], entry["qmin"]
+    symmetric = qmin < 0
+    granularity = entry.get("granularity") or ("per_channel" if entry.get("channel_axis") == 0 else "per_tensor")
+    return QuantSpec(bits=bits, symmetric=symmetric, narrow=symmetric and qmin == -(2 ** (bits - 1)) + 1,
+                     granularity=granularity, groups=groups if granularity == "per_embedding_group" else None,
+                     permute=permuted and granularity == "per_embedding_group")
+
+
+@torch.no_grad()
+def instrumented_from_integer(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """The model an integer file describes, rebuilt: the architecture from its config, the weights
+    de-quantized from their codes, a quantizer on every stored site with the stored scale, zero point
+    and permutation, frozen. Returns the instrumented model and the file's metadata."""
+    import transformers
+
+    from qbert.quant.estimators import CurrentMinMax
+    from qbert.quant.quantizer import Quantizer
+    from qbert.quant.sites import SitePlan, enumerate_sites, instrument
+
+    metadata, entries, raw = _read(path)
+    params, _ = read_integer(path)
+    config_data = json.loads(metadata["config"])
+    config_data.pop("_attn_implementation", None)
+    config = transformers.AutoConfig.for_model(config_data.pop("model_type"), **config_data)
+    architecture = metadata.get("architecture") or (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise ValueError(f"{path}: unknown architecture {architecture!r} in the file's config")
+    model = model_class._from_config(config).eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in params.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise ValueError(f"{path}: the stored tensors do not fit {architecture}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+
+    stored: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    for name, entry in entries.items():
+        if entry["kind"] == "weight":
+            scale = raw[f"{name}.scale"]
+            stored[entry["site"]] = (entry, scale, raw.get(f"{name}.zero_point", np.zeros_like(scale)), None)
+        elif entry["kind"] == "activation":
+            site = name.removeprefix("activation.")
+            stored[site] = (entry, raw[f"{name}.scale"], raw[f"{name}.zero_point"], raw.get(f"{name}.permutation"))
+    sites = enumerate_sites(model)
+    specs = {}
+    for site in sites:
+        if site.name in stored:
+            entry, scale, _, permutation = stored[site.name]
+            specs[site.name] = _spec(entry, len(scale), permutation is not None)
+        else:
+            specs[site.name] = None
+    unknown = sorted(set(stored) - set(specs))
+    if unknown:
+        raise ValueError(f"{path}: sites {unknown[:3]} are not in this model")
+
+    def make(site: Any, spec: Any) -> Quantizer:
+        return Quantizer(spec, CurrentMinMax(), channels=site.channels,
+                         channel_dim=0 if site.kind == "weight" else -1, site=site.name)
+
+    inst = instrument(model, SitePlan(sites, specs), make)
+    for site, (_, scale, zero_point, permutation) in stored.items():
+        q = inst.quantizers[site]
+        q.scale.copy_(torch.from_numpy(np.array(scale)).reshape(q.scale.shape))
+        q.zero_point.copy_(torch.from_numpy(np.array(zero_point)).reshape(q.zero_point.shape))
+        if permutation is not None:
+            q.set_permutation(torch.from_numpy(np.array(permutation)))
+        q.set_state("fixed")
+    return inst, metadata
 
 
 @torch.no_grad()

@@ -121,3 +121,70 @@ def test_sites_kept_in_floating_point_keep_their_gemm_in_floating_point(real_dat
 def test_integer_evaluation_needs_uniform_quantizers():
     with pytest.raises(QbertError, match="evaluate.integer: recipe gobo has no uniform quantizers"):
         parse_config({"recipe": {"name": "gobo"}, "evaluate": {"integer": True}})
+
+
+@pytest.mark.parametrize("recipe", [{"name": "w8a8_ptq"}, {"name": "peg", "groups": 4},
+                                    {"name": "w4a8_qat", "epochs": 1}, {"name": "w8a8_qat", "epochs": 1}])
+def test_load_rebuilds_the_integer_model_of_an_integer_export(recipe, tmp_path):
+    import qbert
+    from qbert.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model("tiny-random")
+    torch.manual_seed(0)
+    model = load_model(source, "classification", 2).eval()
+    tokenizer = load_tokenizer(source)
+    texts = [("the cat sat on the mat", "a dog ran in the park"), ("one two three", "four five six seven")] * 8
+    if recipe["name"].endswith("_qat"):  # trained methods: prepare -> (no training) -> convert
+        q = qbert.convert(qbert.prepare(model, recipe, calibration=texts, tokenizer=tokenizer,
+                                        calibrate={"batches": 2, "batch_size": 4}), calibration=texts)
+    else:
+        q = qbert.quantize(model, recipe, calibration=texts, tokenizer=tokenizer,
+                           calibrate={"batches": 2, "batch_size": 4})
+    qbert.export(q, "integer", tmp_path)
+    loaded = qbert.load(tmp_path)
+    assert loaded.arithmetic == "integer" and loaded.recipe == recipe["name"] and loaded.tokenizer is not None
+    original = qbert.to_integer(q)
+    assert loaded.report["gemms"]["integer"] == original.report["gemms"]["integer"]
+    assert {s: (x.spec, x.state) for s, x in loaded.quantizers.items()} == {
+        s: (x.spec.model_copy(update={"estimator": "minmax", "ste": "clipped"}), x.state)
+        for s, x in original.quantizers.items()}
+    ids = torch.randint(1000, 20000, (4, 20))
+    mask = torch.ones_like(ids)
+    mask[2:, 12:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).logits, original.model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_load_says_what_is_missing(tmp_path):
+    import qbert
+
+    with pytest.raises(QbertError, match="holds no integer export"):
+        qbert.load(tmp_path)
+
+
+def test_dynamic_int8_exports_torchscript_that_loads_without_qbert(real_data, tmp_path):
+    import subprocess
+    import sys
+
+    import qbert
+    from qbert.pipeline.run import run_experiment
+    from qbert.runs import read_json
+
+    cfg = tiny(real_data, {"name": "dynamic_int8"}, export={"formats": ["torchscript"]})
+    folder = run_experiment(cfg, root=tmp_path).folder / "seed=0"
+    record = read_json(folder / "metrics.json")
+    written = record["exports"]["torchscript"]
+    assert written["reload_exact"] and written["inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
+    # qbert.load gives a model the evaluation loop runs: the run's metrics again
+    loaded = qbert.load(folder)
+    assert loaded.recipe == "dynamic_int8"
+    metrics = qbert.evaluate(loaded, "mrpc", data_dir=real_data, max_seq_len=64, max_eval_samples=32)
+    assert metrics == record["metrics"]
+    # and torch alone runs the file (a process that never imports qbert or transformers)
+    script = ("import sys, torch; m = torch.jit.load(sys.argv[1]); ids = torch.tensor([[101, 2023, 102]]); "
+              "out = m(ids, torch.zeros_like(ids), torch.ones_like(ids)); "
+              "assert 'qbert' not in sys.modules and 'transformers' not in sys.modules; print(out['logits'].shape)")
+    result = subprocess.run([sys.executable, "-c", script, str(folder / written["path"])], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "torch.Size([1, 2])"
