@@ -102,11 +102,11 @@ class IntegerGemm(nn.Module):
     def _onnx_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ONNX nodes an integer runtime fuses into int8 GEMMs: per group, a per-tensor Q -> DQ of the input
         slice and the DequantizeLinear of the int8 weight codes feed one MatMul; the K products are summed."""
-        from qbert.quant.onnx_export import dequantize_weight, quantize_dequantize
+        from qbert.quant.onnx_export import dequantize_weight, gather_last, quantize_dequantize
 
         x = x.float()
         if self.permutation is not None:
-            x = x.index_select(-1, self.permutation)
+            x = gather_last(x, self.permutation)
         out = None
         for g in range(self.groups):
             part = x if self.groups == 1 else x[..., g * self.size:(g + 1) * self.size]

@@ -59,6 +59,12 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
                                    version=OPSET)
 
 
+def gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(-1, index)`` written as Transpose -> Gather(axis 0) -> Transpose: onnxruntime gathers
+    whole rows about 3x faster than single elements along the last axis."""
+    return x.movedim(-1, 0).index_select(0, index).movedim(0, -1)
+
+
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``DequantizeLinear`` of symmetric int8 weight codes ``[N, K]`` (per tensor, or per output row)."""
     scale = scale.detach().float().reshape(-1)
@@ -80,7 +86,12 @@ def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torc
 
     import onnx
 
+    from qbert.quant.quantizer import Quantizer
+
     model.eval()
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            module.onnx_ready()
     with torch.no_grad():
         names = [k for k, v in model(**sample).items() if v is not None]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=4096)
