@@ -165,7 +165,9 @@ class _Pooled(RangeEstimator):
         per_row = max(1, limit // pooled.shape[0])
         if pooled.shape[1] <= per_row:
             return pooled
-        index = torch.linspace(0, pooled.shape[1] - 1, per_row).round().long()
+        # float32 positions: past 2^24 values (a BERT-base word-embedding table) the last one can round
+        # up to one past the end; clamped, so smaller tensors keep exactly the samples they had
+        index = torch.linspace(0, pooled.shape[1] - 1, per_row).round().long().clamp_(max=pooled.shape[1] - 1)
         return pooled[:, index]
 
     def samples(self) -> torch.Tensor:

@@ -101,3 +101,14 @@ def test_reset_forgets() -> None:
     est.update(torch.randn(1, 100))
     est.reset()
     assert not est.observed and est.bits == 8
+
+
+def test_pooled_thinning_stays_in_bounds_past_float32_integers() -> None:
+    from qbert.quant.estimators import MSE
+
+    n = 2**24 + 7  # float32 cannot hold n - 1: the last evenly spaced position rounds past the end
+    est = MSE(bits=8, symmetric=True, max_samples=1000)
+    values = torch.arange(n, dtype=torch.float32).reshape(1, -1)
+    est.update(values)
+    kept = est.samples()
+    assert kept.shape == (1, 500) and kept[0, 0] == 0 and kept[0, -1] <= n - 1
