@@ -106,7 +106,7 @@ def test_reset_forgets() -> None:
 def test_pooled_thinning_stays_in_bounds_past_float32_integers() -> None:
     from qbert.quant.estimators import MSE
 
-    n = 2**24 + 7  # float32 cannot hold n - 1: the last evenly spaced position rounds past the end
+    n = 2**24 + 8  # float32 cannot hold n - 1 (odd, past 2^24): the last position rounds to n
     est = MSE(bits=8, symmetric=True, max_samples=1000)
     values = torch.arange(n, dtype=torch.float32).reshape(1, -1)
     est.update(values)
