@@ -209,14 +209,19 @@ def load(folder: str | Path) -> Quantized:
         inst, metadata = instrumented_from_integer(path)
     except ValueError as exc:
         raise QbertError(str(exc), key="folder") from None
-    tokenizer = None
-    if (path.parent / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
     gemms = integer_gemms(inst)
     return Quantized(model=inst.model, recipe=metadata.get("recipe", "unknown"), arithmetic="integer",
-                     instrumented=inst, tokenizer=tokenizer, report={"gemms": gemms, "loaded_from": str(path)})
+                     instrumented=inst, tokenizer=_folder_tokenizer(path.parent),
+                     report={"gemms": gemms, "loaded_from": str(path)})
+
+
+def _folder_tokenizer(folder: Path) -> Any:
+    """The tokenizer an export wrote beside its model file, or None."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _load_torchscript(path: Path) -> Quantized:
@@ -224,13 +229,8 @@ def _load_torchscript(path: Path) -> Quantized:
     from qbert.recipes import Quantized
 
     model = TorchScriptModel(path)
-    tokenizer = None
-    if (path.parent / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
     return Quantized(model=model, recipe=model.info.get("recipe", "unknown"),
-                     arithmetic=model.info.get("arithmetic", "integer"), tokenizer=tokenizer,
+                     arithmetic=model.info.get("arithmetic", "integer"), tokenizer=_folder_tokenizer(path.parent),
                      report={"loaded_from": str(path)})
 
 

@@ -42,6 +42,38 @@ def tiny_config(real_data: Path, recipe: dict, name: str | None = None, **extra)
     })
 
 
+PAIRS = [("the cat sat on the mat", "a dog ran in the park"), ("one two three", "four five six seven")] * 8
+"""Calibration text pairs for the tiny model."""
+
+
+def tiny_model():
+    """The 2-layer tiny-random classifier (seed 0, eval mode) and its tokenizer."""
+    import torch
+
+    from qbert.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model("tiny-random")
+    torch.manual_seed(0)
+    return load_model(source, "classification", 2).eval(), load_tokenizer(source)
+
+
+def frozen_quantizer(spec, data, ranges=None, channels: int = 12):
+    """A quantizer of ``spec`` over the last dimension: its permutation (when ``spec.permute``) from
+    ``data``, its range from ``ranges`` (default ``data``), frozen."""
+    from qbert.quant.estimators import CurrentMinMax
+    from qbert.quant.quantizer import Quantizer
+
+    q = Quantizer(spec, CurrentMinMax(), channels=channels)
+    if spec.permute:
+        q.track_dimensions = True
+        q.observe(data)
+        q.set_permutation(q.range_permutation())
+        q.restart_estimation()
+    q.observe(data if ranges is None else ranges)
+    q.freeze()
+    return q
+
+
 def write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]

@@ -49,7 +49,7 @@ class IntegerGemm(nn.Module):
         self.qmin, self.qmax = aq.qmin, aq.qmax
         self.shift = 128 if aq.qmax > 127 else 0
         groups = aq.groups if aq.spec.granularity == "per_embedding_group" else 1
-        permutation = aq.permutation if groups > 1 else None
+        permutation = aq.permutation if groups > 1 and aq.permutes() else None
         codes = weight_codes if permutation is None else weight_codes[:, permutation]
         size = self.in_features // groups
         s_w = weight_scale.reshape(-1).float()  # [1] or [N]
@@ -59,9 +59,7 @@ class IntegerGemm(nn.Module):
         chunks = [codes[:, g * size:(g + 1) * size] for g in range(groups)]
         for g, chunk in enumerate(chunks):
             bias = bias - s_x[g] * s_w * (z_x[g] - self.shift) * chunk.double().sum(dim=1).float()
-        identity = permutation is not None and torch.equal(permutation, torch.arange(len(permutation),
-                                                                                    device=permutation.device))
-        self.register_buffer("permutation", None if permutation is None or identity else permutation.clone())
+        self.register_buffer("permutation", None if permutation is None else permutation.clone())
         # weights stored [N, K_g] row-major and passed transposed: the fast layout for _int_mm on CPU;
         # buffers, not parameters, so the model's parameters stay the float ones the exports read
         self.groups = groups

@@ -192,11 +192,15 @@ class Quantizer(nn.Module):
                             clipped_ste=self.spec.ste == "clipped")
         return out.to(x.dtype)
 
+    def permutes(self) -> bool:
+        """Whether the permutation moves any dimension (False without one, or for the identity)."""
+        if self.permutation is None:
+            return False
+        return not torch.equal(self.permutation, torch.arange(len(self.permutation), device=self.permutation.device))
+
     def onnx_ready(self) -> None:
         """Facts the ONNX trace needs as Python values (it cannot branch on tensor data)."""
-        if self.permutation is not None:
-            arange = torch.arange(self.channels, device=self.permutation.device)
-            self.__dict__["_identity_permutation"] = bool(torch.equal(self.permutation, arange))
+        self.__dict__["_identity_permutation"] = not self.permutes()
 
     def _onnx_quantize(self, x: torch.Tensor) -> torch.Tensor:
         from qbert.quant.onnx_export import gather_last, quantize_dequantize

@@ -15,21 +15,14 @@ from qbert.quant.estimators import CurrentMinMax
 from qbert.quant.integer_model import IntegerGemm, _int_mm
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec
-from tests.conftest import tiny_config
+from tests.conftest import PAIRS, frozen_quantizer, tiny_config, tiny_model
 
 
 def _setup(spec: QuantSpec, weight_bits: int = 8):
     torch.manual_seed(0)
     linear = torch.nn.Linear(12, 5)
     x = torch.randn(3, 7, 12) * torch.linspace(0.1, 6, 12)  # outlier-ish dimensions
-    aq = Quantizer(spec, CurrentMinMax(), channels=12)
-    if spec.permute:
-        aq.track_dimensions = True
-        aq.observe(x)
-        aq.set_permutation(aq.range_permutation())
-        aq.restart_estimation()
-    aq.observe(x)
-    aq.freeze()
+    aq = frozen_quantizer(spec, x)
     wq = Quantizer(QuantSpec(bits=weight_bits, symmetric=True, granularity="per_channel"), CurrentMinMax(),
                    channels=5, channel_dim=0)
     wq.observe(linear.weight.detach())
@@ -127,13 +120,9 @@ def test_integer_evaluation_needs_uniform_quantizers():
                                     {"name": "w4a8_qat", "epochs": 1}, {"name": "w8a8_qat", "epochs": 1}])
 def test_load_rebuilds_the_integer_model_of_an_integer_export(recipe, tmp_path):
     import qbert
-    from qbert.models import load_model, load_tokenizer, resolve_model
 
-    source = resolve_model("tiny-random")
-    torch.manual_seed(0)
-    model = load_model(source, "classification", 2).eval()
-    tokenizer = load_tokenizer(source)
-    texts = [("the cat sat on the mat", "a dog ran in the park"), ("one two three", "four five six seven")] * 8
+    model, tokenizer = tiny_model()
+    texts = PAIRS
     if recipe["name"].endswith("_qat"):  # trained methods: prepare -> (no training) -> convert
         q = qbert.convert(qbert.prepare(model, recipe, calibration=texts, tokenizer=tokenizer,
                                         calibrate={"batches": 2, "batch_size": 4}), calibration=texts)

@@ -15,7 +15,7 @@ from qbert.quant.estimators import CurrentMinMax
 from qbert.quant.onnx_export import OnnxModel, export_onnx_model, fold_weight_quantization
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec
-from tests.conftest import tiny_config
+from tests.conftest import PAIRS, frozen_quantizer, tiny_config, tiny_model
 
 GRIDS = {
     "asymmetric_8bit": QuantSpec(bits=8),
@@ -42,14 +42,7 @@ def test_onnxruntime_quantizes_on_qbert_grids(name, tmp_path):
     spec = GRIDS[name]
     torch.manual_seed(0)
     calibration = torch.randn(4, 9, 12) * torch.linspace(0.2, 5, 12)
-    q = Quantizer(spec, CurrentMinMax(), channels=12)
-    if spec.permute:
-        q.track_dimensions = True
-        q.observe(calibration)
-        q.set_permutation(q.range_permutation())
-        q.restart_estimation()
-    q.observe(calibration * 0.8)  # inputs beyond the range get clipped
-    q.freeze()
+    q = frozen_quantizer(spec, calibration, calibration * 0.8)  # inputs beyond the range get clipped
     module = _Quantize(q).eval()
     sample = {"x": torch.randn(2, 5, 12) * 3}
     export_onnx_model(module, tmp_path / "q.onnx", sample)
@@ -134,14 +127,9 @@ def test_fold_leaves_activation_quantization_alone():
 
 def _tiny_quantized(recipe: str, **params):
     import qbert
-    from qbert.models import load_model, load_tokenizer, resolve_model
 
-    source = resolve_model("tiny-random")
-    torch.manual_seed(0)
-    model = load_model(source, "classification", 2).eval()
-    tokenizer = load_tokenizer(source)
-    texts = [("the cat sat on the mat", "a dog ran in the park"), ("one two three", "four five six seven")] * 8
-    return qbert.quantize(model, {"name": recipe, **params}, calibration=texts, tokenizer=tokenizer,
+    model, tokenizer = tiny_model()
+    return qbert.quantize(model, {"name": recipe, **params}, calibration=PAIRS, tokenizer=tokenizer,
                           calibrate={"batches": 4, "batch_size": 4})
 
 
