@@ -8,11 +8,14 @@ torch.compile (when torchao imports); onnxruntime FP32 and dynamic int8 (quantiz
 integer W8A8, PEG and MP (eager and compiled: ``qbert.to_integer``); qbert's ONNX export of each on
 onnxruntime. qbert's recipes use the settings of configs/mrpc_<recipe>.yaml, calibrated with seed 42.
 
-Every model sees the same real MRPC dev inputs padded to the sequence length (static shapes, so a
-compiled model compiles once per batch size). Throughput is sequences per second, the median of
-``--repeats`` timed passes after warm-up; ``speedup`` is throughput over FP32 eager's in this run.
-Prints JSON (and writes it to ``--out``).
+Every model sees the same real MRPC dev inputs padded to the sequence length; compiled models compile
+one static graph per batch size (``dynamic=False``, the same for every compiled path). Every path is
+built first; then, per batch size, ``--rounds`` rounds time each path in turn (``--repeats`` passes
+after two warm-up passes, their median), so a slow spell of the machine touches every path alike.
+Throughput is sequences per second, the median over rounds; ``speedup`` is throughput over FP32
+eager's in this run. Prints JSON (and writes it to ``--out``).
 Usage: python bench/integer_inference.py [--models minilm,bert-base] [--batch-sizes 1,32] [--repeats 5]
+       [--rounds 3]
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def eager(model: torch.nn.Module) -> Callable[[dict], Any]:
 
 def compiled(model: torch.nn.Module, bf16: bool = False) -> Callable[[dict], Any]:
     model.eval()
-    fast = torch.compile(model)
+    fast = torch.compile(model, dynamic=False)
 
     def forward(inputs: dict) -> Any:
         if bf16:
@@ -212,12 +215,19 @@ def load(name: str) -> tuple[torch.nn.Module, Any, str]:
     raise SystemExit(f"unknown model {name!r} (minilm, bert-base)")
 
 
+def failure(exc: Exception) -> str:
+    if os.environ.get("QBERT_BENCH_DEBUG"):
+        traceback.print_exc()
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,bert-base")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes per round (their median)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing every path in turn")
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores)")
     parser.add_argument("--paths", default=None, help="comma-separated subset of the paths")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -233,6 +243,7 @@ def main() -> None:
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "seq_len": args.seq_len, "repeats": args.repeats,
+                               "rounds": args.rounds,
                                "batch_sizes": sizes, "torch": torch.__version__,
                                "onnxruntime": onnxruntime.__version__, "models": {}}
     config = parse_config({"task": "mrpc", "finetune": {"epochs": 0, "max_seq_len": args.seq_len}})
@@ -249,7 +260,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             builders = paths_for(model, tokenizer, Path(tmp))
             chosen = args.paths.split(",") if args.paths else list(builders)
-            for path in chosen:
+            forwards: dict[str, Callable[[dict], Any]] = {}
+            for path in chosen:  # build every path (and score it on the dev set) first
                 start = time.perf_counter()
                 try:
                     built = builders[path]()
@@ -258,16 +270,29 @@ def main() -> None:
                         row["f1"] = dev_f1(built["forward"], f1_batches, task, examples, features)
                         if "f1_reference" in built:
                             row["f1_simulated"] = dev_f1(built["f1_reference"], f1_batches, task, examples, features)
-                    row["sequences_per_second"] = {
-                        str(s): round(throughput(built["forward"], timing[s], args.repeats), 2) for s in sizes}
+                    forwards[path] = built["forward"]
                 except Exception as exc:  # a path that cannot run here is reported, not fatal
-                    row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
-                    if os.environ.get("QBERT_BENCH_DEBUG"):
-                        traceback.print_exc()
-                row["seconds_to_build_and_measure"] = round(time.perf_counter() - start, 1)
+                    row = {"error": failure(exc)}
+                row["seconds_to_build"] = round(time.perf_counter() - start, 1)
                 entry["paths"][path] = row
                 print(json.dumps({name: {path: row}}), flush=True)
                 built = None
+            for size in sizes:  # then time them in turns
+                samples: dict[str, list[float]] = {path: [] for path in forwards}
+                for _ in range(args.rounds):
+                    for path in list(forwards):
+                        try:
+                            samples[path].append(throughput(forwards[path], timing[size], args.repeats))
+                        except Exception as exc:
+                            entry["paths"][path]["error"] = failure(exc)
+                            del forwards[path], samples[path]
+                for path, values in samples.items():
+                    entry["paths"][path].setdefault("sequences_per_second", {})[str(size)] = round(
+                        statistics.median(values), 2)
+                    entry["paths"][path].setdefault("rounds", {})[str(size)] = [round(v, 2) for v in values]
+                print(json.dumps({name: {"batch_size": size, "sequences_per_second": {
+                    p: entry["paths"][p]["sequences_per_second"][str(size)] for p in samples}}}), flush=True)
+            forwards.clear()
         base = entry["paths"].get("fp32_eager", {}).get("sequences_per_second", {})
         for row in entry["paths"].values():
             if "sequences_per_second" in row and base:

@@ -1,6 +1,6 @@
-"""Integer GEMMs for a fake-quantized model: every linear layer whose input and weight are quantized
-(at most 8 bits) runs as int8 x int8 -> int32 (``torch._int_mm``) with the calibrated scales and zero
-points, then rescales to float.
+"""Integer GEMMs for a fake-quantized model: every linear layer whose weight (at most 8 bits) and input
+(at most 16 bits) are quantized runs as int8 x int8 -> int32 (``torch._int_mm``) with the calibrated
+scales and zero points, then rescales to float.
 
 For a linear ``y = x W^T + b`` with input grid ``x = s_x (q_x - z_x)`` and weight grid ``W = s_w q_w``
 (symmetric, per tensor or per output channel)::
@@ -9,14 +9,23 @@ For a linear ``y = x W^T + b`` with input grid ``x = s_x (q_x - z_x)`` and weigh
       = s_x s_w [(q_x - c) q_w^T] + (b - s_x s_w (z_x - c) * rowsum(q_w))
 
 where ``c`` is 128 for unsigned 8-bit inputs (so ``q_x - c`` fits int8) and 0 otherwise: the bracket
-is the int32 GEMM, the second term a float bias folded offline. A per-embedding-group input (PEG,
-Bondarenko et al. 2021 sec. 4 and Figure 4) runs as K group GEMMs summed, each with its group's scale
-and zero point; its range-based permutation is folded into the weight's columns offline (the input is
-gathered once in the same order). Weights of fewer bits (4-bit) are int8 codes in a narrower range.
+is the int32 GEMM, the second term a float bias folded offline. An input of 9 to 16 bits (mixed
+precision keeps some at 16) runs as two int8 GEMMs on its two base-256 digits::
+
+    q_x - c = 256 h + l,   h, l in [-128, 127],   c = qmin + 32896
+
+so ``(q_x - c) q_w^T = 256 (h q_w^T) + (l q_w^T)``, both int32, combined with the zero point's term
+``(c - z_x) rowsum(q_w)`` exactly in float64 (folded into the bias it would cancel against the
+accumulator in float32). A per-embedding-group input (PEG, Bondarenko et al. 2021 sec. 4 and
+Figure 4) runs as K group GEMMs summed, each with its group's scale and zero point; its range-based
+permutation is folded into the weight's columns offline (the input is gathered once in the same
+order). Weights of fewer bits (4-bit) are int8 codes in a narrower range.
 
 Everything else (attention matmuls, softmax, GELU, LayerNorm, the output fake-quantization of each
 site) stays as the simulated model computes it, so the integer model differs from the simulation only
-in the GEMMs, where int32 accumulation is exact and the float GEMM rounds.
+in the GEMMs, where int32 accumulation is exact and the float GEMM rounds. Quantized weights outside the
+integer GEMMs (embedding tables, GEMMs with a float input) are fake-quantized once, not at
+every call: the same values, without re-quantizing the 11.7M-entry word embedding table per forward.
 """
 
 from __future__ import annotations
@@ -47,7 +56,11 @@ class IntegerGemm(nn.Module):
         aq = input_quantizer
         self.in_features = weight_codes.shape[1]
         self.qmin, self.qmax = aq.qmin, aq.qmax
-        self.shift = 128 if aq.qmax > 127 else 0
+        self.digits = 1 if aq.qmax - aq.qmin < 256 else 2
+        if self.digits == 1:
+            self.shift = 128 if aq.qmax > 127 else 0
+        else:
+            self.shift = aq.qmin + 32896
         groups = aq.groups if aq.spec.granularity == "per_embedding_group" else 1
         permutation = aq.permutation if groups > 1 and aq.permutes() else None
         codes = weight_codes if permutation is None else weight_codes[:, permutation]
@@ -57,8 +70,16 @@ class IntegerGemm(nn.Module):
         s_x = aq.scale.detach().float().reshape(-1)[:groups]
         z_x = aq.zero_point.detach().float().reshape(-1)[:groups]
         chunks = [codes[:, g * size:(g + 1) * size] for g in range(groups)]
-        for g, chunk in enumerate(chunks):
-            bias = bias - s_x[g] * s_w * (z_x[g] - self.shift) * chunk.double().sum(dim=1).float()
+        # the zero point's term (c - z_x) rowsum(q_w): folded into the bias for 8-bit inputs; for wider ones
+        # it is as large as the accumulator it cancels, so it joins the accumulator exactly, in float64
+        zero_terms = None
+        if self.digits == 1:
+            for g, chunk in enumerate(chunks):
+                bias = bias - s_x[g] * s_w * (z_x[g] - self.shift) * chunk.double().sum(dim=1).float()
+        else:
+            zero_terms = torch.stack([(self.shift - z_x[g].double()) * chunk.double().sum(dim=1)
+                                      for g, chunk in enumerate(chunks)])  # [G, N], whole numbers
+        self.register_buffer("zero_terms", zero_terms)
         self.register_buffer("permutation", None if permutation is None else permutation.clone())
         # weights stored [N, K_g] row-major and passed transposed: the fast layout for _int_mm on CPU;
         # buffers, not parameters, so the model's parameters stay the float ones the exports read
@@ -76,23 +97,31 @@ class IntegerGemm(nn.Module):
         self.register_buffer("weight_scale", s_w.clone())
         self.register_buffer("bias", linear.bias.detach().float().clone() if linear.bias is not None else None)
 
-    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """int8 codes ``q_x - c`` of ``x`` (in the weights' column order)."""
+    def input_codes(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """int8 codes of ``x`` (in the weights' column order): ``[q_x - c]`` for inputs of at most 8 bits,
+        the digits ``[h, l]`` of ``q_x - c = 256 h + l`` for wider ones."""
         if self.permutation is not None:
             x = x.index_select(-1, self.permutation)
-        q = torch.clamp(torch.round(x / self.input_scale) + self.input_zero, self.qmin, self.qmax)
-        return (q - self.shift).to(torch.int8)
+        q = torch.clamp(torch.round(x / self.input_scale) + self.input_zero, self.qmin, self.qmax) - self.shift
+        if self.digits == 1:
+            return [q.to(torch.int8)]
+        high = torch.floor((q + 128) / 256)  # exact: whole numbers far below 2^24
+        return [high.to(torch.int8), (q - 256 * high).to(torch.int8)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return self._onnx_forward(x)
         shape = x.shape
-        codes = self.input_codes(x.reshape(-1, self.in_features).float())
+        digits = self.input_codes(x.reshape(-1, self.in_features).float())
         out = None
         for g in range(self.groups):
-            weight = getattr(self, f"weight_{g}")
-            acc = _int_mm(codes[:, g * self.size:(g + 1) * self.size].contiguous(), weight.t())
-            part = acc.float() * self.out_scale[g]
+            weight = getattr(self, f"weight_{g}").t()
+            accs = [_int_mm(codes[:, g * self.size:(g + 1) * self.size].contiguous(), weight) for codes in digits]
+            if self.digits == 1:
+                acc = accs[0].float()
+            else:
+                acc = (accs[0].double() * 256 + accs[1].double() + self.zero_terms[g]).float()
+            part = acc * self.out_scale[g]
             out = part if out is None else out + part
         out = out + self.folded_bias
         return out.reshape(*shape[:-1], -1).to(x.dtype)
@@ -115,6 +144,25 @@ class IntegerGemm(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class FrozenWeight(nn.Module):
+    """The forward of an embedding table or linear layer with its quantized weight computed once (the
+    value its weight parametrization returns at every call of the simulated model)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.embedding = isinstance(module, nn.Embedding)
+        with torch.no_grad():
+            self.register_buffer("weight", module.weight.detach().clone(), persistent=False)
+        self.options = ((module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+                         module.sparse) if self.embedding else ())
+        self.bias = None if self.embedding else module.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            return nn.functional.embedding(x, self.weight, *self.options)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def integer_gemms(inst: Any) -> dict[str, Any]:
     """Switch every eligible linear layer of ``inst`` (an instrumented model with frozen ranges) to
     :class:`IntegerGemm`, in place. Returns which GEMMs run on integers and why the others do not."""
@@ -122,6 +170,7 @@ def integer_gemms(inst: Any) -> dict[str, Any]:
 
     modules = weight_modules(inst.model)
     integer: list[str] = []
+    wide: list[str] = []  # 9- to 16-bit inputs: two int8 GEMMs each
     floating: dict[str, str] = {}
     for site, source in linear_inputs(inst.model).items():
         module = modules.get(site)
@@ -135,15 +184,27 @@ def integer_gemms(inst: Any) -> dict[str, Any]:
         module.integer_gemm = gemm
         module.forward = gemm.forward  # hooks on the module (its output's fake quantization) stay
         integer.append(site.removesuffix(".weight"))
-    return {"integer": integer, "float": floating, "kernel": "torch._int_mm (int8 x int8 -> int32)"}
+        if gemm.digits == 2:
+            wide.append(site.removesuffix(".weight"))
+    for site, module in modules.items():
+        if site in inst.quantizers and "integer_gemm" not in module._modules and _freezable(module):
+            module.frozen_weight = FrozenWeight(module)
+            module.forward = module.frozen_weight.forward
+    return {"integer": integer, "float": floating, "two_int8_gemms": wide,
+            "kernel": "torch._int_mm (int8 x int8 -> int32)"}
 
 
 def float_gemms(inst: Any) -> None:
     """Undo :func:`integer_gemms`: every linear layer computes the simulated float GEMM again."""
     for module in inst.model.modules():
-        if "integer_gemm" in module._modules:
-            del module._modules["integer_gemm"]
-            module.__dict__.pop("forward", None)
+        for name in ("integer_gemm", "frozen_weight"):
+            if name in module._modules:
+                del module._modules[name]
+                module.__dict__.pop("forward", None)
+
+
+def _freezable(module: nn.Module) -> bool:
+    return type(module) in (nn.Embedding, nn.Linear)
 
 
 def _not_integer(wq: Quantizer | None, aq: Quantizer | None, source: str) -> str | None:
@@ -156,8 +217,8 @@ def _not_integer(wq: Quantizer | None, aq: Quantizer | None, source: str) -> str
         return f"weight {wq.spec.bits}-bit {kind} (int8 needs <= 8 bits, symmetric)"
     if wq.spec.granularity not in ("per_tensor", "per_channel"):
         return f"weight granularity {wq.spec.granularity}"
-    if aq.spec.bits > 8:
-        return f"input {source} at {aq.spec.bits} bits"
+    if aq.qmax - aq.qmin >= 2**16:
+        return f"input {source} at {aq.spec.bits} bits (at most 16: two int8 digits)"
     if aq.spec.granularity == "per_channel":
         return f"input {source} per channel"
     if aq.state != "fixed":

@@ -36,6 +36,9 @@ SPECS = {
     "peg_k3_permuted": QuantSpec(bits=8, granularity="per_embedding_group", groups=3, permute=True),
     "peg_k4": QuantSpec(bits=8, granularity="per_embedding_group", groups=4),
     "symmetric_narrow": QuantSpec(bits=8, symmetric=True, narrow=True),
+    "16bit": QuantSpec(bits=16),  # two int8 digits
+    "16bit_symmetric": QuantSpec(bits=16, symmetric=True),
+    "12bit_peg_k3_permuted": QuantSpec(bits=12, granularity="per_embedding_group", groups=3, permute=True),
 }
 
 
@@ -56,16 +59,24 @@ def test_integer_gemm_equals_the_integer_arithmetic(name, weight_bits):
     group = position * aq.groups // 12 if spec.granularity == "per_embedding_group" else np.zeros(12, np.int64)
     xs = x.reshape(-1, 12).numpy().astype(np.float64)
     q = np.clip(np.round(xs / s[group]) + z[group], aq.qmin, aq.qmax).astype(np.int64)
+    assert (q > 255).any() == (spec.bits > 8)  # the wide cases use their range
     qw = codes.numpy().astype(np.int64)
-    shift = 128 if aq.qmax > 127 else 0
-    input_codes = gemm.input_codes(x_hat.reshape(-1, 12)).numpy().astype(np.int64)
-    np.testing.assert_array_equal(input_codes, (q - shift)[:, perm] if gemm.permutation is not None
-                                  else q - shift)
+    columns = perm if gemm.permutation is not None else np.arange(12)
+    digits = [d.numpy().astype(np.int64) for d in gemm.input_codes(x_hat.reshape(-1, 12))]
+    assert all(d.min() >= -128 and d.max() <= 127 for d in digits)
+    shift = 128 if aq.qmax > 127 else 0  # int8 codes of unsigned 8-bit grids
+    if spec.bits > 8:  # q - c = 256 h + l
+        assert len(digits) == 2
+        shift = aq.qmin + 32896
+    np.testing.assert_array_equal(digits[0] * 256 + digits[1] if len(digits) == 2 else digits[0],
+                                  (q - shift)[:, columns])
     size = 12 // gemm.groups
     for g in range(gemm.groups):
-        dims = perm[g * size:(g + 1) * size] if gemm.permutation is not None else np.arange(g * size, (g + 1) * size)
-        acc = _int_mm(torch.tensor(q[:, dims] - shift, dtype=torch.int8), getattr(gemm, f"weight_{g}").t())
-        np.testing.assert_array_equal(acc.numpy(), (q[:, dims] - shift) @ qw[:, dims].T)  # exact
+        dims = columns[g * size:(g + 1) * size]
+        for d in digits:
+            acc = _int_mm(torch.tensor(d[:, g * size:(g + 1) * size], dtype=torch.int8),
+                          getattr(gemm, f"weight_{g}").t())
+            np.testing.assert_array_equal(acc.numpy(), d[:, g * size:(g + 1) * size] @ qw[:, dims].T)  # exact
 
     # the rescaled output: float64 of s_x s_w (q_x - z_x) q_w + b on the same grids
     sw = wq.scale.detach().numpy().astype(np.float64).reshape(-1, 1)
@@ -96,7 +107,7 @@ def test_the_pipeline_evaluates_the_integer_model_beside_the_simulation(real_dat
     assert "evaluate_integer" in record["timings"]
 
 
-def test_sites_kept_in_floating_point_keep_their_gemm_in_floating_point(real_data, tmp_path):
+def test_16_bit_inputs_run_as_two_int8_gemms_and_float_inputs_stay_float(real_data, tmp_path):
     import qbert
 
     cfg = tiny(real_data, {"name": "mp_ptq", "preset": "ffn_sum_io"})
@@ -107,8 +118,15 @@ def test_sites_kept_in_floating_point_keep_their_gemm_in_floating_point(real_dat
                        data={"dir": str(real_data), "max_train_samples": 64}, max_seq_len=64,
                        calibrate={"batches": 2, "batch_size": 4})
     gemms = qbert.to_integer(q).report["gemms"]
-    assert sorted(gemms["float"]) == ["layer.0.ffn.intermediate", "layer.1.ffn.intermediate"]
-    assert "16 bits" in gemms["float"]["layer.0.ffn.intermediate"] and len(gemms["integer"]) == 12
+    # the two GEMMs whose input is kept at 16 bits run as two int8 GEMMs each; the rest as one
+    assert sorted(gemms["two_int8_gemms"]) == ["layer.0.ffn.intermediate", "layer.1.ffn.intermediate"]
+    assert gemms["float"] == {} and len(gemms["integer"]) == 14
+    weights_only = qbert.quantize(str(checkpoint), {"name": "w8a32_ptq"}, calibration="mrpc",
+                                  data={"dir": str(real_data), "max_train_samples": 64}, max_seq_len=64,
+                                  calibrate={"batches": 2, "batch_size": 4})
+    gemms = qbert.to_integer(weights_only).report["gemms"]
+    assert gemms["integer"] == [] and len(gemms["float"]) == 14
+    assert gemms["float"]["layer.0.ffn.intermediate"] == "input layer.0.ffn.input in floating point"
 
 
 def test_integer_evaluation_needs_uniform_quantizers():
