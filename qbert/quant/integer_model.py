@@ -128,7 +128,10 @@ class IntegerGemm(nn.Module):
 
     def _onnx_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ONNX nodes an integer runtime fuses into int8 GEMMs: per group, a per-tensor Q -> DQ of the input
-        slice and the DequantizeLinear of the int8 weight codes feed one MatMul; the K products are summed."""
+        slice and the DequantizeLinear of the int8 weight codes feed one MatMul; the K products are summed.
+        A 16-bit input has no int8 fusion in onnxruntime: its MatMul takes the weight as float values on
+        their grid (a DequantizeLinear of int8 codes there becomes MatMulNBits, which quantizes the input
+        to int8 on the fly: see :func:`~qbert.quant.onnx_export.fold_weight_quantization`)."""
         from qbert.quant.onnx_export import dequantize_weight, gather_last, quantize_dequantize
 
         x = x.float()
@@ -138,7 +141,11 @@ class IntegerGemm(nn.Module):
         for g in range(self.groups):
             part = x if self.groups == 1 else x[..., g * self.size:(g + 1) * self.size]
             part = quantize_dequantize(part, self.group_scale[g], self.group_zero[g], self.qmin, self.qmax)
-            weight = dequantize_weight(getattr(self, f"weight_{g}"), self.weight_scale)
+            codes = getattr(self, f"weight_{g}")
+            if self.digits == 1:
+                weight = dequantize_weight(codes, self.weight_scale)
+            else:
+                weight = codes.float() * self.weight_scale.reshape(-1, 1)
             part = torch.matmul(part, weight.t())
             out = part if out is None else out + part
         return out if self.bias is None else out + self.bias

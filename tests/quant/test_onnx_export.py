@@ -111,6 +111,39 @@ def test_a_weight_only_gemm_keeps_its_float_input(tmp_path):
                                (x @ wq(weight).t()).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+class _Gemm(torch.nn.Module):
+    def __init__(self, gemm: torch.nn.Module) -> None:
+        super().__init__()
+        self.gemm = gemm
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.gemm(x)}
+
+
+@pytest.mark.parametrize("bits,fused", [(8, "MatMulIntegerToFloat"), (16, None)])
+def test_an_integer_gemm_runs_in_onnxruntime_as_its_input_grid_allows(bits, fused, tmp_path):
+    import onnxruntime as ort
+
+    from qbert.quant.integer_model import IntegerGemm
+
+    torch.manual_seed(2)
+    x = torch.nn.functional.gelu(torch.randn(4, 6, 16) * 3)  # one-sided: a zero point far from the middle
+    aq = frozen_quantizer(QuantSpec(bits=bits), x, channels=16)
+    wq, weight = _weight_quantizer(8, 16)
+    linear = torch.nn.Linear(16, 8)
+    gemm = IntegerGemm(linear, wq.integer_codes(weight), wq.scale.detach(), aq)
+    export_onnx_model(_Gemm(gemm).eval(), tmp_path / "g.onnx", {"x": x})
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "g.onnx"), options)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    # 8-bit: onnxruntime's int8 GEMM; 16-bit: a float MatMul on the grids, never MatMulNBits (int8 input)
+    assert "MatMulNBits" not in ops and (fused is None or fused in ops)
+    expected = (aq(x).double() @ wq(weight).detach().double().t() + linear.bias.detach().double()).numpy()
+    got = OnnxModel(tmp_path / "g.onnx")(x=x).out.numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def test_fold_leaves_activation_quantization_alone():
     from onnx import TensorProto, helper, numpy_helper
 
