@@ -236,6 +236,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # every compiled path x batch size is another graph of the same forward functions: keep them all
+    # (past dynamo's default of 8 per function, later paths would silently run eager)
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error in the row, never a silent eager run
     import onnxruntime
 
     from qbert.config import parse_config
