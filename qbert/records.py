@@ -56,6 +56,8 @@ class SeedRecord(Record):
     qat: dict[str, Any] | None = None
     checkpoint: str | None = None
     evaluate: dict[str, Any] = Field(default_factory=dict)
+    missing_splits: dict[str, str] = Field(default_factory=dict)
+    """Evaluation splits the data lacks (split -> why, e.g. MNLI's dev_mismatched): no metric was computed."""
     recipe_report: dict[str, Any] = Field(default_factory=dict)
     exports: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)

@@ -67,13 +67,17 @@ def evaluate_splits(
     model: torch.nn.Module, task: Task, tokenizer: Any, data: Any, *, batch_size: int, max_len: int,
     device: torch.device, precision: str = "fp32", reporter: Reporter = SILENT,
 ) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, EvalOutput]]:
-    """Every evaluation split of ``task`` that has examples (``data``: the config's data section): the
-    metrics (x100, 4 decimals; later splits' names carry the split as a suffix), the timing facts and
-    the outputs, by split."""
+    """Every evaluation split of ``task`` that the data has and that has examples (``data``: the config's
+    data section): the metrics (x100, 4 decimals; later splits' names carry the split as a suffix), the
+    timing facts and the outputs, by split. A missing later split (MNLI without dev_mismatched) has no
+    metrics: :meth:`~qbert.tasks.base.Task.missing_splits` says why."""
     metrics: dict[str, float] = {}
     facts: dict[str, dict[str, Any]] = {}
     outputs: dict[str, EvalOutput] = {}
+    present = task.present_splits(data)
     for i, split in enumerate(task.eval_splits):
+        if split not in present:
+            continue
         examples = task.load(split, data)
         if not examples:
             continue

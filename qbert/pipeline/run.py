@@ -76,7 +76,7 @@ def preflight(config: ExperimentConfig) -> tuple[ModelSource, Task]:
     if config.skips_finetuning:
         check_finetuned(source, task)
     needs_train = not config.skips_finetuning or recipe.needs_calibration or recipe.trains
-    for split in (("train",) if needs_train else ()) + tuple(task.eval_splits):
+    for split in (("train",) if needs_train else ()) + task.present_splits(config.data):
         if not task.load(split, config.data):
             raise QbertError(f"the {config.task} {split} split has no examples", key="data")
     check_site_plan(config)
@@ -228,6 +228,9 @@ def run_seed(
         atomic_write_json(folder / "env.json", environment(str(device)))
         log.info("seed %d: %s on %s with recipe %s, device %s", seed, config.model, config.task,
                  config.recipe.name, device)
+        for split, why in task.missing_splits(config.data).items():
+            log.warning("%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "
+                        "missing_splits", config.task, split, why)
         tokenizer = load_tokenizer(source)
         recipe = get_recipe(config.recipe.name)(config.recipe, config)
         ctx = stage_context(config, seed, task, tokenizer, device, reporter)
@@ -326,6 +329,7 @@ def run_seed(
             "qat": qat,
             "checkpoint": checkpoint,
             "evaluate": evaluation,
+            "missing_splits": task.missing_splits(config.data),
             "recipe_report": q.report,
             "exports": exports,
             "timings": timings,

@@ -38,6 +38,16 @@ class Task:
         """Examples of ``split`` ('train' or one of ``eval_splits``) for a ``DataConfig``."""
         raise NotImplementedError
 
+    def missing_splits(self, data: Any) -> dict[str, str]:
+        """Evaluation splits after the first that ``data`` does not have (split -> why): they are skipped
+        and recorded, never scored. The first evaluation split is required (``load`` says how to add it)."""
+        return {}
+
+    def present_splits(self, data: Any) -> tuple[str, ...]:
+        """The evaluation splits to score: ``eval_splits`` without the missing ones."""
+        missing = self.missing_splits(data)
+        return tuple(split for split in self.eval_splits if split not in missing)
+
     def data_fingerprint(self, data: Any) -> dict[str, Any]:
         """What identifies the training data (for checkpoint cache keys)."""
         raise NotImplementedError

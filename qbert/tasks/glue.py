@@ -139,6 +139,12 @@ class GlueTask(Task):
         files.update({name: folder / file for name, file, _ in self.spec.eval_files})
         return folder, files
 
+    def missing_splits(self, data: Any) -> dict[str, str]:
+        folder, files = self._files(data)
+        if folder is None:  # the hub has every split
+            return {}
+        return {split: f"{files[split]} not found" for split in self.eval_splits[1:] if not files[split].is_file()}
+
     def _read_split(self, split: str, data: Any) -> list[GlueExample]:
         folder, files = self._files(data)
         if folder is None:

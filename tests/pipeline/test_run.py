@@ -45,6 +45,15 @@ def test_run_writes_the_run_folder(real_data, tmp_path):
     assert summary["metrics"]["f1"]["n"] == 1 and summary["headline"] == "f1"
 
 
+def test_mnli_without_dev_mismatched_runs_and_records_the_missing_split(real_data, tmp_path):
+    result = run_experiment(tiny(real_data, name="tiny_mnli", task="mnli"), root=tmp_path)
+    metrics = read_json(result.folder / "seed=0" / "metrics.json")
+    assert set(metrics["metrics"]) == {"accuracy"}  # matched only: no accuracy_mismatched, no placeholder
+    assert list(metrics["missing_splits"]) == ["mismatched"] and list(metrics["evaluate"]) == ["matched"]
+    assert not list((result.folder / "seed=0").glob("predictions-mismatched*"))
+    assert "no mismatched evaluation split" in (result.folder / "seed=0" / "run.log").read_text()
+
+
 def test_rerun_skips_finished_seeds_and_force_reruns(real_data, tmp_path):
     cfg = tiny(real_data)
     run_experiment(cfg, root=tmp_path)

@@ -15,6 +15,7 @@ REAL_COUNTS = {
     "rte": {"train": 2490, "dev": 277},
     "wnli": {"train": 635, "dev": 71},
     "qnli": {"dev": 5463},
+    "mnli": {"train": 76293, "matched": 9815},  # a real subset of train; dev_matched complete
 }
 
 
@@ -109,3 +110,13 @@ def test_scoring_classification_and_regression():
     reg = [GlueExample(str(i), "a", "b", float(v)) for i, v in enumerate([1, 2, 3])]
     out = stsb.score(reg, [], np.array([[1.0], [2.0], [4.0]]))
     assert out.metrics["spearman"] == pytest.approx(100.0)
+
+
+def test_a_missing_later_split_is_skipped_and_said(real_data, fixture_data):
+    task = get_task("mnli")
+    missing = task.missing_splits(DataConfig(dir=str(real_data)))  # these machines have no dev_mismatched
+    assert list(missing) == ["mismatched"] and "dev_mismatched.tsv not found" in missing["mismatched"]
+    assert task.present_splits(DataConfig(dir=str(real_data))) == ("matched",)
+    assert task.missing_splits(DataConfig(dir=str(fixture_data))) == {}  # the fixture has both
+    with pytest.raises(QbertError, match="mismatched split not found"):  # never read as empty
+        task.load("mismatched", DataConfig(dir=str(real_data)))
