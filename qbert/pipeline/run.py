@@ -228,7 +228,8 @@ def run_seed(
         atomic_write_json(folder / "env.json", environment(str(device)))
         log.info("seed %d: %s on %s with recipe %s, device %s", seed, config.model, config.task,
                  config.recipe.name, device)
-        for split, why in task.missing_splits(config.data).items():
+        missing_splits = task.missing_splits(config.data)
+        for split, why in missing_splits.items():
             log.warning("%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "
                         "missing_splits", config.task, split, why)
         tokenizer = load_tokenizer(source)
@@ -329,7 +330,7 @@ def run_seed(
             "qat": qat,
             "checkpoint": checkpoint,
             "evaluate": evaluation,
-            "missing_splits": task.missing_splits(config.data),
+            "missing_splits": missing_splits,
             "recipe_report": q.report,
             "exports": exports,
             "timings": timings,
