@@ -99,6 +99,20 @@ class CalibrateConfig(Section):
 
     batches: int = Field(16, gt=0, description="Calibration batches drawn (seeded) from the training split.")
     batch_size: int = Field(1, gt=0, description="Sequences per calibration batch.")
+    upstream_quantized: bool = Field(
+        False, description="Estimate each activation range with the sites before it already fake-quantized at their "
+        "ranges so far (the reference code's calibration, layer by layer); false: the floating-point network with "
+        "quantized weights.",
+    )
+    padding: Literal["excluded", "included", "max_length"] = Field(
+        "excluded", description="Padded positions in range statistics: excluded (batches padded to their longest "
+        "sequence, padding masked out); included (the same batches, padding observed like any token: the reference "
+        "code's PTQ); max_length (every sequence padded to finetune.max_seq_len and observed: its QAT initialisation).",
+    )
+    permutation_ranges: Literal["all", "ema", "last"] = Field(
+        "all", description="PEG permutation: each dimension's range over all calibration batches, an EMA of the "
+        "per-batch ranges (estimator.momentum, the reference code's intent), or the last batch's (what it does).",
+    )
 
 
 class EvaluateConfig(Section):
@@ -109,6 +123,10 @@ class EvaluateConfig(Section):
     save_predictions: bool = Field(True, description="Write per-example predictions next to metrics.")
     n_best: int = Field(20, gt=0, description="SQuAD: start and end candidates searched per window.")
     max_answer_len: int = Field(30, gt=0, description="SQuAD: longest answer span in tokens.")
+    clamp_regression: bool = Field(
+        False, description="Clamp regression predictions to the task's label range (STS-B: [0, 5]), as the reference "
+        "code's quantized BERT does.",
+    )
     integer: bool = Field(
         False, description="Also evaluate the model with its linear layers on integer GEMMs (int8 x int8 -> int32), "
         "recorded beside the simulated metrics with their agreement (recipes with uniform quantizers).",
@@ -150,6 +168,18 @@ class ExperimentConfig(Section):
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    reference: Literal["bondarenko2021"] | None = Field(
+        None, description="Set the implementation choices as a paper's reference code makes them (calibration with "
+        "upstream quantizers, padding, golden-section MSE, PEG permutation ranges, the STS-B mixed-precision and "
+        "clamp settings, fp32 QAT); keys the config sets itself win. See qbert/reference.py.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_preset(cls, data: Any) -> Any:
+        from qbert.reference import apply_reference
+
+        return apply_reference(data) if isinstance(data, dict) else data
 
     @field_validator("name")
     @classmethod
@@ -193,6 +223,9 @@ class ExperimentConfig(Section):
                 f"finetune.max_seq_len ({self.finetune.max_seq_len}) for squad (e.g. 128 with 384)"
             )
         recipe = get_recipe(self.recipe.name)
+        if self.evaluate.clamp_regression and self.task != "stsb":
+            raise ValueError(f"evaluate.clamp_regression: task {self.task} is not a regression task (only stsb is); "
+                             "remove evaluate.clamp_regression")
         if self.evaluate.integer and "integer" not in recipe.export_formats:
             able = ", ".join(sorted(n for n in available() if "integer" in get_recipe(n).export_formats))
             raise ValueError(f"evaluate.integer: recipe {self.recipe.name} has no uniform quantizers to run on integer "
@@ -223,7 +256,16 @@ class ExperimentConfig(Section):
         return stable_hash(hashed_data(self.resolved()))
 
 
-HASH_NEUTRAL: dict[str, Any] = {"evaluate.integer": False}
+HASH_NEUTRAL: dict[str, Any] = {
+    "evaluate.integer": False,
+    "evaluate.clamp_regression": False,
+    "calibrate.upstream_quantized": False,
+    "calibrate.padding": "excluded",
+    "calibrate.permutation_ranges": "all",
+    "recipe.pooler": False,
+    "recipe.precision": None,
+    "reference": None,
+}
 """Keys added to the schema after results were first hashed (dotted; ``recipe.<field>`` for any recipe's
 parameter), each with the value that reproduces the behaviour from before the key existed. The hash
 leaves a key out while it has that value, so adding a key never orphans earlier results. Every key

@@ -154,6 +154,8 @@ class Recipe:
     """The ``export.formats`` this recipe's :class:`Quantized` value can be written as."""
     fp32_evaluation: ClassVar[str | None] = None
     """Why this recipe must be evaluated in fp32 (None: bf16 evaluation is allowed)."""
+    reference_code: ClassVar[str | None] = None
+    """The paper's code whose calibration and training choices ``reference:`` can apply (``qbert.reference``)."""
 
     def __init__(self, params: RecipeParams, config: ExperimentConfig):
         self.params = params

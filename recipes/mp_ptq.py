@@ -5,6 +5,8 @@ Table 4). Presets, one per column of the table:
 - ``ffn_sum_io``: also the FFN's input and output (*, dagger);
 - ``ffn_sum_io_output``: also the model's final output (``head.output``), with the MSE range
   estimator (*, dagger, double dagger).
+
+``pooler: true`` also keeps the pooler output in 16 bit: the reference code's STS-B setting.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class MpPtqParams(StaticQuantParams):
         "ffn_sum_io_output", description="Column of Bondarenko Table 4: the sites kept in `high_bits`."
     )
     high_bits: int = Field(16, ge=2, le=16, description="Bits of the high-precision sites.")
+    pooler: bool = Field(
+        False, description="Also the pooler output in `high_bits` (the reference code's STS-B setting, with the "
+        "final output's MSE range: `'P': 16, 'C': 16` and MSE_logits).",
+    )
 
 
 class MpPtq(StaticQuantRecipe):
@@ -44,8 +50,11 @@ class MpPtq(StaticQuantRecipe):
 
     def recipe_rules(self, sites: list[Any]) -> list[Rule]:
         params: MpPtqParams = self.params  # type: ignore[assignment]
+        chosen = [(pattern, extra, "recipe.preset") for pattern, extra in PRESETS[params.preset]]
+        if params.pooler:
+            chosen.append(("pooler.output", {}, "recipe.pooler"))
         return [
-            (pattern, SiteOverride(bits=params.high_bits, **extra), "recipe.preset")
-            for pattern, extra in PRESETS[params.preset]
+            (pattern, SiteOverride(bits=params.high_bits, **extra), source)
+            for pattern, extra, source in chosen
             if any(s.name == pattern or s.family == pattern for s in sites)
         ]

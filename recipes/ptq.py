@@ -45,6 +45,7 @@ class StaticQuantRecipe(Recipe):
     needs_calibration = True
     export_formats = ("integer", "hf", "onnx")
     fp32_evaluation = "fake quantization needs fp32 evaluation (bf16 cannot hold the quantization grid)"
+    reference_code = "bondarenko2021"
     # defaults of the named recipes; ``ptq`` sets them per instance from its parameters
     weight_bits: int | None = 8
     activation_bits: int | None = 8

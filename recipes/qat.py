@@ -94,6 +94,11 @@ class QatParams(StaticQuantParams):
     range_lr: float | None = Field(
         None, gt=0, description="Learning rate of learned quantization ranges (no weight decay); null = lr."
     )
+    precision: Literal["fp32", "bf16"] | None = Field(
+        None, description="Training precision of the QAT loop; null = finetune.precision. bf16 autocast casts each "
+        "fake-quantized output back to bf16 (off the grid by up to ~1 step at 8 bits); fp32 keeps it on the grid, "
+        "as the reference code trains.",
+    )
 
 
 def set_attention_dropout(model: Any, p: float) -> None:
@@ -150,7 +155,10 @@ class QatRecipe(StaticQuantRecipe):
     def training_config(self, finetune: FinetuneConfig) -> FinetuneConfig:
         """The fine-tune section with the QAT settings (lr, batch size, epochs) in place."""
         settings = self.training_settings()
-        return finetune.model_copy(update={k: settings[k] for k in ("lr", "batch_size", "epochs") if k in settings})
+        update = {k: settings[k] for k in ("lr", "batch_size", "epochs") if k in settings}
+        if self.params.precision is not None:  # type: ignore[attr-defined]
+            update["precision"] = self.params.precision  # type: ignore[attr-defined]
+        return finetune.model_copy(update=update)
 
     def training(self, q: Quantized, finetune: FinetuneConfig) -> Training:
         params: QatParams = self.params  # type: ignore[assignment]
@@ -274,6 +282,7 @@ class Q8Bert(QatRecipe):
     Params = Q8BertParams
     source = "Zafrir et al. 2019 (Q8BERT); Bondarenko et al. 2021 Table 6 (Q8BERT W8A8 QAT row)"
     starts_from = "pretrained"
+    reference_code = None  # NLP Architect's method, not the Bondarenko et al. code
 
     def weight_spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self.params.ste, estimator="minmax")

@@ -11,13 +11,15 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 TARGETS = ("labels", "start_positions", "end_positions")
 
 
-def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Stack features padded to the longest in the batch (not to max_seq_len).
+def pad_batch(
+    features: Sequence[dict[str, Any]], pad_token_id: int, length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Stack features padded to the longest in the batch (not to max_seq_len), or to ``length``.
 
     Model inputs are padded on the right (ids with the pad token, masks and type ids with 0);
     targets are stacked as they are (float labels stay float, for regression).
     """
-    longest = max(len(f["input_ids"]) for f in features)
+    longest = max([len(f["input_ids"]) for f in features] + [length or 0])
     batch: dict[str, torch.Tensor] = {}
     for key in MODEL_INPUTS:
         if key not in features[0]:

@@ -1,7 +1,8 @@
 """The calibrate stage: N seeded batches of B training sequences through the model, no gradients.
 
 Quantizers in the ``estimate`` state observe what passes; padding positions are masked out of
-their statistics by the quantizers themselves (see :mod:`qbert.quant.sites`).
+their statistics by the quantizers themselves (see :mod:`qbert.quant.sites`) unless
+``calibrate.padding`` says to observe them.
 """
 
 from __future__ import annotations
@@ -36,21 +37,25 @@ def calibration_batches(
 
 
 def run_calibration(
-    model: torch.nn.Module, batches: list[list[dict[str, Any]]], *, pad_token_id: int, device: torch.device
+    model: torch.nn.Module, batches: list[list[dict[str, Any]]], *, pad_token_id: int, device: torch.device,
+    pad_to: int | None = None,
 ) -> dict[str, Any]:
-    """Forward every batch in fp32 eval mode; returns what was run (for metrics.json)."""
+    """Forward every batch in fp32 eval mode (padded to the longest sequence, or to ``pad_to``); returns
+    what was run (for metrics.json)."""
     model.eval()
     start = time.perf_counter()
-    tokens = 0
+    tokens = positions = 0
     with torch.inference_mode():
         for batch_features in batches:
-            batch = pad_batch(batch_features, pad_token_id)
+            batch = pad_batch(batch_features, pad_token_id, pad_to)
             tokens += int(batch["attention_mask"].sum())
+            positions += batch["attention_mask"].numel()
             model(**model_inputs(batch, device, with_targets=False))
     return {
         "batches": len(batches),
         "batch_size": len(batches[0]) if batches else 0,
         "sequences": sum(len(b) for b in batches),
         "tokens": tokens,
+        "padding": positions - tokens,
         "seconds": round(time.perf_counter() - start, 3),
     }

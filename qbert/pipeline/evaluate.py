@@ -48,9 +48,10 @@ def predict(
 
 def evaluate(
     model: torch.nn.Module, task: Task, tokenizer: Any, examples: list[Any], *, batch_size: int,
-    max_len: int, device: torch.device, precision: str = "fp32", reporter: Reporter = SILENT,
+    max_len: int, device: torch.device, precision: str = "fp32", clamp: bool = False, reporter: Reporter = SILENT,
 ) -> tuple[EvalOutput, dict[str, Any]]:
-    """Score ``model`` on ``examples``; returns the task's output and timing facts."""
+    """Score ``model`` on ``examples``; returns the task's output and timing facts. ``clamp``: regression
+    predictions are clamped to the task's label range first."""
     features = task.encode_eval(tokenizer, examples, max_len)
     start = time.perf_counter()
     outputs = predict(
@@ -58,6 +59,8 @@ def evaluate(
         pad_token_id=tokenizer.pad_token_id, device=device, precision=precision, reporter=reporter,
     )
     seconds = time.perf_counter() - start
+    if clamp and task.label_range is not None:
+        outputs = np.clip(outputs, *task.label_range)
     result = task.score(examples, features, outputs)
     result.outputs = outputs
     return result, {"examples": len(examples), "features": len(features), "seconds": round(seconds, 3)}
@@ -65,7 +68,7 @@ def evaluate(
 
 def evaluate_splits(
     model: torch.nn.Module, task: Task, tokenizer: Any, data: Any, *, batch_size: int, max_len: int,
-    device: torch.device, precision: str = "fp32", reporter: Reporter = SILENT,
+    device: torch.device, precision: str = "fp32", clamp: bool = False, reporter: Reporter = SILENT,
 ) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, EvalOutput]]:
     """Every evaluation split of ``task`` that the data has and that has examples (``data``: the config's
     data section): the metrics (x100, 4 decimals; later splits' names carry the split as a suffix), the
@@ -82,7 +85,7 @@ def evaluate_splits(
         if not examples:
             continue
         output, info = evaluate(model, task, tokenizer, examples, batch_size=batch_size, max_len=max_len,
-                                device=device, precision=precision, reporter=reporter)
+                                device=device, precision=precision, clamp=clamp, reporter=reporter)
         suffix = "" if i == 0 else f"_{split}"
         metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
         facts[split], outputs[split] = info, output

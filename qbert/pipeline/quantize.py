@@ -4,12 +4,15 @@
 
 Order: weight ranges come from the weights themselves (no data); the calibration batches then run
 through the network with quantized weights and floating-point activations while the activation
-estimators observe; per-embedding-group sites with ``permute`` get their permutation from a first
-pass over the same batches (Bondarenko et al.: the sorting happens once, before range estimation).
+estimators observe (with ``calibrate.upstream_quantized``, each activation leaves its site quantized
+at the range estimated so far, as the reference code calibrates); per-embedding-group sites with
+``permute`` get their permutation from a first pass over the same batches (Bondarenko et al.: the
+sorting happens once, before range estimation).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -66,26 +69,34 @@ def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, An
     activations = inst.activations()
     batches = calibration_batches(ctx.train_features(), config.calibrate.batches, config.calibrate.batch_size,
                                   ctx.seed)
-    pad = ctx.tokenizer.pad_token_id
+    padding = config.calibrate.padding
+    run = functools.partial(run_calibration, inst.model, batches, pad_token_id=ctx.tokenizer.pad_token_id,
+                            device=ctx.device, pad_to=config.finetune.max_seq_len if padding == "max_length" else None)
     report: dict[str, Any] = {}
+    inst.token_mask.observe_padding = padding != "excluded"
+    try:
+        permuted = {n: q for n, q in activations.items() if q.spec.permute}
+        if permuted:
+            sources = {plan.permutation_sources.get(n, n) for n in permuted}
+            missing = [s for s in sources if s not in activations]
+            if missing:
+                raise QbertError(f"permutation source {missing[0]} is not a quantized site", key="recipe")
+            for name in sources:
+                activations[name].track_dimensions = True
+                activations[name].dimension_ranges = (config.calibrate.permutation_ranges, config.estimator.momentum)
+            report["permutation_pass"] = run()
+            for name, q in permuted.items():
+                q.set_permutation(activations[plan.permutation_sources.get(name, name)].range_permutation())
+            for q in activations.values():
+                q.restart_estimation()
 
-    permuted = {n: q for n, q in activations.items() if q.spec.permute}
-    if permuted:
-        sources = {plan.permutation_sources.get(n, n) for n in permuted}
-        missing = [s for s in sources if s not in activations]
-        if missing:
-            raise QbertError(f"permutation source {missing[0]} is not a quantized site", key="recipe")
-        for name in sources:
+        for name in reported_sites(inst):
             activations[name].track_dimensions = True
-        report["permutation_pass"] = run_calibration(inst.model, batches, pad_token_id=pad, device=ctx.device)
-        for name, q in permuted.items():
-            q.set_permutation(activations[plan.permutation_sources.get(name, name)].range_permutation())
-        for q in activations.values():
-            q.restart_estimation()
-
-    for name in reported_sites(inst):
-        activations[name].track_dimensions = True
-    report["calibration"] = run_calibration(inst.model, batches, pad_token_id=pad, device=ctx.device)
+        if config.calibrate.upstream_quantized:
+            inst.set_state("estimate_quantized", kind="activation")
+        report["calibration"] = run()
+    finally:
+        inst.token_mask.observe_padding = False
     return report
 
 

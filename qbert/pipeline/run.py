@@ -180,7 +180,7 @@ def split_evaluator(config: ExperimentConfig, task: Task, tokenizer: Any, device
         metrics, evaluation, outputs = evaluate_splits(
             model, task, tokenizer, config.data, batch_size=config.evaluate.batch_size,
             max_len=config.finetune.max_seq_len, device=device, precision=config.evaluate.precision,
-            reporter=reporter,
+            clamp=config.evaluate.clamp_regression, reporter=reporter,
         )
         if config.evaluate.save_predictions:
             for i, (split, output) in enumerate(outputs.items()):

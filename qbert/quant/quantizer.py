@@ -5,6 +5,9 @@ States (Bondarenko et al. 2021 sec. 2; Q8BERT):
 
 - ``estimate``: the range estimator observes the input, which passes through unchanged
   (calibration runs the floating-point network).
+- ``estimate_quantized``: the estimator observes the input, which leaves quantized with the range
+  estimated so far, this input included (the reference code's calibration: every site downstream
+  sees the quantization of the sites before it).
 - ``fixed``: scale and zero point are frozen buffers (PTQ, evaluation).
 - ``learn``: scale and zero point are trained with the network (QAT with learned ranges, LSQ-style
   gradients through :func:`~qbert.quant.functional.fake_quantize`).
@@ -32,8 +35,8 @@ from qbert.quant.estimators import RangeEstimator
 from qbert.quant.functional import EPS, fake_quantize, grid_limits, integer_codes, params_from_range
 from qbert.quant.spec import QuantSpec
 
-QuantState = Literal["estimate", "fixed", "learn", "estimate_train", "disabled"]
-STATES = ("estimate", "fixed", "learn", "estimate_train", "disabled")
+QuantState = Literal["estimate", "estimate_quantized", "fixed", "learn", "estimate_train", "disabled"]
+STATES = ("estimate", "estimate_quantized", "fixed", "learn", "estimate_train", "disabled")
 
 
 class Quantizer(nn.Module):
@@ -77,6 +80,10 @@ class Quantizer(nn.Module):
         """When set, ``observe`` also keeps per-dimension extremes (for permutations and reports)."""
         self.dim_lo: torch.Tensor | None = None
         self.dim_hi: torch.Tensor | None = None
+        self.dimension_ranges: tuple[Literal["all", "ema", "last"], float] = ("all", 0.9)
+        """How :meth:`range_permutation` ranks dimensions: by their range over every observed batch
+        (``all``), an EMA of the per-batch ranges with this momentum (``ema``), or the last batch's."""
+        self.dim_width: torch.Tensor | None = None
 
     # states -----------------------------------------------------------------------------------
     def set_state(self, state: QuantState) -> None:
@@ -153,19 +160,27 @@ class Quantizer(nn.Module):
                 lo, hi = rows.amin(dim=0), rows.amax(dim=0)
                 self.dim_lo = lo if self.dim_lo is None else torch.minimum(self.dim_lo, lo)
                 self.dim_hi = hi if self.dim_hi is None else torch.maximum(self.dim_hi, hi)
+                statistic, momentum = self.dimension_ranges
+                if statistic == "all":
+                    self.dim_width = self.dim_hi - self.dim_lo
+                elif statistic == "last" or self.dim_width is None:
+                    self.dim_width = hi - lo
+                else:
+                    self.dim_width = momentum * self.dim_width + (1 - momentum) * (hi - lo)
 
     def restart_estimation(self) -> None:
         """Forget the estimator's statistics and the per-dimension extremes (after a permutation pass)."""
         self.estimator.reset()
         self.track_dimensions = False
-        self.dim_lo = self.dim_hi = None
+        self.dim_lo = self.dim_hi = self.dim_width = None
 
     def range_permutation(self) -> torch.Tensor:
-        """Dimensions sorted by their observed range ``max - min`` (ascending, stable): the
-        permutation of Bondarenko et al. sec. 4, which puts the outlier dimensions in the last group."""
-        if self.dim_lo is None or self.dim_hi is None:
+        """Dimensions sorted by their observed range ``max - min`` (ascending, stable; the range as
+        :attr:`dimension_ranges` says): the permutation of Bondarenko et al. sec. 4, which puts the
+        outlier dimensions in the last group."""
+        if self.dim_width is None:
             raise RuntimeError(f"{self.site}: no per-dimension ranges were observed")
-        return torch.argsort(self.dim_hi - self.dim_lo, stable=True)
+        return torch.argsort(self.dim_width, stable=True)
 
     def _broadcast(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.spec.granularity == "per_tensor":
@@ -234,7 +249,7 @@ class Quantizer(nn.Module):
         if self.state == "estimate":
             self.observe(x, valid)
             return x
-        if self.state == "estimate_train" and self.training:
+        if self.state == "estimate_quantized" or (self.state == "estimate_train" and self.training):
             self.observe(x, valid)
             self.set_range(*self.estimator.range())
         return self.quantize(x)

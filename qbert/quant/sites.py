@@ -246,16 +246,19 @@ class _TokenMask:
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
+        self.observe_padding = False
+        """When set, statistics see every position, padding included (``calibrate.padding``)."""
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor | None:
         mask = self.mask
-        if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        if mask is None or self.observe_padding or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
             return None
         return mask
 
     def attention(self, x: torch.Tensor) -> torch.Tensor | None:
         mask = self.mask
-        if mask is None or x.dim() != 4 or x.shape[0] != mask.shape[0] or x.shape[-1] != mask.shape[-1]:
+        if (mask is None or self.observe_padding or x.dim() != 4 or x.shape[0] != mask.shape[0]
+                or x.shape[-1] != mask.shape[-1]):
             return None
         return mask[:, None, :, None] & mask[:, None, None, :]
 
@@ -324,6 +327,8 @@ class Instrumented:
     """The floating-point weight behind each weight quantizer."""
     integer_biases: dict[str, str] = field(default_factory=dict)
     """Linear layers whose bias was rounded to int32 (weight site -> its input's activation site)."""
+    token_mask: _TokenMask = field(default_factory=_TokenMask)
+    """The attention mask of the forward pass in flight, which statistics use to skip padding."""
 
     def activations(self) -> dict[str, Quantizer]:
         return {n: q for n, q in self.quantizers.items() if not n.endswith(".weight")}
@@ -403,7 +408,7 @@ def instrument(
         if not name.endswith(".weight"):
             container.add_module(name.replace(".", "/"), q)
     model.qbert_quantizers = container
-    inst = Instrumented(model, plan, quantizers)
+    inst = Instrumented(model, plan, quantizers, token_mask=mask)
 
     def capture_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         attention_mask = kwargs.get("attention_mask")

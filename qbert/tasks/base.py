@@ -28,6 +28,8 @@ class Task:
     name: ClassVar[str]
     head: ClassVar[Head]
     num_labels: ClassVar[int] = 1
+    label_range: ClassVar[tuple[float, float] | None] = None
+    """Regression: the range the labels lie in (``evaluate.clamp_regression`` clamps predictions to it)."""
     metrics: ClassVar[tuple[str, ...]]
     headline: ClassVar[str]
     """The metric `qbert ls` and the results table show first."""

@@ -289,6 +289,7 @@ class Qqp(_F1Accuracy):
 
 class Stsb(GlueTask):
     name, head, num_labels = "stsb", "regression", 1
+    label_range = (0.0, 5.0)
     metrics, headline = ("pearson", "spearman"), "pearson"
 
     def compute(self, labels, preds):
