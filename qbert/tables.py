@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from qbert.config import Section, read_yaml, schema_error
+from qbert.errors import QbertError
 from qbert.records import read_record
 from qbert.runs import finished_seeds
 from qbert.sweep import Cell, expand, load_sweep
@@ -82,6 +83,9 @@ class TableSpec(Section):
     rows: Axis
     columns: Axis
     glue: bool = Field(False, description="Add a GLUE score column (macro average, WNLI excluded).")
+    versus: str | None = Field(None, description="A row's label: each column also shows ours minus that row's ours "
+                               "(and the paper's minus its own), so a delta compares methods on one model, never "
+                               "our model against the paper's.")
     notes: list[str] = Field(default_factory=list, description="Footnotes printed under the table.")
 
 
@@ -112,6 +116,20 @@ class Value:
     paper: float | None = None
     note: str | None = None
     seeds: list[int] = field(default_factory=list)
+    base: float | None = None
+    """The ``versus`` row's median in the same column (ours)."""
+    paper_base: float | None = None
+    """The ``versus`` row's paper number in the same column."""
+
+    @property
+    def gain(self) -> float | None:
+        """Ours minus the ``versus`` row's ours."""
+        return None if self.median is None or self.base is None else self.median - self.base
+
+    @property
+    def paper_gain(self) -> float | None:
+        """The paper's minus the paper's ``versus`` row."""
+        return None if self.paper is None or self.paper_base is None else self.paper - self.paper_base
 
     @property
     def delta(self) -> float | None:
@@ -228,6 +246,14 @@ def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None =
                 paper=statistics.fmean(theirs) if all(v is not None for v in theirs) else None,
                 simulated=any(values[r, c].simulated for c in glue_cols),
             )
+    if spec.versus is not None:
+        labels = [row.label for row in spec.rows.items]
+        if spec.versus not in labels:
+            raise QbertError(f"no row is labelled {spec.versus!r}; use one of: {', '.join(labels)}",
+                             source=str(spec_path), key="versus")
+        base = labels.index(spec.versus)
+        for (_r, c), value in values.items():
+            value.base, value.paper_base = values[base, c].median, values[base, c].paper
     not_run = sum(1 for v in values.values() if v.status == "not run")
     command = " ".join(["qbert sweep", shlex.quote(str(sweep_path)), *(shlex.quote(o) for o in overrides or []),
                         *(f"--grid {shlex.quote(k + '=' + ','.join(map(str, v)))}" for k, v in (grid or {}).items())])
@@ -270,19 +296,42 @@ def delta_text(value: Value, digits: int = 2) -> str:
     return "" if value.delta is None else f"{value.delta:+.{digits}f}"
 
 
+def _signed(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:+.{digits}f}"
+
+
+def _column_heads(table: RenderedTable, c: int) -> list[str]:
+    """The sub-columns of table column ``c``: ours, paper, Δ; with ``versus``: ours and Δ vs that row, then
+    the paper's and its Δ vs that row where the paper has numbers in the column."""
+    versus = table.spec.versus
+    if versus is None:
+        return ["ours", "paper", "Δ"]
+    heads = ["ours", f"Δ vs {versus}"]
+    if any(table.values[r, c].paper is not None for r in range(len(table.rows))):
+        heads += ["paper", f"paper Δ vs {versus}"]
+    return heads
+
+
+def _column_cells(table: RenderedTable, r: int, c: int) -> list[str]:
+    v, digits = table.values[r, c], table.columns[c].digits
+    paper = _num(v.paper, digits) if v.paper is not None else ""
+    if table.spec.versus is None:
+        return [ours_text(v, digits), paper, delta_text(v, digits)]
+    cells = [ours_text(v, digits), _signed(v.gain, digits)]
+    return cells + [paper, _signed(v.paper_gain, digits)] if len(_column_heads(table, c)) > 2 else cells
+
+
 def _grid(table: RenderedTable) -> tuple[list[str], list[list[str]]]:
     header = [""]
-    for col in table.columns:
-        header += [f"{col.label} ours", f"{col.label} paper", f"{col.label} Δ"]
+    for c, col in enumerate(table.columns):
+        header += [f"{col.label} {head}" for head in _column_heads(table, c)]
     if table.glue:
         header += ["GLUE ours", "GLUE paper", "GLUE Δ"]
     body = []
     for r, row in enumerate(table.rows):
         line = [row.label]
-        for c, col in enumerate(table.columns):
-            v = table.values[r, c]
-            paper = _num(v.paper, col.digits) if v.paper is not None else ""
-            line += [ours_text(v, col.digits), paper, delta_text(v, col.digits)]
+        for c in range(len(table.columns)):
+            line += _column_cells(table, r, c)
         if table.glue:
             g = table.glue[r]
             line += [_num(g.median) + ("†" if g.simulated and g.median is not None else "")
@@ -308,6 +357,10 @@ def footnotes(table: RenderedTable) -> list[str]:
     for row in table.rows:
         if row.missing:
             notes.append(f"{row.label}: {row.missing}.")
+    if table.spec.versus is not None:
+        notes.append(f"Δ vs {table.spec.versus}: ours minus our {table.spec.versus} row (the same model and seeds); "
+                     f"the paper's Δ likewise within the paper's model. Compare the two Δs, not ours with the paper's "
+                     "numbers.")
     notes += table.spec.notes
     if table.not_run:
         notes.append(f"{table.not_run} cells not run; fill them with: {table.fill_command}")
@@ -329,13 +382,13 @@ def to_csv(table: RenderedTable) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["row", "column", "metric", "status", "median", "min", "max", "n", "planned", "simulated",
-                     "paper", "delta", "model"])
+                     "paper", "delta", "model", "delta_versus", "paper_delta_versus"])
     for r, row in enumerate(table.rows):
         for c, col in enumerate(table.columns):
             v = table.values[r, c]
             metric = col.metric if isinstance(col.metric, str) else "+".join(col.metric or [])
             writer.writerow([row.label, col.label, metric, v.status, v.median, v.low, v.high, v.n, v.planned,
-                             v.simulated, v.paper, v.delta, table.model])
+                             v.simulated, v.paper, v.delta, table.model, v.gain, v.paper_gain])
         if table.glue:
             g = table.glue[r]
             writer.writerow([row.label, "GLUE", "macro average", g.status, g.median, "", "", "", "", g.simulated,
@@ -355,12 +408,14 @@ def _tex(text: str) -> str:
 def to_latex(table: RenderedTable) -> str:
     """A booktabs ``table`` environment with ours / paper / delta per column."""
     header, body = _grid(table)
-    groups = len(table.columns) + (1 if table.glue else 0)
+    heads = [_column_heads(table, c) for c in range(len(table.columns))] + ([["ours", "paper", "Δ"]] if table.glue
+                                                                            else [])
     labels = [c.label for c in table.columns] + (["GLUE"] if table.glue else [])
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{l" + "rrr" * groups + "}", r"\toprule",
-             " & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{_tex(lab)}}}" for lab in labels) + r" \\",
-             " & " + " & ".join(["ours & paper & $\\Delta$"] * groups) + r" \\", r"\midrule"]
+             r"\begin{tabular}{l" + "".join("r" * len(h) for h in heads) + "}", r"\toprule",
+             " & " + " & ".join(rf"\multicolumn{{{len(h)}}}{{c}}{{{_tex(lab)}}}" for lab, h in zip(labels, heads,
+                                                                                              strict=True)) + r" \\",
+             " & " + " & ".join(" & ".join(_tex(x) for x in h) for h in heads) + r" \\", r"\midrule"]
     lines += [" & ".join(_tex(cell) for cell in line) + r" \\" for line in body]
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(table.spec.title)}. "
               + _tex(" ".join(footnotes(table)[:3])) + "}", r"\end{table}"]
@@ -379,8 +434,16 @@ def to_rich(table: RenderedTable) -> Any:
     if table.glue:
         out.add_column("GLUE", justify="right")
 
+    versus = table.spec.versus
+
     def cell(v: Value, digits: int) -> str:
         text = ours_text(v, digits)
+        if versus is not None:
+            text += f"\n[bold]Δ vs {versus} {_signed(v.gain, digits)}[/]" if v.gain is not None else ""
+            if v.paper is not None:
+                text += f"\n[dim]paper {_num(v.paper, digits)}" + (
+                    f" (Δ vs {versus} {_signed(v.paper_gain, digits)})" if v.paper_gain is not None else "") + "[/]"
+            return text
         if v.paper is not None:
             text += f"\n[dim]paper {_num(v.paper, digits)}" + (f" ({delta_text(v, digits)})" if v.delta is not None
                                                                else "") + "[/]"

@@ -89,7 +89,7 @@ def test_validate_takes_overrides_like_run_and_knows_sweeps_and_tables(tmp_path)
     configs = ROOT / "configs"
     papers = invoke("validate", str(configs / "default.sweep.yaml"), str(configs / "default.table.yaml"))
     assert papers.exit_code == 0, papers.output
-    assert "sweep default, 4 cells" in papers.output and "table spec" in papers.output
+    assert "sweep default, 5 cells" in papers.output and "table spec" in papers.output
 
 
 def test_version():

@@ -150,3 +150,29 @@ def test_cli_table_writes_markdown_csv_latex(paper, tmp_path):
     assert "Test table" in out.stdout
     for suffix in ("md", "csv", "tex"):
         assert (tmp_path / f"t.{suffix}").stat().st_size > 0
+
+
+def test_versus_row_gives_deltas_within_one_model(paper, tmp_path):
+    spec = yaml.safe_load((paper / "t.yaml").read_text())
+    spec["versus"] = "FP32"
+    (paper / "v.yaml").write_text(yaml.safe_dump(spec))
+    root = tmp_path / "runs"
+    cells = _cells(paper)
+    for seed, acc in zip((1, 2, 3), (70.0, 72.0, 71.0), strict=True):  # median 71
+        _write_seed(root, "f", cells["rte", "fp32"].hash, seed, {"accuracy": acc}, simulated=False)
+    for seed, acc in zip((1, 2, 3), (60.0, 66.5, 61.0), strict=True):  # median 61
+        _write_seed(root, "q", cells["rte", "w8a8_ptq"].hash, seed, {"accuracy": acc}, simulated=True)
+    table = build_table(paper / "v.yaml", root)
+    rte = next(r for r in csv.DictReader(io.StringIO(to_csv(table))) if (r["row"], r["column"]) == ("W8A8", "RTE"))
+    assert float(rte["delta_versus"]) == -10.0 and float(rte["paper_delta_versus"]) == -5.0
+    md = to_markdown(table)
+    header = next(line for line in md.splitlines() if line.startswith("|  |"))
+    assert "RTE Δ vs FP32" in header and "RTE paper Δ vs FP32" in header and "RTE Δ |" not in header
+    w8a8 = next(line for line in md.splitlines() if line.startswith("| W8A8"))
+    assert "| -10.00 |" in w8a8 and "| -5.00 |" in w8a8  # ours 61 - 71; the paper's 65 - 70
+    assert "Δ vs FP32: ours minus our FP32 row" in md
+    assert to_latex(table).count("multicolumn{4}") == 3  # ours, Δ, paper, paper Δ per column with paper numbers
+    spec["versus"] = "Nope"
+    (paper / "v.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(QbertError, match="versus: no row is labelled 'Nope'"):
+        build_table(paper / "v.yaml", root)

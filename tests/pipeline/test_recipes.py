@@ -151,14 +151,31 @@ def test_mnli_peg_is_the_paper_setting():
     assert plan.totals()["activation"]["sites"] == 160
 
 
-def test_default_config_is_peg_on_mrpc_sharing_the_fp32_checkpoint():
+def test_default_config_is_peg_on_stsb_sharing_the_fp32_checkpoint():
     from qbert.pipeline.checkpoint import finetune_key
 
     default = load_config(ROOT / "configs" / "default.yaml")
-    fp32 = load_config(ROOT / "configs" / "mrpc_fp32.yaml")
+    fp32 = load_config(ROOT / "configs" / "stsb_fp32.yaml")
+    peg = load_config(ROOT / "configs" / "stsb_peg.yaml")
     assert default.recipe.name == "peg" and default.recipe.groups == 6 and default.recipe.permute
+    assert default.config_hash() == peg.config_hash()  # the same experiment as the stsb_peg row
     identity = {"alias": "minilm-l6"}
     assert finetune_key(default, 42, identity, {})[0] == finetune_key(fp32, 42, identity, {})[0]
+
+
+def test_default_sweep_shares_one_checkpoint_and_its_table_compares_with_fp32():
+    from qbert.pipeline.checkpoint import finetune_key
+    from qbert.sweep import expand, load_sweep
+    from qbert.tables import load_table_spec
+
+    sweep, base = load_sweep(ROOT / "configs" / "default.sweep.yaml")
+    cells = expand(sweep, base)
+    identity = {"alias": "minilm-l6"}
+    assert {c.coords["method"] for c in cells} == {"fp32", "w8a8_ptq", "mp_ptq", "peg", "gobo_4bit"}
+    assert len({finetune_key(c.config, 42, identity, {})[0] for c in cells}) == 1
+    gobo = next(c.config for c in cells if c.coords["method"] == "gobo_4bit")
+    assert gobo.recipe.bits == 4 and gobo.recipe.embeddings
+    assert load_table_spec(ROOT / "configs" / "default.table.yaml").versus == "FP32"
 
 
 @pytest.mark.parametrize(
