@@ -115,22 +115,24 @@ def _device(model: Any) -> Any:
 def prepare(
     model: Any, recipe: Any, *, calibration: Calibration = None, tokenizer: Any = None, task: str | None = None,
     estimator: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None, data_dir: str | None = None,
-    data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0,
+    data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0, reference: str | None = None,
 ) -> Quantized:
     """The recipe's ``prepare`` stage: quantizers in place (QAT: ready for your training loop over
     ``q.model``; learned-range QAT initialises its ranges from ``calibration``). Continue with
     :func:`convert`."""
     q, _ = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len,
-                     seed)
+                     seed, reference)
     return q
 
 
-def _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len, seed):
+def _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len, seed,
+              reference):
     model, tokenizer = _load_model(model, tokenizer)
     if isinstance(calibration, str) and task is None:
         task = calibration
     data = {**(data or {}), **({"dir": str(data_dir)} if data_dir else {})}
-    settings = {"estimator": estimator, "calibrate": calibrate, "max_seq_len": max_seq_len, "data": data or None}
+    settings = {"estimator": estimator, "calibrate": calibrate, "max_seq_len": max_seq_len, "data": data or None,
+                "reference": reference}
     config = _config(model, recipe, task, settings)
     ctx = _context(config, tokenizer, _features(calibration, tokenizer, config), seed, _device(model))
     method = _recipe(config)
@@ -150,7 +152,7 @@ def convert(q: Quantized, *, calibration: Calibration = None, seed: int = 0) -> 
 def quantize(
     model: Any, recipe: Any, *, calibration: Calibration = None, tokenizer: Any = None, task: str | None = None,
     estimator: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None, data_dir: str | None = None,
-    data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0,
+    data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0, reference: str | None = None,
 ) -> Quantized:
     """Quantize ``model`` with a post-training ``recipe``: prepare -> calibrate -> convert.
 
@@ -160,11 +162,13 @@ def quantize(
     calibrate need it; GOBO, dynamic_int8 and fp32 do not). ``estimator`` and ``calibrate`` are the
     config sections of the same names (e.g. ``{"weights": "mse"}``, ``{"batches": 16, "batch_size": 1}``);
     ``seed`` draws the calibration batches; ``data`` is the config's data section (``max_train_samples``,
-    ``dir``; ``data_dir`` is a shortcut for the folder). Returns the :class:`~qbert.recipes.Quantized` value.
-    A model object is quantized in place (as torchao's ``quantize_``); deep-copy it first to keep it.
+    ``dir``; ``data_dir`` is a shortcut for the folder); ``reference="bondarenko2021"`` sets the calibration
+    choices as that paper's code makes them (:mod:`qbert.reference`). Returns the
+    :class:`~qbert.recipes.Quantized` value. A model object is quantized in place (as torchao's
+    ``quantize_``); deep-copy it first to keep it.
     """
     q, (method, ctx) = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data,
-                                 max_seq_len, seed)
+                                 max_seq_len, seed, reference)
     if method.trains:
         raise QbertError(f"recipe {method.name} trains with quantizers in place: use qbert.prepare(...), train "
                          "q.model, then qbert.convert(q); or qbert.run(config) for the whole pipeline", key="recipe")

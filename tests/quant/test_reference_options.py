@@ -23,11 +23,10 @@ CALIBRATION = PAIRS[:2] + [("a much longer first sentence with many more words i
 """Four pairs of different lengths: one calibration batch of four has padding."""
 
 
-def _quantize(recipe: str | dict, estimator: dict, calibrate: dict, model=None, max_seq_len: int = 32):
-    base, tokenizer = tiny_model()
-    model = model if model is not None else base
+def _quantize(recipe: str | dict, estimator: dict, calibrate: dict, max_seq_len: int = 32, **options):
+    model, tokenizer = tiny_model()
     return qbert.quantize(model, recipe, calibration=CALIBRATION, tokenizer=tokenizer, estimator=estimator,
-                          calibrate={"batches": 1, "batch_size": 4, **calibrate}, max_seq_len=max_seq_len)
+                          calibrate={"batches": 1, "batch_size": 4, **calibrate}, max_seq_len=max_seq_len, **options)
 
 
 # ---------------------------------------------------------------- upstream quantizers (layer by layer)
@@ -235,6 +234,12 @@ def test_reference_preset_sets_each_choice_as_the_reference_code_per_recipe_and_
     assert ptq.config_hash() != parse_config({"task": "stsb", "recipe": {"name": "mp_ptq"}}).config_hash()
     with pytest.raises(Exception, match="reference"):
         parse_config({"reference": "bondarenko2020"})
+
+
+def test_python_api_takes_the_preset() -> None:
+    q = _quantize("w8a8_ptq", {"activations": "minmax"}, {}, reference="bondarenko2021")
+    assert q.config.calibrate.upstream_quantized and q.config.calibrate.padding == "included"
+    assert q.report["calibration"]["padding"] > 0  # the four pairs padded to the longest, observed
 
 
 def test_defaults_are_qberts_choices_and_keep_earlier_hashes() -> None:
