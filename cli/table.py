@@ -20,6 +20,11 @@ def table(
         list[str] | None,
         typer.Option("--grid", "-g", help="key=v1,v2: re-target a sweep axis, e.g. task=stsb.", show_default=False),
     ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option("--columns", help="Only these columns (labels, comma-separated), e.g. MNLI; no GLUE score.",
+                     show_default=False),
+    ] = None,
     md: Annotated[Path | None, typer.Option("--md", help="Also write Markdown here.", show_default=False)] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write CSV here.", show_default=False)] = None,
     tex: Annotated[Path | None, typer.Option("--tex", help="Also write LaTeX here.", show_default=False)] = None,
@@ -41,7 +46,8 @@ def table(
         specs = spec_files(spec) if spec.is_dir() else [spec]
         for path in specs:
             rendered = build_table(path, runs_root(runs_dir), overrides or [],
-                                   dict(parse_grid_option(text) for text in grid or []))
+                                   dict(parse_grid_option(text) for text in grid or []),
+                                   [c.strip() for c in columns.split(",")] if columns else None)
             console.print(to_rich(rendered))
             for target, render, suffix in ((md, to_markdown, ".md"), (csv, to_csv, ".csv"), (tex, to_latex, ".tex")):
                 if target is None:

@@ -204,11 +204,20 @@ class RenderedTable:
 
 
 def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None = None,
-                grid: dict[str, list[Any]] | None = None) -> RenderedTable:
+                grid: dict[str, list[Any]] | None = None, columns: list[str] | None = None) -> RenderedTable:
     """Fill a table spec from the run outputs under ``root`` (``overrides``: e.g. ``model=minilm-l6``;
-    ``grid``: re-targets a sweep axis, e.g. ``{"task": ["stsb"]}``)."""
+    ``grid``: re-targets a sweep axis, e.g. ``{"task": ["stsb"]}``; ``columns``: only the columns with these
+    labels, without the GLUE score)."""
     spec_path = Path(spec_path)
     spec = load_table_spec(spec_path)
+    if columns:
+        labels = [col.label for col in spec.columns.items]
+        unknown = [c for c in columns if c not in labels]
+        if unknown:
+            raise QbertError(f"no column is labelled {unknown[0]!r}; use one of: {', '.join(labels)}",
+                             source=str(spec_path), key="columns")
+        kept = [col for col in spec.columns.items if col.label in columns]
+        spec = spec.model_copy(update={"columns": spec.columns.model_copy(update={"items": kept}), "glue": False})
     sweep_path = spec_path.parent / spec.sweep
     sweep, base = load_sweep(sweep_path)
     if spec.model and not any(o.startswith("model=") for o in overrides or []):

@@ -176,3 +176,17 @@ def test_versus_row_gives_deltas_within_one_model(paper, tmp_path):
     (paper / "v.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(QbertError, match="versus: no row is labelled 'Nope'"):
         build_table(paper / "v.yaml", root)
+
+
+def test_columns_option_renders_only_those_columns_without_glue(paper, tmp_path):
+    root = tmp_path / "runs"
+    cells = _cells(paper)
+    for seed, acc in zip((1, 2, 3), (70.0, 72.0, 71.0), strict=True):
+        _write_seed(root, "f", cells["rte", "fp32"].hash, seed, {"accuracy": acc}, simulated=False)
+    table = build_table(paper / "t.yaml", root, columns=["RTE"])
+    md = to_markdown(table)
+    header = next(line for line in md.splitlines() if line.startswith("|  |"))
+    assert "RTE ours" in header and "MRPC" not in header and "GLUE" not in header
+    assert "| 71.00 (70.00-72.00) n=3 |" in next(line for line in md.splitlines() if line.startswith("| FP32"))
+    with pytest.raises(QbertError, match="columns: no column is labelled 'QNLI'"):
+        build_table(paper / "t.yaml", root, columns=["QNLI"])
