@@ -47,6 +47,8 @@ test: setup
 tables: setup
 	$(BIN)/qbert table configs/papers --md docs/tables model=minilm-l6
 	$(BIN)/qbert table configs/papers/gobo2020/table3.yaml --md docs/tables/gobo2020_table3.md model=minilm-l6 --grid task=mnli_minilm
+	@for t in 1 4 5 6; do $(BIN)/qbert table configs/papers/bondarenko2021/table$$t.yaml model=minilm-l6 --columns MNLI \
+		--md docs/tables/bondarenko2021_table$${t}_mnli.md; done
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
