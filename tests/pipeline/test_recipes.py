@@ -228,12 +228,13 @@ def test_ptq_on_question_answering_and_regression_heads(fixture_data, real_data,
     assert record["metrics"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_qat_trains_in_fp32_and_bf16(real_data, tmp_path, precision):
-    cfg = tiny(real_data, {"name": "w4a8_qat", "epochs": 1, "range_lr": 1e-3},
+@pytest.mark.parametrize(("precision", "qat_precision", "trained"),
+                         [("fp32", None, "fp32"), ("bf16", None, "bf16"), ("bf16", "fp32", "fp32")])
+def test_qat_trains_in_fp32_and_bf16(real_data, tmp_path, precision, qat_precision, trained):
+    cfg = tiny(real_data, {"name": "w4a8_qat", "epochs": 1, "range_lr": 1e-3, "precision": qat_precision},
                finetune={"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_seq_len": 64, "precision": precision})
     record = read_json(run_experiment(cfg, root=tmp_path).folder / "seed=0" / "metrics.json")
-    assert record["qat"]["precision"] == precision and record["qat"]["steps"] == 64 // 8
+    assert record["qat"]["precision"] == trained and record["qat"]["steps"] == 64 // 8
     assert np.isfinite(record["qat"]["final_loss"])
     ranges = record["recipe_report"]["ranges"]
     assert any(r["initial"] != r["learned"] for name, r in ranges.items() if not name.endswith(".weight"))
