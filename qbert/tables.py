@@ -300,13 +300,13 @@ def ours_text(value: Value, digits: int = 2, mark: str = "†") -> str:
     return text + (mark if value.simulated else "")
 
 
-def delta_text(value: Value, digits: int = 2) -> str:
-    """Ours minus the paper's, signed; empty when either is missing."""
-    return "" if value.delta is None else f"{value.delta:+.{digits}f}"
-
-
 def _signed(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:+.{digits}f}"
+
+
+def delta_text(value: Value, digits: int = 2) -> str:
+    """Ours minus the paper's, signed; empty when either is missing."""
+    return _signed(value.delta, digits)
 
 
 def _column_heads(table: RenderedTable, c: int) -> list[str]:
@@ -321,26 +321,28 @@ def _column_heads(table: RenderedTable, c: int) -> list[str]:
     return heads
 
 
-def _column_cells(table: RenderedTable, r: int, c: int) -> list[str]:
+def _column_cells(table: RenderedTable, r: int, c: int, heads: int) -> list[str]:
+    """Row ``r``'s cells under the ``heads`` sub-columns of table column ``c``."""
     v, digits = table.values[r, c], table.columns[c].digits
     paper = _num(v.paper, digits) if v.paper is not None else ""
     if table.spec.versus is None:
         return [ours_text(v, digits), paper, delta_text(v, digits)]
     cells = [ours_text(v, digits), _signed(v.gain, digits)]
-    return cells + [paper, _signed(v.paper_gain, digits)] if len(_column_heads(table, c)) > 2 else cells
+    return cells + [paper, _signed(v.paper_gain, digits)] if heads > 2 else cells
 
 
 def _grid(table: RenderedTable) -> tuple[list[str], list[list[str]]]:
     header = [""]
-    for c, col in enumerate(table.columns):
-        header += [f"{col.label} {head}" for head in _column_heads(table, c)]
+    heads = [_column_heads(table, c) for c in range(len(table.columns))]
+    for col, col_heads in zip(table.columns, heads, strict=True):
+        header += [f"{col.label} {head}" for head in col_heads]
     if table.glue:
         header += ["GLUE ours", "GLUE paper", "GLUE Δ"]
     body = []
     for r, row in enumerate(table.rows):
         line = [row.label]
-        for c in range(len(table.columns)):
-            line += _column_cells(table, r, c)
+        for c, col_heads in enumerate(heads):
+            line += _column_cells(table, r, c, len(col_heads))
         if table.glue:
             g = table.glue[r]
             line += [_num(g.median) + ("†" if g.simulated and g.median is not None else "")
