@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+import click
 import typer
 
 
@@ -27,6 +31,53 @@ def user_errors(source: object = None) -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted: finished seeds are kept; rerun the same command to resume", file=sys.stderr)
         raise typer.Exit(130) from None
+    except OSError as exc:
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except Exception as exc:  # a bug: one line here, the traceback in a file
+        log = _crash_log()
+        print(f"error: internal error (a bug in qbert; please report it with {log}): "
+              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+_OS_HINTS = {
+    errno.EACCES: "make it writable, or choose another folder (--runs-dir or QBERT_RUNS_DIR for results)",
+    errno.EPERM: "make it writable, or choose another folder (--runs-dir or QBERT_RUNS_DIR for results)",
+    errno.EROFS: "the file system is read-only: choose another folder (--runs-dir or QBERT_RUNS_DIR for results)",
+    errno.ENOSPC: "the disk is full: free space and rerun the same command (finished seeds are kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free space and rerun the same command (finished seeds are kept)",
+    errno.ENAMETOOLONG: "the name is longer than the file system allows: shorten it",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<file>: <what the system said> (<what to do>)`` for a file-system error."""
+    where = exc.filename if exc.filename is not None else "file system"
+    if isinstance(where, str) and len(where) > 120:
+        where = f"{where[:100]}... ({len(where):,} chars)"
+    hint = _OS_HINTS.get(exc.errno or 0)
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" + (f" ({hint})" if hint else "")
+
+
+def _crash_log() -> str:
+    """Write the current exception's traceback to a file; its path."""
+    import tempfile
+    import time
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"qbert-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.write_text(traceback.format_exc(), encoding="utf-8")
+    except OSError:
+        traceback.print_exc()
+        return "the traceback above"
+    return str(path)
 
 
 RUNS_DIR_HELP = "Results folder (default: $QBERT_RUNS_DIR or ./runs)."

@@ -56,7 +56,12 @@ def validate(
 def _is_override(argument: str) -> bool:
     """``key.path=value`` (an argument that is not an existing file and has a ``=`` after a key)."""
     key, sep, _ = argument.partition("=")
-    return bool(sep) and not Path(argument).exists() and "/" not in key and not key.endswith((".yaml", ".yml"))
+    if not sep or "/" in key or key.endswith((".yaml", ".yml")):
+        return False
+    try:
+        return not Path(argument).exists()
+    except OSError:  # e.g. a name longer than the file system allows: not a file
+        return True
 
 
 def _other_file(path: Path) -> str | None:

@@ -61,14 +61,21 @@ class DataConfig(Section):
     )
 
 
+MAX_NAME = 100
+"""Longest run name (a folder name; file systems stop at 255 bytes, with the hash and seed beside it)."""
+
+MAX_SEEDS = 1000
+"""Most seeds in one config (each is a full fine-tune and quantization)."""
+
+
 class FinetuneConfig(Section):
     """The fine-tune stage: AdamW with linear warmup then linear decay."""
 
     epochs: float = Field(
-        3.0, ge=0, description="Passes over the training set (may be fractional). 0: no fine-tuning, `model` is "
-        "already fine-tuned for the task (`finetune: null` is the same).",
+        3.0, ge=0, le=1000, description="Passes over the training set (may be fractional). 0: no fine-tuning, "
+        "`model` is already fine-tuned for the task (`finetune: null` is the same).",
     )
-    lr: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
+    lr: float = Field(2.0e-5, gt=0, le=1, description="Peak learning rate.")
     batch_size: int = Field(16, gt=0, description="Training examples (SQuAD: windows) per step.")
     max_seq_len: int = Field(128, ge=8, le=4096, description="Truncation length (SQuAD: window length).")
     doc_stride: int = Field(128, gt=0, description="SQuAD: tokens shared by consecutive windows of a context.")
@@ -157,7 +164,7 @@ def _default_recipe() -> RecipeParams:
 class ExperimentConfig(Section):
     """One experiment: a model fine-tuned on a task, quantized by a recipe, for every seed."""
 
-    name: str = Field("experiment", description="Run folder name (sanitised).")
+    name: str = Field("experiment", max_length=MAX_NAME, description="Run folder name (sanitised).")
     model: str = Field("minilm-l6", description="Hub id, local HF folder, or alias (minilm-l6, tiny-random).")
     task: TaskName = Field("mrpc", description="GLUE task or squad.")
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1, description="One run per seed.")
@@ -194,6 +201,11 @@ class ExperimentConfig(Section):
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {seeds}")
+        bad = [s for s in seeds if not 0 <= s < 2**32]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is out of range: seeds are integers 0 <= seed < 2**32")
+        if len(seeds) > MAX_SEEDS:
+            raise ValueError(f"{len(seeds):,} seeds is more than {MAX_SEEDS:,}; give fewer seeds per config")
         return seeds
 
     @field_validator("finetune", mode="before")
@@ -318,6 +330,57 @@ _UniqueKeySafeLoader.add_constructor(
 )
 
 
+MAX_YAML_BYTES = 1 << 20
+"""The largest config, sweep or table file read (1 MiB; the largest shipped is a few KiB)."""
+
+MAX_YAML_NODES = 100_000
+"""The most YAML nodes a document may hold once its aliases are expanded: a few hundred bytes of nested
+aliases (a "billion laughs" document) otherwise expand to gigabytes before any key is checked."""
+
+
+MAX_YAML_DEPTH = 64
+"""The deepest nesting of mappings and lists accepted (the config schema needs 5)."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], depth: int = 0) -> int:
+    """Nodes in ``node`` with every alias expanded, counted without expanding (aliases share node objects)."""
+    if depth > MAX_YAML_DEPTH:
+        raise QbertError(f"the YAML nests deeper than {MAX_YAML_DEPTH} levels; flatten it")
+    key = id(node)
+    if key not in sizes:
+        sizes[key] = 0  # a recursive alias counts once, then the sum below stops at the limit
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += _expanded_size(child, sizes, depth + 1)
+            if total > MAX_YAML_NODES:
+                break
+        sizes[key] = total
+    return sizes[key]
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML safely (duplicate keys rejected) after checking that its aliases expand to a bounded size."""
+    loader = _UniqueKeySafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise QbertError(
+                f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases (&name / *name); "
+                "write the values out or use fewer nested aliases"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _yaml_error_line(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -334,7 +397,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             source=str(path),
         )
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise QbertError(
+                f"{path.stat().st_size:,} bytes is too large for a config (at most {MAX_YAML_BYTES:,}; "
+                "is this the right file?)",
+                source=str(path),
+            )
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except QbertError as exc:
+        raise QbertError(exc.message, source=str(path)) from None
     except yaml.YAMLError as exc:
         raise QbertError(_yaml_error_line(exc), source=str(path)) from None
     except UnicodeDecodeError:
@@ -355,7 +426,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"override {text!r} is not key.path=value (e.g. finetune.lr=3e-5)", source="command line"
         )
     try:
-        value = yaml.load(raw, Loader=_UniqueKeySafeLoader) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
+    except QbertError as exc:
+        raise QbertError(f"{exc.message} in override {key}", source="command line") from None
     except yaml.YAMLError as exc:
         raise QbertError(f"{_yaml_error_line(exc)} in override {text!r}", source="command line") from None
     return key.split("."), value
@@ -423,11 +496,17 @@ def _format_validation_error(exc: ValidationError, data: dict[str, Any], source:
                 f" (did you mean {close[0]!r}?)" if close else ""
             )
         elif err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), dict):
-            message = f"{message}, got {err['input']!r}"
+            message = f"{message}, got {_brief(err['input'])}"
     more = len(exc.errors()) - 1
     if more:
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
     return QbertError(message, source=source, key=key or None)
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a huge value never floods an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 14]}... ({len(text):,} chars)"
 
 
 def schema_error(exc: ValidationError, schema: type[BaseModel], source: str) -> QbertError:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -41,6 +42,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from qbert.config import (
+    MAX_SEEDS,
     ExperimentConfig,
     Section,
     apply_overrides,
@@ -72,8 +74,18 @@ SWEEP_KEYS = ("config", "vars", "grid", "set", "parts")
 
 SWEEPS_DIR = ".sweeps"
 
+MAX_CELLS = 10_000
+"""Most cells one part of a sweep may expand to (a typo such as a 100-value axis times another)."""
+
 
 # ---------------------------------------------------------------- the sweep file
+
+
+def _non_empty_axes(axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    for key, values in axes.items():
+        if not values:
+            raise ValueError(f"{key} has no values (give at least one, or remove it)")
+    return axes
 
 
 class SweepPart(Section):
@@ -88,10 +100,7 @@ class SweepPart(Section):
     @field_validator("vars", "grid")
     @classmethod
     def _non_empty(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in axes.items():
-            if not values:
-                raise ValueError(f"{key} has no values")
-        return axes
+        return _non_empty_axes(axes)
 
 
 class SweepSpec(Section):
@@ -104,6 +113,11 @@ class SweepSpec(Section):
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value, every cell.")
     parts: list[SweepPart] = Field(default_factory=list, description="Blocks of cells with their own configs.")
     seeds: list[int] | None = Field(None, min_length=1, description="Seeds of every cell (default: the config's).")
+
+    @field_validator("vars", "grid")
+    @classmethod
+    def _non_empty(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return _non_empty_axes(axes)
 
     def resolved_parts(self) -> list[SweepPart]:
         """The parts: the top-level config/vars/grid as one part, or ``parts``."""
@@ -168,6 +182,9 @@ def parse_seeds_option(text: str) -> list[int]:
             first, last = (int(x) for x in text.split("..", 1))
             if last < first:
                 raise ValueError
+            if last - first + 1 > MAX_SEEDS:
+                raise QbertError(f"--seeds {text!r} names {last - first + 1:,} seeds, more than {MAX_SEEDS:,}",
+                                 source="command line")
             return list(range(first, last + 1))
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -209,8 +226,12 @@ def _name_suffix(key: str, value: Any) -> str:
     return f"{key.rsplit('.', 1)[-1]}-{value}"
 
 
-def _placeholders(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+def _placeholders(template: str, source: str | None = None) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise QbertError(f"config template {template!r} is not valid ({exc}); write placeholders as {{name}}",
+                         source=source, key="config") from None
 
 
 def _as_override(key: str, value: Any) -> str:
@@ -240,7 +261,11 @@ def _expand_part(spec: SweepSpec, part: SweepPart, base_dir: Path, grid: dict[st
     axes = dict(part.grid)
     for key, values in grid.items():
         (variables if key in variables else axes)[key] = values
-    needed = _placeholders(part.config)
+    needed = _placeholders(part.config, spec.name)
+    cells_here = math.prod(len(v) for v in variables.values()) * math.prod(len(v) for v in axes.values())
+    if cells_here > MAX_CELLS:
+        raise QbertError(f"the grid has {cells_here:,} cells, more than {MAX_CELLS:,}; split it into smaller sweeps",
+                         source=spec.name, key="grid")
     missing = [name for name in needed if name not in variables]
     if missing:
         raise QbertError(f"{{{missing[0]}}} in {part.config!r} has no values (add vars.{missing[0]} or "

@@ -1,0 +1,160 @@
+"""The bad-input suite: every way a user (or an adversary) can hand qbert a broken config, override, sweep,
+table spec, data file, model or run folder ends in one line naming the file, the key and the fix, exit
+status 2, no traceback, no hang, and nothing already finished changed.
+
+Each case runs the real command line (typer's runner) against a runs folder that already holds a
+finished seed, whose files are compared byte for byte afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from qbert.cli.main import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+TINY = "model: tiny-random\ntask: mrpc\nseeds: [0]\nfinetune: {epochs: 1, batch_size: 8, max_seq_len: 32}\n"
+"""A valid config that needs no data to validate."""
+
+BOMB = "".join(
+    [f"a0: &a0 [{', '.join(['x'] * 9)}]\n"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)]
+)
+"""A 'billion laughs' document: 9 levels of 9 aliases, 387 million strings once expanded, ~470 bytes."""
+
+
+@pytest.fixture
+def finished_runs(tmp_path, monkeypatch) -> Path:
+    """A runs folder holding one finished seed (as ``qbert run`` writes it); the commands use it."""
+    runs = tmp_path / "runs"
+    seed = runs / "done_before" / "0123456789ab" / "seed=1"
+    seed.mkdir(parents=True)
+    (seed / "metrics.json").write_text(json.dumps({
+        "version": 2, "metrics": {"accuracy": 70.0}, "name": "done_before", "config_hash": "0123456789ab", "seed": 1,
+        "model": "tiny-random", "task": "rte", "recipe": "fp32", "headline": "accuracy", "simulated": False,
+        "arithmetic": "float"}))
+    (seed / "status.json").write_text(json.dumps({"state": "done"}))
+    (seed.parent / "config.yaml").write_text("name: done_before\nmodel: tiny-random\ntask: rte\nseeds: [1]\n")
+    monkeypatch.setenv("QBERT_RUNS_DIR", str(runs))
+    return runs
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(runs: Path, args: list[str], expected: str) -> str:
+    """Run ``qbert args``; assert exit 2, one ``error:`` line containing ``expected``, no traceback, and the
+    runs folder's finished files unchanged. Returns the line."""
+    before = _snapshot(runs)
+    result = runner.invoke(app, args)
+    lines = result.stderr.strip().splitlines()  # stdout may hold what the command set out to do
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert len(lines[0]) < 600, lines[0]
+    after = _snapshot(runs)
+    assert {k: v for k, v in after.items() if k in before} == before
+    return lines[0]
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return str(path)
+
+
+# ---------------------------------------------------------------- YAML files and overrides
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "sweep", "table"])
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, finished_runs, command):
+    path = write(tmp_path, TINY + BOMB.replace("a0:", "x0:", 0))
+    line = one_line_error(finished_runs, [command, path], "expands to more than 100,000 values")
+    assert path in line
+
+
+def test_an_alias_bomb_in_an_override_is_refused(tmp_path, finished_runs):
+    value = "[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
+            "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]]"
+    one_line_error(finished_runs, ["run", write(tmp_path, TINY), f"finetune.lr={value}"], "override finetune.lr")
+
+
+def test_deep_nesting_is_refused(tmp_path, finished_runs):
+    one_line_error(finished_runs, ["validate", write(tmp_path, "name: " + "[" * 500 + "]" * 500 + "\n")],
+                   "nest")
+
+
+def test_a_huge_config_file_is_refused_unread(tmp_path, finished_runs):
+    path = write(tmp_path, TINY + "# " + "x" * (2 << 20) + "\n")
+    one_line_error(finished_runs, ["run", path], "too large for a config")
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"task: mrpc\nname: caf\xe9\n", "not a UTF-8 text file"),
+    (b"- task: mrpc\n", "the top level must be a mapping"),
+    (b"task: mrpc\n\tseeds: [1]\n", "invalid YAML"),
+    ("name: " + "a" * 300 + "\n", "at most 100 characters"),
+    ("seeds: [-1]\n", "seed -1 is out of range"),
+    (f"seeds: [{2**32}]\n", "is out of range"),
+    (f"seeds: [{', '.join(str(i) for i in range(1001))}]\n", "more than 1,000"),
+    ("seeds: []\n", "seeds: List should have at least 1 item"),
+    ("finetune: {epochs: .inf}\n", "finetune.epochs: Input should be a finite number"),
+    ("finetune: {lr: .nan}\n", "finetune.lr"),
+    ("finetune: {lr: 1e10}\n", "finetune.lr: Input should be less than or equal to 1"),
+    ("finetune: {warmup: .nan}\n", "finetune.warmup"),
+    ("estimator: {momentum: .inf}\n", "estimator.momentum"),
+])
+def test_bad_config_values(tmp_path, finished_runs, text, expected):
+    path = write(tmp_path, text if isinstance(text, bytes) else "model: tiny-random\ntask: mrpc\n" + text)
+    line = one_line_error(finished_runs, ["run", path], expected)
+    assert path in line
+
+
+def test_a_long_value_is_cut_in_the_error(tmp_path, finished_runs):
+    line = one_line_error(finished_runs, ["run", write(tmp_path, TINY), "name=" + "a" * 5000], "(5,002 chars)")
+    assert "a" * 100 not in line
+
+
+def test_validate_takes_an_argument_longer_than_a_file_name(tmp_path, finished_runs):
+    one_line_error(finished_runs, ["validate", "b" * 300 + ".yaml"], "File name too long (the name is longer")
+    one_line_error(finished_runs, ["validate", write(tmp_path, TINY), "b" * 300 + "=1"], "unknown key")
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def test_seeds_option_too_many(tmp_path, finished_runs):
+    one_line_error(finished_runs, ["sweep", write(tmp_path, TINY), "--seeds", "0..100000000", "--dry-run"],
+                   "names 100,000,001 seeds, more than 1,000")
+
+
+@pytest.mark.parametrize("sweep, expected", [
+    ("config: c.yaml\ngrid: {finetune.lr: []}\n", "grid: finetune.lr has no values"),
+    ("config: '{task}_x.yaml'\nvars: {task: []}\n", "vars: task has no values"),
+    ("parts: [{config: c.yaml, grid: {finetune.lr: []}}]\n", "parts.0.grid: finetune.lr has no values"),
+    ("config: '{task_x.yaml'\nvars: {task: [a]}\n", "config template '{task_x.yaml' is not valid"),
+    ("config: c.yaml\ngrid: {finetune.lr: [" + ", ".join(f"{i + 1}e-6" for i in range(101)) + "],\n"
+     "  finetune.batch_size: [" + ", ".join(str(i + 1) for i in range(100)) + "]}\n", "more than 10,000"),
+])
+def test_bad_sweeps(tmp_path, finished_runs, sweep, expected):
+    write(tmp_path, TINY)
+    path = write(tmp_path, sweep, "s.sweep.yaml")
+    one_line_error(finished_runs, ["sweep", path, "--dry-run"], expected)
+
+
+# ---------------------------------------------------------------- the file system
+
+
+def test_a_runs_folder_that_cannot_be_created_is_one_line(tmp_path, finished_runs, real_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
+    line = one_line_error(finished_runs, ["run", config, "--runs-dir", str(blocker / "runs")], str(blocker))
+    assert "Not a directory" in line
