@@ -158,3 +158,70 @@ def test_a_runs_folder_that_cannot_be_created_is_one_line(tmp_path, finished_run
     config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
     line = one_line_error(finished_runs, ["run", config, "--runs-dir", str(blocker / "runs")], str(blocker))
     assert "Not a directory" in line
+
+
+# ---------------------------------------------------------------- data files
+
+
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+MRPC_ROW = "1\t1\t2\tthe cat sat\ta cat sat\n"
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+
+
+def _glue(tmp_path: Path, task: str, folder: str, train: bytes | str, dev: str) -> str:
+    data = tmp_path / "data" / "glue" / folder
+    data.mkdir(parents=True)
+    (data / "train.tsv").write_bytes(train if isinstance(train, bytes) else train.encode())
+    (data / "dev.tsv").write_text(dev)
+    return write(tmp_path, TINY.replace("task: mrpc", f"task: {task}") + f"data: {{dir: {tmp_path / 'data'}}}\n")
+
+
+@pytest.mark.parametrize("train, expected", [
+    ("", "the file is empty"),
+    (MRPC_HEADER, "no usable rows (0 malformed)"),
+    (MRPC_HEADER + "1\tonly two columns\n", "no usable rows (1 malformed)"),
+    ((MRPC_HEADER + "1\t1\t2\tcaf\xe9\tcafe\n").encode("latin-1"), "not UTF-8 text (byte 0xe9"),
+    (MRPC_HEADER + "2\t1\t2\ta\tb\n", "label '2' is not one of ('0', '1')"),
+    ("Quality\t#1 ID\t#2 ID\t#1 String\n" + "1\t1\t2\ta\n", "column '#2 String' not found in header"),
+])
+def test_bad_glue_files(tmp_path, finished_runs, train, expected):
+    config = _glue(tmp_path, "mrpc", "MRPC", train, MRPC_HEADER + MRPC_ROW)
+    line = one_line_error(finished_runs, ["run", config], expected)
+    assert "train.tsv" in line
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "five"])
+def test_a_non_finite_regression_label_is_named(tmp_path, finished_runs, score):
+    rows = STSB_HEADER + f"0\tg\tf\t2012\t0\ts\ts\ta cat\ta dog\t{score}\n"
+    config = _glue(tmp_path, "stsb", "STS-B", rows, STSB_HEADER + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t1.0\n")
+    one_line_error(finished_runs, ["run", config], f"row 1: label '{score}' is not one of a finite number")
+
+
+def _squad(tmp_path: Path, payload: bytes | str) -> str:
+    data = tmp_path / "data" / "squad"
+    data.mkdir(parents=True)
+    (data / "dev-v1.1.json").write_bytes(payload if isinstance(payload, bytes) else payload.encode())
+    return write(tmp_path, TINY.replace("task: mrpc", "task: squad").replace("max_seq_len: 32", "max_seq_len: 64, "
+                 "doc_stride: 32") + f"data: {{dir: {tmp_path / 'data'}, train_from_eval: 0.5}}\n")
+
+
+def _squad_json(answers: list[dict]) -> str:
+    context = "The cat sat on the mat."
+    return json.dumps({"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "q1", "question": "Where did the cat sit?", "answers": answers}]}]}]})
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (_squad_json([{"text": "the mat", "answer_start": 200}]), "question 'q1': answer 'the mat' at answer_start 200"),
+    (_squad_json([{"text": "the mat", "answer_start": 3}]), "is not that span of its context"),
+    (_squad_json([{"text": "the mat", "answer_start": "15"}]), "at answer_start '15'"),
+    (_squad_json([{"text": "", "answer_start": 0}]), "is not that span"),
+    (_squad_json([]), "question 'q1' has no answers"),
+    (_squad_json([{"answer_start": 15}]), "not a SQuAD v1.1 file (KeyError"),
+    ('{"data": []}', "no questions in the file"),
+    ("{not json", "not a SQuAD v1.1 file (JSONDecodeError"),
+    ('{"data": [{"paragraphs": [{"context": "caf\xe9"}]}]}'.encode("latin-1"), "not UTF-8 text"),
+])
+def test_bad_squad_files(tmp_path, finished_runs, payload, expected):
+    line = one_line_error(finished_runs, ["run", _squad(tmp_path, payload)], expected)
+    assert "dev-v1.1.json" in line

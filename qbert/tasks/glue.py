@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,29 @@ def task_folder(root: Path, spec: GlueSpec) -> Path:
 
 def read_tsv(path: Path, spec: GlueSpec) -> list[GlueExample]:
     """Parse one GLUE TSV file into examples; rows missing a needed column are counted and logged."""
+    try:
+        examples, skipped = _parse_tsv(path, spec)
+    except UnicodeDecodeError as exc:
+        raise QbertError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start:,}); "
+                         "save the file as UTF-8", source=str(path)) from None
+    except csv.Error as exc:
+        raise QbertError(f"not a tab-separated file ({exc})", source=str(path)) from None
+    if not examples:
+        raise QbertError(f"no usable rows ({skipped} malformed): expected the GLUE layout, tab-separated"
+                         + (" with a header line" if spec.header else ""), source=str(path))
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s) of %d", path, skipped, skipped + len(examples))
+    return examples
+
+
+def _parse_tsv(path: Path, spec: GlueSpec) -> tuple[list[GlueExample], int]:
     examples: list[GlueExample] = []
     skipped = 0
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader) if spec.header else None
+        header = next(reader, None) if spec.header else None
+        if spec.header and header is None:
+            raise QbertError("the file is empty: expected a header line and one example per line", source=str(path))
 
         def column(key: str | int) -> int:
             if isinstance(key, int):
@@ -107,17 +126,17 @@ def read_tsv(path: Path, spec: GlueSpec) -> list[GlueExample]:
             raw_label = row[il].strip()
             try:
                 label: int | float = float(raw_label) if spec.labels is None else spec.labels.index(raw_label)
+                if not math.isfinite(label):
+                    raise ValueError
             except ValueError:
                 raise QbertError(
-                    f"row {row_number + 1}: label {raw_label!r} is not one of {spec.labels or 'a number'}",
+                    f"row {row_number + 1}: label {raw_label!r} is not one of {spec.labels or 'a finite number'}",
                     source=str(path),
                 ) from None
             examples.append(
                 GlueExample(str(row_number), row[ia], row[ib] if ib is not None else None, label)
             )
-    if skipped:
-        log.warning("%s: skipped %d malformed row(s) of %d", path, skipped, skipped + len(examples))
-    return examples
+    return examples, skipped
 
 
 class GlueTask(Task):

@@ -41,17 +41,35 @@ def read_squad_json(path: Path) -> list[list[SquadExample]]:
             for paragraph in article["paragraphs"]:
                 context = paragraph["context"]
                 for qa in paragraph["qas"]:
+                    texts, starts = _answers(qa, context, path)
                     examples.append(
-                        SquadExample(
-                            qa["id"], article.get("title", ""), qa["question"], context,
-                            tuple(a["text"] for a in qa["answers"]),
-                            tuple(int(a["answer_start"]) for a in qa["answers"]),
-                        )
+                        SquadExample(qa["id"], article.get("title", ""), qa["question"], context, texts, starts)
                     )
             articles.append(examples)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise QbertError(f"not UTF-8 text (offset {exc.start:,}); save the file as UTF-8", source=str(path)) from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise QbertError(f"not a SQuAD v1.1 file ({type(exc).__name__}: {exc})", source=str(path)) from None
+    if not any(articles):
+        raise QbertError("no questions in the file (expected data[].paragraphs[].qas[])", source=str(path))
     return articles
+
+
+def _answers(qa: dict[str, Any], context: str, path: Path) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """A question's gold answers, each checked to be the span of the context it says it is."""
+    texts, starts = [], []
+    for answer in qa["answers"]:
+        text, start = answer["text"], answer["answer_start"]
+        if not isinstance(text, str) or not text or not isinstance(start, int) or isinstance(start, bool) \
+                or not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text:
+            raise QbertError(f"question {qa.get('id')!r}: answer {str(text)[:40]!r} at answer_start {start!r} is not "
+                             "that span of its context (fix the answer or its start)", source=str(path))
+        texts.append(text)
+        starts.append(start)
+    if not texts:
+        raise QbertError(f"question {qa.get('id')!r} has no answers (SQuAD v1.1 gives each at least one)",
+                         source=str(path))
+    return tuple(texts), tuple(starts)
 
 
 class Squad(Task):
