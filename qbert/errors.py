@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 class QbertError(Exception):
     """An error caused by the user's input (config, data, model): printed as one line, no traceback.
@@ -19,3 +21,16 @@ class QbertError(Exception):
         """One line: ``<file>: <key>: <message>`` with the parts that are known."""
         parts = [p for p in (self.source, self.key) if p]
         return ": ".join([*parts, self.message])
+
+
+def warn(log: logging.Logger, message: str, *args: object) -> None:
+    """A warning the user must see: ``warning: ...`` on stderr, and in the seed's ``run.log`` during a run.
+
+    (Logging alone reaches the console only when no handler is configured; a run attaches its log file.)
+    """
+    import sys
+
+    text = message % args if args else message
+    if logging.getLogger().handlers:
+        log.warning(text)
+    print(f"warning: {text}", file=sys.stderr)

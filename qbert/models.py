@@ -6,13 +6,16 @@ HuggingFace cache, or when the user opts in with ``QBERT_ONLINE=1``.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from qbert.errors import QbertError
+from qbert.errors import QbertError, warn
+
+log = logging.getLogger(__name__)
 
 Head = Literal["classification", "regression", "question_answering"]
 
@@ -134,6 +137,9 @@ def resolve_model(spec: str) -> ModelSource:
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
+MIN_VOCAB = 100
+"""Fewer tokens than this is not a language model's tokenizer (BERT's has 30,522)."""
+
 
 def run_checkpoint(spec: str, seed_folder: Path) -> ModelSource:
     """A finished qbert seed folder as a model: the fine-tuned FP32 checkpoint its ``metrics.json`` names."""
@@ -166,8 +172,7 @@ def check_finetuned(source: ModelSource, task: Any) -> None:
                          "fine-tuned folder; give a save_pretrained folder with its head and tokenizer, or a "
                          "finished run's seed folder", key="model")
     if not any((Path(where) / name).is_file() for name in TOKENIZER_FILES):
-        raise QbertError(f"folder {where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save them "
-                         "with tokenizer.save_pretrained(folder)", key="model")
+        load_tokenizer(source)  # its error names the missing files
     quiet_transformers()
     config = AutoConfig.from_pretrained(where)
     architectures = ", ".join(config.architectures or ["none recorded"])
@@ -207,10 +212,16 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    if source.kind == "folder" and not any((Path(source.location) / name).is_file() for name in TOKENIZER_FILES):
+        raise QbertError(f"folder {source.location} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save "
+                         "them beside the weights with tokenizer.save_pretrained(folder)", key="model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location)
     except (OSError, ValueError) as exc:
         raise QbertError(f"cannot load the tokenizer of {source.spec!r}: {_first_line(exc)}", key="model") from None
+    if len(tokenizer) < MIN_VOCAB:
+        raise QbertError(f"the tokenizer of {source.spec!r} has {len(tokenizer)} tokens (fewer than {MIN_VOCAB}): "
+                         "every word would be [UNK]; save the model's own tokenizer into the folder", key="model")
     if not getattr(tokenizer, "is_fast", False):
         raise QbertError(
             f"the tokenizer of {source.spec!r} is not a fast tokenizer (offset mappings are needed)",
@@ -230,9 +241,19 @@ def load_model(source: ModelSource, head: Head, num_labels: int = 2):
         config = BertConfig(vocab_size=tokenizer_vocab, **RANDOM_CONFIGS[source.spec], **head_kwargs)
         return auto.from_config(config)
     try:
-        return auto.from_pretrained(source.location, **head_kwargs)
+        model, info = auto.from_pretrained(source.location, output_loading_info=True, **head_kwargs)
     except (OSError, ValueError) as exc:
         raise QbertError(f"cannot load model {source.spec!r}: {_first_line(exc)}", key="model") from None
+    fresh = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(HEAD_PREFIXES))
+    if fresh:
+        warn(log, "%s has no weights for %d tensor(s) besides the task head, so they start random: %s%s. The "
+             "FP32 baseline may be weak; give a checkpoint with these weights (e.g. a pooler) if it has them",
+             source.spec, len(fresh), ", ".join(fresh[:4]), f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
+    return model
+
+
+HEAD_PREFIXES = ("classifier.", "qa_outputs.")
+"""Parameter names of the task heads qbert adds (initialised on purpose)."""
 
 
 def _head(head: Head, num_labels: int) -> tuple[Any, dict[str, Any]]:

@@ -58,6 +58,9 @@ class SeedRecord(Record):
     evaluate: dict[str, Any] = Field(default_factory=dict)
     missing_splits: dict[str, str] = Field(default_factory=dict)
     """Evaluation splits the data lacks (split -> why, e.g. MNLI's dev_mismatched): no metric was computed."""
+    trivial: dict[str, Any] | None = None
+    """FP32 runs: the input-blind predictor (majority class, constant regression), its metrics and whether
+    the run is no better (``weak``)."""
     recipe_report: dict[str, Any] = Field(default_factory=dict)
     exports: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)

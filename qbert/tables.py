@@ -113,6 +113,8 @@ class Value:
     n: int = 0
     planned: int = 0
     simulated: bool = False
+    weak: bool = False
+    """A seed's FP32 model was no better than the input-blind predictor (its metrics.json ``trivial``)."""
     paper: float | None = None
     note: str | None = None
     seeds: list[int] = field(default_factory=list)
@@ -176,7 +178,8 @@ def cell_value(root: Path, cell: Cell, metric: str | list[str] | None, scale: fl
         return Value("n/a" if records else "not run", planned=planned,
                      note=f"{metric} is not in the runs' metrics.json" if records else None)
     return Value("ok", statistics.median(per_seed), min(per_seed), max(per_seed), len(per_seed), planned,
-                 simulated=any(r.get("simulated") for r in records.values()), seeds=sorted(records))
+                 simulated=any(r.get("simulated") for r in records.values()), seeds=sorted(records),
+                 weak=any((r.get("trivial") or {}).get("weak") for r in records.values()))
 
 
 @dataclass
@@ -289,6 +292,10 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+WEAK_MARK = "‡"
+"""Marks a cell whose FP32 baseline is no better than the input-blind predictor."""
+
+
 def ours_text(value: Value, digits: int = 2, mark: str = "†") -> str:
     """``median (min-max) n=k``, marked when simulated; the status when there is no number."""
     if value.status != "ok":
@@ -297,7 +304,7 @@ def ours_text(value: Value, digits: int = 2, mark: str = "†") -> str:
     if value.n > 1:
         text += f" ({_num(value.low, digits)}-{_num(value.high, digits)})"
     text += f" n={value.n}" + (f"/{value.planned}" if value.planned and value.n < value.planned else "")
-    return text + (mark if value.simulated else "")
+    return text + (mark if value.simulated else "") + (WEAK_MARK if value.weak else "")
 
 
 def _signed(value: float | None, digits: int = 2) -> str:
@@ -360,6 +367,9 @@ def footnotes(table: RenderedTable) -> list[str]:
     notes.append(f"Metrics: {table.metric_note()}.")
     if any(v.simulated for v in table.values.values()):
         notes.append("† simulated: fake-quantized model evaluated in floating point, not integer kernels.")
+    if any(v.weak for v in table.values.values()):
+        notes.append(f"{WEAK_MARK} weak baseline: a seed's FP32 model is no better than predicting the majority class "
+                     "(regression: a constant); see its metrics.json `trivial`.")
     if table.glue:
         used = [table.columns[c] for c in _glue_columns(table.spec, table.values)]
         notes.append("GLUE: macro average over the tasks in the sweep (" + ", ".join(

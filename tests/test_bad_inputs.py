@@ -225,3 +225,25 @@ def _squad_json(answers: list[dict]) -> str:
 def test_bad_squad_files(tmp_path, finished_runs, payload, expected):
     line = one_line_error(finished_runs, ["run", _squad(tmp_path, payload)], expected)
     assert "dev-v1.1.json" in line
+
+
+# ---------------------------------------------------------------- models
+
+
+def _model_folder(tmp_path: Path, files: tuple[str, ...]) -> Path:
+    """A model folder holding links to some of the packaged MiniLM's files."""
+    from qbert.models import packaged_minilm_dir
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in files:
+        (folder / name).symlink_to(packaged_minilm_dir() / name)
+    return folder
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, finished_runs, real_data):
+    folder = _model_folder(tmp_path, ("config.json", "model.safetensors"))
+    config = write(tmp_path, TINY.replace("tiny-random", str(folder))
+                   + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
+    line = one_line_error(finished_runs, ["run", config], "has no tokenizer files (tokenizer.json, vocab.txt)")
+    assert "tokenizer.save_pretrained" in line

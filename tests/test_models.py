@@ -56,3 +56,25 @@ def test_minilm_loads_pretrained_weights():
     model = load_model(resolve_model("minilm-l6"), "classification", 2)
     assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
     assert sum(p.numel() for p in model.parameters()) == 22_713_986
+
+
+def test_weights_missing_besides_the_head_are_named_in_a_warning(tmp_path, capsys):
+    """A checkpoint without pooler weights (a converted sentence-embedding model) starts its pooler at random:
+    said on stderr, naming the tensors; the task head alone is not warned about."""
+    from qbert.models import load_model, packaged_minilm_dir, resolve_model
+    from safetensors.torch import load_file, save_file
+
+    packaged = packaged_minilm_dir()
+    for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).symlink_to(packaged / name)
+    weights = load_file(packaged / "model.safetensors")
+    dropped = sorted(k for k in weights if "pooler" in k)
+    assert len(dropped) == 2
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors")
+
+    load_model(resolve_model(str(packaged)), "classification", 2)
+    assert "warning" not in capsys.readouterr().err
+    load_model(resolve_model(str(tmp_path)), "classification", 2)
+    err = capsys.readouterr().err
+    assert "has no weights for 2 tensor(s) besides the task head" in err
+    assert "pooler.dense.bias" in err and "pooler.dense.weight" in err and "classifier" not in err

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from qbert.config import ExperimentConfig
-from qbert.errors import QbertError
+from qbert.errors import QbertError, warn
 from qbert.models import ModelSource, check_finetuned, load_finetuned, load_model, load_tokenizer, resolve_model
 from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
 from qbert.pipeline.context import StageContext
@@ -112,6 +112,27 @@ def stage_context(config: ExperimentConfig, seed: int, task: Task, tokenizer: An
         load_eval=lambda: task.encode_eval(tokenizer, task.load(split, config.data), max_len),
         eval_split=split, question_answering=task.head == "question_answering",
     )
+
+
+def baseline_check(config: ExperimentConfig, task: Any, metrics: dict[str, float]) -> dict[str, Any] | None:
+    """The FP32 baseline against the input-blind predictor on the first evaluation split (majority class;
+    regression: a constant): ``{predictor, metrics, weak}``; a weak baseline is warned about."""
+    split = task.eval_splits[0]
+    found = task.trivial(task.load("train", config.data), task.load(split, config.data))
+    if found is None:
+        return None
+    predictor, trivial = found
+    ours = metrics.get(task.headline)
+    weak = ours is not None and ours <= trivial[task.headline] + WEAK_MARGIN
+    if weak:
+        warn(log, "the FP32 baseline is no better than the input-blind predictor on %s (%s %.2f vs %s %.2f by %s): "
+             "quantized results measured against it say little; train longer, change the learning rate or check "
+             "the model", split, task.headline, ours, task.headline, trivial[task.headline], predictor)
+    return {"predictor": predictor, "metrics": trivial, "weak": weak}
+
+
+WEAK_MARGIN = 0.5
+"""Headline points above the input-blind predictor under which an FP32 baseline is called weak."""
 
 
 @contextlib.contextmanager
@@ -230,8 +251,8 @@ def run_seed(
                  config.recipe.name, device)
         missing_splits = task.missing_splits(config.data)
         for split, why in missing_splits.items():
-            log.warning("%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "
-                        "missing_splits", config.task, split, why)
+            warn(log, "%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "
+                 "missing_splits", config.task, split, why)
         tokenizer = load_tokenizer(source)
         recipe = get_recipe(config.recipe.name)(config.recipe, config)
         ctx = stage_context(config, seed, task, tokenizer, device, reporter)
@@ -290,6 +311,7 @@ def run_seed(
         evaluate_all = split_evaluator(config, task, tokenizer, eval_device, folder, reporter)
         metrics, evaluation, outputs = evaluate_all(q.model)
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
+        trivial = baseline_check(config, task, metrics) if recipe.name == "fp32" else None
 
         # the same model with its linear layers on integer GEMMs, beside the simulation
         integer = None
@@ -331,6 +353,7 @@ def run_seed(
             "checkpoint": checkpoint,
             "evaluate": evaluation,
             "missing_splits": missing_splits,
+            "trivial": trivial,
             "recipe_report": q.report,
             "exports": exports,
             "timings": timings,

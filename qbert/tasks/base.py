@@ -62,6 +62,11 @@ class Task:
         """Token ids per evaluation feature (unpadded), plus whatever scoring needs."""
         raise NotImplementedError
 
+    def trivial(self, train: list[Any], examples: list[Any]) -> tuple[str, dict[str, float]] | None:
+        """The input-blind predictor a trained model must beat, and its metrics on ``examples``
+        (None where there is no meaningful one, e.g. span extraction)."""
+        return None
+
     def score(self, examples: list[Any], features: list[dict[str, Any]], outputs: Any) -> EvalOutput:
         """Metrics and per-example predictions from the model outputs of ``features``."""
         raise NotImplementedError

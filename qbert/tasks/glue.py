@@ -237,6 +237,18 @@ class GlueTask(Task):
     def compute(self, labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
 
+    def trivial(self, train: list[GlueExample], examples: list[GlueExample]) -> tuple[str, dict[str, float]]:
+        """The predictor that ignores its input (the training split's majority class; regression: its mean
+        label, whose correlations are 0) and its metrics on ``examples``."""
+        labels = np.asarray([e.label for e in examples])
+        train_labels = np.asarray([e.label for e in train])
+        if self.spec.labels is None:
+            value = float(train_labels.mean())
+            return f"constant {value:.2f}", {name: 0.0 for name in self.metrics}
+        classes, counts = np.unique(train_labels, return_counts=True)
+        majority = int(classes[counts.argmax()])
+        return f"always {self.spec.labels[majority]!r}", self.compute(labels, np.full(len(labels), majority))
+
     def score(self, examples: list[GlueExample], features: list[dict[str, Any]], outputs: Any) -> EvalOutput:
         logits = np.asarray(outputs, dtype=np.float64)
         preds = self.predictions_from(logits)

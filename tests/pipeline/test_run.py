@@ -143,3 +143,41 @@ def test_schedule_warms_up_then_decays_to_zero():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def _tsv_labels(path, column, limit):
+    rows = path.read_text(encoding="utf-8-sig").splitlines()
+    header = rows[0].split("\t")
+    return [row.split("\t")[header.index(column)] for row in rows[1:limit + 1]]
+
+
+def test_fp32_baseline_is_compared_with_the_majority_class(real_data, tmp_path, capsys):
+    """metrics.json ``trivial``: the training subset's majority class scored on the dev subset, computed here
+    from the TSV files with scikit-learn; the run is flagged weak exactly when it does not beat it."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from qbert.tables import WEAK_MARK, Value, ours_text
+
+    result = run_experiment(tiny(real_data), root=tmp_path)
+    record = read_json(result.folder / "seed=0" / "metrics.json")
+    train = _tsv_labels(real_data / "glue" / "MRPC" / "train.tsv", "Quality", 64)
+    dev = [int(x) for x in _tsv_labels(real_data / "glue" / "MRPC" / "dev.tsv", "Quality", 32)]
+    majority = max(set(train), key=train.count)
+    constant = [int(majority)] * len(dev)
+    assert record["trivial"]["predictor"] == f"always {majority!r}"
+    assert record["trivial"]["metrics"]["f1"] == pytest.approx(100 * f1_score(dev, constant))
+    assert record["trivial"]["metrics"]["accuracy"] == pytest.approx(100 * accuracy_score(dev, constant))
+    weak = record["metrics"]["f1"] <= record["trivial"]["metrics"]["f1"] + 0.5
+    assert record["trivial"]["weak"] is weak
+    assert ("no better than the input-blind predictor" in capsys.readouterr().err) is weak
+    assert ours_text(Value("ok", 80.0, n=1, weak=True)).endswith(WEAK_MARK)
+
+    quantized = run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"}, calibrate={"batches": 1}), root=tmp_path)
+    assert read_json(quantized.folder / "seed=0" / "metrics.json")["trivial"] is None  # only the FP32 baseline
+
+
+def test_regression_baseline_is_a_constant_with_zero_correlation(real_data, tmp_path):
+    record = read_json(run_experiment(tiny(real_data, task="stsb"), root=tmp_path).folder / "seed=0" / "metrics.json")
+    train = [float(x) for x in _tsv_labels(real_data / "glue" / "STS-B" / "train.tsv", "score", 64)]
+    assert record["trivial"]["predictor"] == f"constant {sum(train) / len(train):.2f}"
+    assert record["trivial"]["metrics"] == {"pearson": 0.0, "spearman": 0.0}
