@@ -75,7 +75,7 @@ def sweep(
             return
 
         def report(job, outcome) -> None:
-            detail = (outcome.error or "") if outcome.state == "failed" else ", ".join(
+            detail = (outcome.error or "") if outcome.state in ("failed", "busy") else ", ".join(
                 f"{k} {v:.2f}" for k, v in outcome.metrics.items())
             console.print(f"{outcome.state:>8}  {outcome.name} seed {outcome.seed}: {detail}", markup=False)
 
@@ -85,6 +85,8 @@ def sweep(
                            on_done=report)
         console.print(sweep_table(result))
         console.print(f"{result.count('done')} ran, {result.count('skipped')} skipped (finished before), "
-                      f"{result.count('failed')} failed; record: {result.record}; results: {runs_root(runs_dir)}")
+                      f"{result.count('failed')} failed"
+                      + (f", {result.count('busy')} busy (run by another process)" if result.count("busy") else "")
+                      + f"; record: {result.record}; results: {runs_root(runs_dir)}")
         if result.count("failed"):
             raise typer.Exit(1)

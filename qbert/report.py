@@ -16,6 +16,8 @@ def fmt(value: float | None, digits: int = 2) -> str:
 def seed_line(outcome: Any) -> str:
     """One line per finished or skipped seed."""
     metrics = ", ".join(f"{k} {fmt(v)}" for k, v in outcome.metrics.items())
+    if outcome.state == "busy":
+        return f"seed {outcome.seed}: busy: {outcome.error}; skipped here (rerun once it has finished)"
     verb = "skipped (already finished)" if outcome.state == "skipped" else outcome.state
     return f"seed {outcome.seed}: {verb}: {metrics}"
 
@@ -84,10 +86,12 @@ def sweep_table(result: Any) -> Table:
     table = Table(title=f"sweep {result.name}")
     for column in ("run", "hash", "seed", "state", "result"):
         table.add_column(column)
-    style = {"done": "green", "skipped": "dim", "failed": "red"}
+    style = {"done": "green", "skipped": "dim", "failed": "red", "busy": "yellow"}
     for outcome in result.outcomes:
         if outcome.state == "failed":
             detail = escape(f"{outcome.error}\nlog: {outcome.log}")
+        elif outcome.state == "busy":
+            detail = escape(str(outcome.error))
         else:
             h = outcome.headline or next(iter(outcome.metrics), None)
             detail = f"{h} {fmt(outcome.metrics.get(h))}" if h else "-"

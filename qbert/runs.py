@@ -7,6 +7,8 @@ else found on a rerun is a leftover of an interrupted run and is cleared before 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -16,12 +18,15 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qbert.config import load_yaml_text
+from qbert.errors import QbertError
 from qbert.records import read_record, read_status, read_summary, unreadable
 
 DEFAULT_RUNS_DIR = "runs"
@@ -120,6 +125,52 @@ def finished_seeds(root: Path, config_hash: str) -> dict[int, Path]:
     return {seed: folder for seed, (_, folder) in newest.items()}
 
 
+@contextlib.contextmanager
+def seed_lock(folder: Path) -> Iterator[str | None]:
+    """Hold the lock of a seed folder while running it: yields None when held, else who holds it
+    (``pid N``), without waiting; two runs of one config never write one seed folder at once."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{folder.name}.lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            yield f"pid {handle.read().strip() or '?'}"
+            return
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield None
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def seed_locked(folder: Path) -> bool:
+    """Whether a process holds the seed folder's lock now (is running it)."""
+    path = folder.with_name(f".{folder.name}.lock")
+    try:
+        with open(path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder ``new`` where ``target`` is: the old one is renamed aside first and removed last."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def reset_seed_dir(folder: Path) -> None:
     """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly."""
     if folder.exists():
@@ -215,21 +266,29 @@ def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | 
     return summary
 
 
+def _live_state(folder: Path) -> str:
+    """A seed's recorded state, with ``running`` told apart from ``orphaned`` (its process is gone: nobody
+    holds the seed's lock; rerun the config to resume it)."""
+    state = read_status(folder).get("state", "missing")
+    if state == "running" and not seed_locked(folder):
+        return "orphaned"
+    return state
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """Every config folder under ``root`` with its seeds' states and summary, newest first."""
     rows = []
     for cfg_path in root.glob("*/*/config.yaml"):
         folder = cfg_path.parent
         try:
-            config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            config = load_yaml_text(cfg_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, QbertError) as exc:
             unreadable(cfg_path, f"not a readable config ({type(exc).__name__})")
             continue
         if not isinstance(config, dict):
             unreadable(cfg_path, "not a config mapping")
             continue
-        states = {p.name[len(SEED_PREFIX):]: read_status(p).get("state", "missing")
-                  for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
+        states = {p.name[len(SEED_PREFIX):]: _live_state(p) for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
         rows.append({
             "path": folder,
             "config": config,

@@ -61,7 +61,6 @@ from qbert.runs import (
     finished_seeds,
     now,
     read_json,
-    reset_seed_dir,
     runs_root,
     seed_dir,
     summarize,
@@ -318,7 +317,7 @@ def _error_log(root: Path, sweep: str, name: str, config_hash: str, seed: int) -
 
 
 def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: int | None = None,
-             collect_files: bool = False) -> TaskOutcome:
+             collect_files: bool = False, force: bool = False) -> TaskOutcome:
     """Run one seed of one cell (``data``: its resolved config) and report, never raise.
 
     A failure's traceback goes to ``<root>/.sweeps/<sweep>/logs/``; the outcome names that file.
@@ -336,11 +335,11 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
     root_path = Path(root)
     folder = seed_dir(root_path, config.name, config_hash, seed)
     try:
-        result = run_experiment(config, root=root_path, seeds=[seed])
+        result = run_experiment(config, root=root_path, seeds=[seed], force=force)
         outcome = result.seeds[0]
         metrics = read_record(outcome.folder) or {}
         task = TaskOutcome(config.name, config_hash, seed, outcome.state, outcome.metrics,
-                           headline=metrics.get("headline"), log=str(folder / "run.log"))
+                           headline=metrics.get("headline"), error=outcome.error, log=str(folder / "run.log"))
     except BaseException as exc:  # a failing run must not stop the sweep; KeyboardInterrupt still stops it
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -372,6 +371,8 @@ class Job:
 
     cell: Cell
     seed: int
+    force: bool = False
+    """Rerun a finished seed (its results are replaced only once the new ones exist)."""
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -386,7 +387,7 @@ def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: in
     if workers <= 1:
         _worker_init(threads)
         for job in jobs:
-            on_done(job, run_task(job.cell.config.resolved(), job.seed, str(root), sweep, threads))
+            on_done(job, run_task(job.cell.config.resolved(), job.seed, str(root), sweep, threads, force=job.force))
         return
     pending = list(jobs)
     context = multiprocessing.get_context("spawn")
@@ -400,7 +401,7 @@ def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: in
                     while pending and len(running) < workers and not broken:
                         try:
                             future = pool.submit(run_task, pending[0].cell.config.resolved(), pending[0].seed,
-                                                 str(root), sweep, threads)
+                                                 str(root), sweep, threads, force=pending[0].force)
                         except futures.process.BrokenProcessPool:  # a worker died between two jobs
                             broken = True
                             break
@@ -460,7 +461,7 @@ def run_ray(jobs: list[Job], root: Path, sweep: str, address: str | None, thread
         cpus = threads or cfg.finetune.threads or 1
         job_gpus = gpus or (1 if cfg.finetune.device == "cuda" else 0)
         ref = remote.options(num_cpus=cpus, num_gpus=job_gpus, max_retries=0).remote(
-            cfg.resolved(), job.seed, str(root.resolve()), sweep, cpus, True)
+            cfg.resolved(), job.seed, str(root.resolve()), sweep, cpus, True, force=job.force)
         refs[ref] = job
     remaining = list(refs)
     try:
@@ -549,7 +550,7 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
     for cell in cells:
         finished_before = {} if force else finished_seeds(root, cell.hash)
         for seed in cell.config.seeds:
-            job = Job(cell, seed)
+            job = Job(cell, seed, force)
             if job.key in seen:
                 continue
             seen.add(job.key)
@@ -563,8 +564,6 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
                 if on_done:
                     on_done(job, outcome)
             else:
-                if force:
-                    reset_seed_dir(folder)
                 jobs.append(job)
     record = _record(root, name, cells, command, executor, outcomes, started)
 

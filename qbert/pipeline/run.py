@@ -34,10 +34,13 @@ from qbert.runs import (
     config_dir,
     environment,
     finished_seeds,
+    is_done,
     now,
+    replace_folder,
     reset_seed_dir,
     runs_root,
     seed_dir,
+    seed_lock,
     summarize,
     write_config,
     write_status,
@@ -177,20 +180,38 @@ def run_experiment(
         if record is not None:
             outcome = SeedOutcome(seed, "skipped", finished[seed], record["metrics"])
         else:
-            reset_seed_dir(sfolder)
-            try:
-                record = run_seed(config, seed, sfolder, source, task, results_root, reporter)
-                outcome = SeedOutcome(seed, "done", sfolder, record["metrics"])
-            except BaseException as exc:
-                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                write_status(sfolder, state, error=f"{type(exc).__name__}: {first_line}", finished=now())
-                raise
+            with seed_lock(sfolder) as holder:
+                if holder is not None:
+                    outcome = SeedOutcome(seed, "busy", sfolder, error=f"another process ({holder}) is running it")
+                else:
+                    outcome = _run_one(config, seed, sfolder, source, task, results_root, reporter)
         outcomes.append(outcome)
         if on_seed is not None:
             on_seed(outcome)
     elsewhere = [o.folder for o in outcomes if o.state == "skipped" and o.folder.parent != folder]
     return ExperimentResult(config, folder, outcomes, summarize(folder, also=elsewhere))
+
+
+def _run_one(config: ExperimentConfig, seed: int, sfolder: Path, source: Any, task: Task, results_root: Path,
+             reporter: Reporter) -> SeedOutcome:
+    """Run one seed into its folder. A finished seed (``--force``) is rerun beside it and replaced only once
+    the new results exist, so a failing rerun loses nothing."""
+    replacing = is_done(sfolder)
+    work = sfolder.with_name(f".{sfolder.name}.rerun") if replacing else sfolder
+    reset_seed_dir(work)
+    try:
+        record = run_seed(config, seed, work, source, task, results_root, reporter)
+    except BaseException as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        write_status(work, state, error=f"{type(exc).__name__}: {first_line}", finished=now())
+        if replacing:
+            log.warning("the rerun of seed %d failed; its finished results are kept, the rerun's log is in %s",
+                        seed, work)
+        raise
+    if replacing:
+        replace_folder(work, sfolder)
+    return SeedOutcome(seed, "done", sfolder, record["metrics"])
 
 
 def split_evaluator(config: ExperimentConfig, task: Task, tokenizer: Any, device: torch.device, folder: Path,

@@ -65,6 +65,54 @@ def test_rerun_skips_finished_seeds_and_force_reruns(real_data, tmp_path):
     assert read_json(forced.folder / "seed=0" / "metrics.json")["finetune"]["cached"] is True
 
 
+def test_a_failing_forced_rerun_keeps_the_finished_results(real_data, tmp_path, monkeypatch):
+    """--force reruns beside the finished seed and replaces it only once the new results exist."""
+    import qbert.pipeline.run as run_module
+
+    cfg = tiny(real_data)
+    seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
+    before = {p.name: p.read_bytes() for p in seed.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("checkpoint is damaged")
+
+    monkeypatch.setattr(run_module, "run_seed", broken)
+    with pytest.raises(RuntimeError, match="damaged"):
+        run_experiment(cfg, root=tmp_path, force=True)
+    assert {p.name: p.read_bytes() for p in seed.iterdir()} == before
+    assert read_json(seed.with_name(".seed=0.rerun") / "status.json")["state"] == "failed"
+
+    monkeypatch.undo()
+    forced = run_experiment(cfg, root=tmp_path, force=True)
+    assert [o.state for o in forced.seeds] == ["done"] and read_json(seed / "status.json")["state"] == "done"
+    assert not seed.with_name(".seed=0.rerun").exists() and not seed.with_name(".seed=0.old").exists()
+    assert read_json(seed / "metrics.json")["metrics"] == json.loads(before["metrics.json"])["metrics"]
+
+
+def test_a_seed_being_run_elsewhere_is_not_run_twice_and_ls_tells_running_from_orphaned(real_data, tmp_path):
+    from qbert.runs import list_runs, seed_lock
+
+    cfg = tiny(real_data, seeds=[0, 1])
+    folder = tmp_path / cfg.name / cfg.config_hash()
+    with seed_lock(folder / "seed=1") as holder:  # another process, as far as the run can tell
+        assert holder is None
+        result = run_experiment(cfg, root=tmp_path)
+    assert [o.state for o in result.seeds] == ["done", "busy"]
+    assert "another process" in result.seeds[1].error and not (folder / "seed=1").exists()
+
+    (folder / "seed=1").mkdir()
+    (folder / "seed=1" / "status.json").write_text(json.dumps({"state": "running"}))
+    assert list_runs(tmp_path)[0]["states"]["1"] == "orphaned"  # killed: nobody holds its lock
+    with seed_lock(folder / "seed=1"):
+        import subprocess
+        import sys
+
+        code = ("import sys; from pathlib import Path; from qbert.runs import list_runs; "
+                "print(list_runs(Path(sys.argv[1]))[0]['states']['1'])")
+        seen = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert seen.stdout.strip() == "running"
+
+
 def test_interrupted_seed_restarts_cleanly(real_data, tmp_path):
     cfg = tiny(real_data)
     result = run_experiment(cfg, root=tmp_path)
