@@ -13,12 +13,15 @@ import fcntl
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from qbert.config import ExperimentConfig, stable_hash
+from qbert.errors import warn
 from qbert.runs import atomic_write_json, read_json
+from qbert.tasks.base import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,16 @@ def cached_checkpoint(
     """
     folder = root / key
     with _locked(root / f"{key}.lock"):
-        info = read_json(folder / "finetune.json")
-        if info is not None:
-            log.info("reusing fine-tuned checkpoint %s", folder)
-            return folder, info["training"], True
+        if (folder / "finetune.json").is_file():
+            info = read_json(folder / "finetune.json")
+            problem = "finetune.json is not valid JSON" if info is None else _verify(folder, info)
+            if problem is None:
+                log.info("reusing fine-tuned checkpoint %s", folder)
+                return folder, info["training"], True
+            aside = root / f"{key}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(folder, aside)
+            warn(log, "the cached fine-tuned checkpoint %s is damaged (%s): moved to %s, training it again",
+                 folder, problem, aside)
         # under the lock nobody else is training this key: any temporary folder is a killed run's
         for stale in root.glob(f"{key}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -83,10 +92,49 @@ def cached_checkpoint(
         tmp.mkdir(parents=True)
         try:
             training = train(tmp)
-            atomic_write_json(tmp / "finetune.json", {"key": key, "key_data": key_data, "training": training})
+            atomic_write_json(tmp / "finetune.json", {"key": key, "key_data": key_data, "training": training,
+                                                      "files": _digests(tmp)})
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return folder, training, False
+
+
+def _digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a checkpoint folder (but its record)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != "finetune.json"}
+
+
+def _verify(folder: Path, info: Any) -> str | None:
+    """Why a cached checkpoint cannot be used, or None. Entries written before checksums were recorded
+    are checked by reading their weights' headers, then get their checksums recorded."""
+    if not isinstance(info, dict) or not isinstance(info.get("training"), dict):
+        return "finetune.json is not a checkpoint record"
+    files = info.get("files")
+    if files is None:
+        from safetensors import SafetensorError, safe_open
+
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            return "no weights file"
+        try:
+            for path in weights:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        handle.get_slice(name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            return f"{path.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        atomic_write_json(folder / "finetune.json", {**info, "files": _digests(folder)})
+        return None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("size"):
+            return f"{name} has {path.stat().st_size:,} bytes, {expected.get('size'):,} were written"
+        if file_digest(path) != expected.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None

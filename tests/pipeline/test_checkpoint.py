@@ -54,3 +54,60 @@ def test_leftovers_of_a_killed_training_are_removed(tmp_path):
     (tmp_path / "k3.tmp-12345" / "partial.bin").write_text("half")
     cached_checkpoint(tmp_path, "k3", {}, lambda f: {"ok": True})
     assert not list(tmp_path.glob("k3.tmp-*")) and (tmp_path / "k3" / "finetune.json").is_file()
+
+
+def _train_weights(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, folder / "model.safetensors")
+    with open(folder.parent / "trainings.log", "a") as log:
+        log.write("trained\n")
+    return {"steps": 1}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "record"])
+def test_a_damaged_checkpoint_is_moved_aside_and_trained_again(tmp_path, capsys, damage):
+    """Every checkpoint records its files' sizes and SHA-256 (hashlib here, independently); a checkpoint that
+    no longer matches is moved aside with a warning and retrained, never loaded."""
+    import hashlib
+    import json
+
+    folder, _, _ = cached_checkpoint(tmp_path, "k4", {}, _train_weights)
+    weights = folder / "model.safetensors"
+    record = json.loads((folder / "finetune.json").read_text())
+    assert record["files"]["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    assert record["files"]["model.safetensors"]["size"] == weights.stat().st_size
+    assert cached_checkpoint(tmp_path, "k4", {}, _train_weights)[2] is True
+    original = weights.read_bytes()
+    data = bytearray(original)
+    if damage == "flip":
+        data[-10] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(bytes(data[:-100]))
+    elif damage == "delete":
+        weights.unlink()
+    else:
+        (folder / "finetune.json").write_text('{"key": "k4", "trai')
+    capsys.readouterr()
+    again, _, cached = cached_checkpoint(tmp_path, "k4", {}, _train_weights)
+    assert cached is False and (tmp_path / "trainings.log").read_text() == "trained\n" * 2
+    assert "is damaged" in capsys.readouterr().err
+    aside = list(tmp_path.glob("k4.damaged-*"))
+    assert len(aside) == 1 and (again / "model.safetensors").read_bytes() == original
+
+
+def test_a_checkpoint_from_before_checksums_is_checked_by_reading_it(tmp_path, capsys):
+    import json
+
+    folder, _, _ = cached_checkpoint(tmp_path, "k5", {}, _train_weights)
+    record = json.loads((folder / "finetune.json").read_text())
+    del record["files"]
+    (folder / "finetune.json").write_text(json.dumps(record))
+    assert cached_checkpoint(tmp_path, "k5", {}, _train_weights)[2] is True  # read fine: checksums recorded now
+    assert "files" in json.loads((folder / "finetune.json").read_text())
+    (folder / "finetune.json").write_text(json.dumps(record))
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:50])
+    assert cached_checkpoint(tmp_path, "k5", {}, _train_weights)[2] is False
+    assert "model.safetensors" in capsys.readouterr().err
