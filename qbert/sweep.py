@@ -355,11 +355,29 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
     return task
 
 
-def _worker_init(threads: int | None) -> None:
+def _worker_init(threads: int | None, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with(parent)
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker process end when ``parent`` (the sweep) ends, even by ``kill -9`` (Linux: the
+    kernel's parent-death signal; elsewhere workers end when the pool's pipes close)."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 # ---------------------------------------------------------------- executors
@@ -394,7 +412,7 @@ def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: in
     while pending:
         broken = False
         with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                         initargs=(threads,)) as pool:
+                                         initargs=(threads, os.getpid())) as pool:
             running: dict[futures.Future, Job] = {}
             try:
                 while (pending or running) and not broken:

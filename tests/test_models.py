@@ -61,8 +61,9 @@ def test_minilm_loads_pretrained_weights():
 def test_weights_missing_besides_the_head_are_named_in_a_warning(tmp_path, capsys):
     """A checkpoint without pooler weights (a converted sentence-embedding model) starts its pooler at random:
     said on stderr, naming the tensors; the task head alone is not warned about."""
-    from qbert.models import load_model, packaged_minilm_dir, resolve_model
     from safetensors.torch import load_file, save_file
+
+    from qbert.models import load_model, packaged_minilm_dir, resolve_model
 
     packaged = packaged_minilm_dir()
     for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):

@@ -91,3 +91,20 @@ def test_table_and_ls_commands_survive_a_broken_record(real_data, tmp_path):
     listed = runner.invoke(app, ["ls", "--runs-dir", str(root)])
     assert listed.exit_code == 0, listed.output
     assert "skipping" in listed.output and "cli_case" in listed.output
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_results_are_written_with_the_users_umask(tmp_path, umask, mode):
+    import os
+    import stat
+
+    from qbert.runs import atomic_write_json
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+        (tmp_path / "plain.txt").write_text("x")  # what open() makes under the same umask
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode

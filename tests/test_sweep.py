@@ -260,3 +260,51 @@ def test_ray_missing_is_a_one_line_error(monkeypatch):
 
     with pytest.raises(QbertError, match=r"pip install 'qbert\[ray\]'"):
         ray_module()
+
+
+def test_sweep_workers_die_with_a_killed_sweep(tmp_path):
+    """kill -9 of the sweep process takes its worker processes with it (they would otherwise hold
+    ~640 MB each for ever)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(f"""
+        import concurrent.futures as futures, multiprocessing, os, time
+        from qbert.sweep import _worker_init
+
+        def work(_):
+            open(os.path.join({str(tmp_path)!r}, f"worker-{{os.getpid()}}"), "w").close()
+            time.sleep(600)
+
+        if __name__ == "__main__":
+            pool = futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                               initializer=_worker_init, initargs=(1, os.getpid()))
+            [pool.submit(work, i) for i in range(2)]
+            time.sleep(600)
+    """)
+    (tmp_path / "sweep.py").write_text(script)
+    sweep = subprocess.Popen([sys.executable, str(tmp_path / "sweep.py")])
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("worker-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert len(workers) == 2
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init to reap it is dead too
+            return stat.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
