@@ -124,7 +124,7 @@ def coded_bytes(numel: int, bits: int, outliers: int) -> int:
     """Bytes of one matrix in the packed format: indices, codebook, outlier values and positions."""
     from qbert.quant.packing import count_bits, position_bits
 
-    entry = {"count": numel, "bits": bits, "outliers": outliers, "position_bits": position_bits(numel)}
+    entry = {"count": numel - outliers, "bits": bits, "outliers": outliers, "position_bits": position_bits(numel)}
     return sum(count_bits({"m": entry}, {}, 0).values()) // 8
 
 

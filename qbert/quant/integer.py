@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qbert.errors import QbertError
+from qbert.quant.fileformat import CHECKSUM_KEY, build_model, check_checksum, metadata_json, tensors_checksum
 from qbert.quant.functional import bias_codes
 from qbert.quant.packing import pack_bits, unpack_bits
 
@@ -103,8 +105,10 @@ def write_integer(path: str | Path, inst: Any, recipe: str | None = None) -> dic
                 "architecture": type(inst.model).__name__}
     if recipe:
         metadata["recipe"] = recipe
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    metadata[CHECKSUM_KEY] = tensors_checksum(tensors)
     tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     kinds: dict[str, int] = {}
     for entry in entries.values():
@@ -113,13 +117,18 @@ def write_integer(path: str | Path, inst: Any, recipe: str | None = None) -> dic
 
 
 def _read(path: str | Path) -> tuple[dict[str, str], dict[str, Any], dict[str, np.ndarray]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="np") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a qbert integer file (format {metadata.get('format')!r})")
-        return metadata, json.loads(metadata["entries"]), {k: handle.get_tensor(k) for k in handle.keys()}
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise QbertError(f"not a qbert integer file (format {metadata.get('format')!r})", source=str(path))
+            raw = {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise QbertError(f"not a readable safetensors file ({str(exc).splitlines()[0]})", source=str(path)) from None
+    check_checksum(path, metadata, raw)
+    return metadata, metadata_json(path, metadata, "entries"), raw
 
 
 def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -161,22 +170,15 @@ def instrumented_from_integer(path: str | Path) -> tuple[Any, dict[str, str]]:
     """The model an integer file describes, rebuilt: the architecture from its config, the weights
     de-quantized from their codes, a quantizer on every stored site with the stored scale, zero point
     and permutation, frozen. Returns the instrumented model and the file's metadata."""
-    import transformers
-
     from qbert.quant.estimators import CurrentMinMax
     from qbert.quant.quantizer import Quantizer
     from qbert.quant.sites import SitePlan, enumerate_sites, instrument
 
     metadata, entries, raw = _read(path)
     params, _ = read_integer(path)
-    config_data = json.loads(metadata["config"])
-    config_data.pop("_attn_implementation", None)
-    config = transformers.AutoConfig.for_model(config_data.pop("model_type"), **config_data)
-    architecture = metadata.get("architecture") or (config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture or "", None)
-    if model_class is None:
-        raise ValueError(f"{path}: unknown architecture {architecture!r} in the file's config")
-    model = model_class._from_config(config).eval()
+    config_data = metadata_json(path, metadata, "config")
+    architecture = metadata.get("architecture") or (config_data.get("architectures") or [None])[0]
+    model = build_model(path, config_data, architecture).eval()
     state = {k: torch.from_numpy(np.array(v)) for k, v in params.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from qbert.errors import QbertError
+from qbert.quant.fileformat import CHECKSUM_KEY, build_model, check_checksum, metadata_json, tensors_checksum
 from qbert.quant.gobo import GoboCode
 
 FORMAT = "qbert-packed/1"
@@ -188,7 +190,8 @@ def write_packed(path: str | Path, model: Any, codes: dict[str, GoboCode]) -> Le
         }
     config = json.loads(model.config.to_json_string())
     config["architectures"] = [type(model).__name__]
-    metadata = {"format": FORMAT, "config": json.dumps(config), "codes": json.dumps(entries)}
+    metadata = {"format": FORMAT, "config": json.dumps(config), "codes": json.dumps(entries),
+                CHECKSUM_KEY: tensors_checksum(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -227,36 +230,90 @@ def decode_entry(entry: dict[str, Any], read: Any, name: str) -> np.ndarray:
     return code.decode()
 
 
-def read_packed(path: str | Path) -> PackedFile:
-    """Read a packed file and decode every compressed matrix (float32 numpy arrays by parameter name)."""
-    from safetensors import safe_open
+SUFFIXES = (".gobo_indices", ".gobo_codebook", ".gobo_outlier_values", ".gobo_outlier_positions")
 
-    with safe_open(str(path), framework="np") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a qbert packed file (format {metadata.get('format')!r}, expected {FORMAT})")
-        codes = json.loads(metadata["codes"])
-        suffixes = (".gobo_indices", ".gobo_codebook", ".gobo_outlier_values", ".gobo_outlier_positions")
-        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(suffixes)}
-        for name, entry in codes.items():
-            tensors[name] = decode_entry(entry, f.get_tensor, name)
-    return PackedFile(tensors, json.loads(metadata["config"]), codes)
+
+def check_entry(name: str, entry: Any, tensors: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with one compressed matrix's metadata and data (they must agree), or None."""
+    try:
+        shape, bits, count = [int(d) for d in entry["shape"]], int(entry["bits"]), int(entry["count"])
+        outliers, pbits = int(entry["outliers"]), int(entry["position_bits"])
+    except (KeyError, TypeError, ValueError):
+        return "its entry lacks shape, bits, count, outliers or position_bits"
+    missing = [s for s in SUFFIXES if f"{name}{s}" not in tensors]
+    if missing:
+        return f"tensor {name}{missing[0]} is missing"
+    numel = math.prod(shape) if shape and min(shape) > 0 else 0
+    indices, codebook = tensors[f"{name}.gobo_indices"], tensors[f"{name}.gobo_codebook"]
+    values, positions = tensors[f"{name}.gobo_outlier_values"], tensors[f"{name}.gobo_outlier_positions"]
+    problems = [
+        (not 1 <= bits <= 8, f"bits {bits} is not 1-8"),
+        (numel == 0, f"shape {shape} is empty"),
+        (count != numel - outliers or outliers < 0, f"count {count} + outliers {outliers} is not {numel} weights"),
+        (pbits != position_bits(max(numel, 1)), f"position_bits {pbits} is not {position_bits(max(numel, 1))}"),
+        (indices.dtype != np.uint8 or indices.size != (count * bits + 7) // 8,
+         f"{indices.size} index bytes for {count} {bits}-bit indices"),
+        (codebook.shape != (2 ** bits,), f"{codebook.size} centroids for {bits} bits"),
+        (values.shape != (outliers,), f"{values.size} outlier values for {outliers} outliers"),
+        (positions.dtype != np.uint8 or positions.size != (outliers * pbits + 7) // 8,
+         f"{positions.size} position bytes for {outliers} {pbits}-bit positions"),
+    ]
+    for bad, why in problems:
+        if bad:
+            return why
+    if not (np.isfinite(codebook).all() and np.isfinite(values).all()):
+        return "a centroid or outlier value is not finite"
+    if (np.diff(codebook) < 0).any():
+        return "the codebook is not in ascending order"
+    found = unpack_bits(positions, pbits, outliers).astype(np.int64)
+    if outliers and ((np.diff(found) <= 0).any() or found[-1] >= numel):
+        return "outlier positions are not ascending positions inside the matrix"
+    return None
+
+
+def read_packed(path: str | Path) -> PackedFile:
+    """Read a packed file, check it (checksum, each entry against its data) and decode every compressed
+    matrix (float32 numpy arrays by parameter name). A damaged or foreign file is a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise QbertError(f"not a qbert packed file (format {metadata.get('format')!r}, expected {FORMAT})",
+                                 source=str(path))
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise QbertError(f"not a readable safetensors file ({str(exc).splitlines()[0]})", source=str(path)) from None
+    check_checksum(path, metadata, raw)
+    codes = metadata_json(path, metadata, "codes")
+    config = metadata_json(path, metadata, "config")
+    if not isinstance(codes, dict) or not isinstance(config, dict):
+        raise QbertError("metadata 'codes' and 'config' must be mappings: export the file again", source=str(path))
+    tensors = {k: v for k, v in raw.items() if not k.endswith(SUFFIXES)}
+    for name, entry in codes.items():
+        problem = check_entry(name, entry, raw)
+        if problem is not None:
+            raise QbertError(f"matrix {name}: {problem} (the file is damaged: export it again)", source=str(path))
+        tensors[name] = decode_entry(entry, raw.__getitem__, name)
+    return PackedFile(tensors, config, codes)
 
 
 def load_packed(path: str | Path) -> Any:
-    """The float model stored in a packed file (the transformers class named in its config)."""
+    """The float model stored in a packed file (its task head and config as the file records them)."""
     import torch
-    import transformers
 
     packed = read_packed(path)
-    config_data = dict(packed.config)
-    architecture = config_data["architectures"][0]
-    config = transformers.AutoConfig.for_model(config_data.pop("model_type"), **config_data)
-    model = getattr(transformers, architecture)(config)
+    architecture = (packed.config.get("architectures") or [None])[0]
+    model = build_model(path, packed.config, architecture)
     state = {name: torch.from_numpy(array) for name, array in packed.tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise QbertError(f"the tensors do not fit {architecture} ({str(exc).splitlines()[-1].strip()})",
+                         source=str(path)) from None
     parameters = {name for name, _ in model.named_parameters()}
     if unexpected or parameters & set(missing):
-        raise ValueError(f"{path}: does not match {architecture} (missing {sorted(parameters & set(missing))}, "
-                         f"unexpected {sorted(unexpected)})")
+        raise QbertError(f"does not match {architecture} (missing {sorted(parameters & set(missing))[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})", source=str(path))
     return model.eval()

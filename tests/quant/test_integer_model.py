@@ -195,3 +195,37 @@ def test_dynamic_int8_exports_torchscript_that_loads_without_qbert(real_data, tm
     result = subprocess.run([sys.executable, "-c", script, str(folder / written["path"])], capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "torch.Size([1, 2])"
+
+
+def test_a_damaged_integer_file_is_refused_in_one_line(tmp_path):
+    """A flipped byte in any tensor fails the checksum; a class name from the file is never looked up."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    import qbert
+    from qbert.quant.fileformat import CHECKSUM_KEY, tensors_checksum
+    from qbert.quant.integer import instrumented_from_integer
+
+    model, tokenizer = tiny_model()
+    q = qbert.quantize(model, "w8a8_ptq", calibration=PAIRS, tokenizer=tokenizer,
+                       calibrate={"batches": 2, "batch_size": 4})
+    qbert.export(q, "integer", tmp_path / "export")
+    path = next((tmp_path / "export").rglob("*.safetensors"))
+    with safe_open(str(path), framework="np") as f:
+        meta, raw = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in raw if raw[k].dtype == np.uint8)
+    flipped = raw[name].copy()
+    flipped.reshape(-1)[7] ^= 0x10
+    save_file({**raw, name: flipped}, str(tmp_path / "flipped.safetensors"), metadata=meta)
+    with pytest.raises(QbertError, match="do not match the file's checksum"):
+        instrumented_from_integer(tmp_path / "flipped.safetensors")
+    foreign = {**meta, "architecture": "BertTokenizer"}
+    foreign[CHECKSUM_KEY] = tensors_checksum(raw)
+    save_file(raw, str(tmp_path / "foreign.safetensors"), metadata=foreign)
+    with pytest.raises(QbertError, match="architecture 'BertTokenizer' is not one qbert writes"):
+        instrumented_from_integer(tmp_path / "foreign.safetensors")
+    assert json.loads(meta["entries"])  # the untouched file's metadata parses, and it loads
+    assert instrumented_from_integer(path) is not None

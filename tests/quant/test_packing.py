@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from qbert.errors import QbertError
 from qbert.models import load_model, resolve_model
 from qbert.quant.gobo import quantize_matrix
 from qbert.quant.packing import (
@@ -131,5 +132,97 @@ def test_reading_a_foreign_safetensors_file_fails_clearly(tmp_path):
 
     path = tmp_path / "plain.safetensors"
     save_file({"x": np.zeros(3, dtype=np.float32)}, str(path))
-    with pytest.raises(ValueError, match=f"not a qbert packed file.*{FORMAT}"):
+    with pytest.raises(QbertError, match=f"not a qbert packed file.*{FORMAT}"):
         read_packed(path)
+
+
+def _rewrite(path, out, tensors=None, metadata=None, checksum=True):
+    """Copy a packed file with some tensors or metadata changed (the checksum recomputed unless not)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from qbert.quant.fileformat import CHECKSUM_KEY, tensors_checksum
+
+    with safe_open(str(path), framework="np") as f:
+        meta, raw = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    raw.update(tensors or {})
+    meta.update(metadata or {})
+    if checksum:
+        meta[CHECKSUM_KEY] = tensors_checksum(raw)
+    save_file(raw, str(out), metadata=meta)
+    return out
+
+
+def _flip(array, index=0):
+    array = array.copy()
+    array.reshape(-1).view(np.uint8)[index] ^= 0xFF
+    return array
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    model, codes = tiny_gobo_model(bits=3)
+    path = tmp_path_factory.mktemp("packed") / "model.safetensors"
+    write_packed(path, model, codes)
+    name = max(codes, key=lambda n: codes[n].outliers)
+    assert codes[name].outliers >= 2
+    return path, name, codes[name]
+
+
+def test_a_damaged_packed_file_is_refused_in_one_line(packed, tmp_path):
+    """Every kind of damage is caught before a model is built: a flipped byte (checksum), and with the checksum
+    recomputed, metadata that disagrees with the data, non-finite or unsorted values, a foreign class name."""
+    from safetensors import safe_open
+
+    from qbert.errors import QbertError
+
+    path, name, code = packed
+    with safe_open(str(path), framework="np") as f:
+        meta = dict(f.metadata())
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    codes = json.loads(meta["codes"])
+    config = json.loads(meta["config"])
+    two_bits = {**codes, name: {**codes[name], "bits": 2}}
+    unsorted = pack_bits(code.outlier_positions[::-1].copy(), codes[name]["position_bits"])
+    nan_codebook = raw[f"{name}.gobo_codebook"].copy()
+    nan_codebook[3] = np.nan
+    cases = {
+        "flip index byte": (dict(tensors={f"{name}.gobo_indices": _flip(raw[f"{name}.gobo_indices"], 5)},
+                                 checksum=False), "do not match the file's checksum"),
+        "flip codebook byte": (dict(tensors={f"{name}.gobo_codebook": _flip(raw[f"{name}.gobo_codebook"], 2)},
+                                    checksum=False), "do not match the file's checksum"),
+        "bits 3 -> 2": (dict(metadata={"codes": json.dumps(two_bits)}), "index bytes for"),
+        "NaN centroid": (dict(tensors={f"{name}.gobo_codebook": nan_codebook}), "not finite"),
+        "unsorted codebook": (dict(tensors={f"{name}.gobo_codebook": raw[f"{name}.gobo_codebook"][::-1].copy()}),
+                              "not in ascending order"),
+        "unsorted positions": (dict(tensors={f"{name}.gobo_outlier_positions": unsorted}), "not ascending"),
+        "missing tensor": (dict(metadata={"codes": json.dumps({**codes, "x.weight": codes[name]})}),
+                           "tensor x.weight.gobo_indices is missing"),
+        "codes not JSON": (dict(metadata={"codes": "{"}), "metadata 'codes' is not valid JSON"),
+        "foreign class": (dict(metadata={"config": json.dumps({**config, "architectures": ["AutoTokenizer"]})}),
+                          "architecture 'AutoTokenizer' is not one qbert writes"),
+    }
+    for label, (change, expected) in cases.items():
+        damaged = _rewrite(path, tmp_path / f"{label}.safetensors", **change)
+        with pytest.raises(QbertError, match=expected) as caught:
+            load_packed(damaged)
+        assert str(damaged) in str(caught.value) and "\n" not in str(caught.value), label
+    (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(QbertError, match="not a readable safetensors file"):
+        load_packed(tmp_path / "truncated.safetensors")
+    assert load_packed(_rewrite(path, tmp_path / "same.safetensors")) is not None  # an untouched copy loads
+
+
+def test_reported_matrix_bytes_are_the_packed_files(packed):
+    """The recipe's per-matrix size (recipes/gobo.py coded_bytes) is the bytes that matrix takes in the file,
+    read from the file's own tensors; the hand-counted 10x7 case of the ledger test above too."""
+    from safetensors import safe_open
+
+    from recipes.gobo import coded_bytes
+
+    path, name, code = packed
+    with safe_open(str(path), framework="np") as f:
+        stored = sum(f.get_tensor(f"{name}{suffix}").nbytes for suffix in
+                     (".gobo_indices", ".gobo_codebook", ".gobo_outlier_values", ".gobo_outlier_positions"))
+    assert coded_bytes(code.numel, code.bits, code.outliers) == stored
+    assert coded_bytes(70, 3, 2) == 26 + 32 + 8 + 2
