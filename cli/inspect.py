@@ -50,7 +50,7 @@ def sites(
         recipe = get_recipe(cfg.recipe.name)
         console.print(f"[bold]{cfg.name}[/]: recipe {cfg.recipe.name} ({recipe.source}); model {cfg.model} ({origin})")
         if plan is None:
-            doc = (recipe.__doc__ or "").strip().splitlines()[0]
+            doc = " ".join((recipe.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
             console.print(f"recipe {cfg.recipe.name} has no static quantization sites: {doc}")
             return
         if not summary:

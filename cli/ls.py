@@ -31,6 +31,8 @@ def ls(
 
         root = runs_root(runs_dir)
         console = Console()
+        if not console.is_terminal:  # piped or in a log: whole names and paths, one row per line
+            console = Console(width=400)
         if sweeps:
             from qbert.sweep import list_sweeps
 
@@ -43,10 +45,17 @@ def ls(
             r for r in list_runs(root)
             if (task is None or r["config"].get("task") == task)
             and (recipe is None or (r["config"].get("recipe") or {}).get("name") == recipe)
-            and (model is None or r["config"].get("model") == model)
+            and (model is None or _same_model(model, r["config"].get("model")))
             and (status is None or status in run_status(r).split(", "))
         ]
         if not rows:
             console.print(f"no runs under {root}" + (" match the filters" if task or recipe or model or status else ""))
             return
         console.print(runs_table(rows))
+
+
+def _same_model(wanted: str, configured: object) -> bool:
+    """``--model`` matches the config's model as written, or a model folder by its last part
+    (``--model bert-base-uncased`` finds ``models/bert-base-uncased``)."""
+    text = str(configured or "")
+    return wanted in (text, text.rstrip("/").rsplit("/", 1)[-1])

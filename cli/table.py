@@ -47,7 +47,7 @@ def table(
         for path in specs:
             rendered = build_table(path, runs_root(runs_dir), overrides or [],
                                    dict(parse_grid_option(text) for text in grid or []),
-                                   [c.strip() for c in columns.split(",")] if columns else None)
+                                   [c.strip() for c in columns.split(",")] if columns else None, runs_dir)
             console.print(to_rich(rendered))
             for target, render, suffix in ((md, to_markdown, ".md"), (csv, to_csv, ".csv"), (tex, to_latex, ".tex")):
                 if target is None:

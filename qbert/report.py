@@ -64,7 +64,7 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
     """`qbert ls`: one row per config folder with seed states and the headline median."""
     table = Table(title="runs")
     for column in ("name", "hash", "model", "task", "recipe", "seeds", "status", "headline (median)"):
-        table.add_column(column, justify="right" if column.startswith("headline") else "left")
+        table.add_column(column, justify="right" if column.startswith("headline") else "left", overflow="fold")
     for row in rows:
         cfg = row["config"]
         done, planned = _seed_counts(row)
@@ -73,7 +73,7 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
         headline = "-"
         if summary:
             h = summary["headline"]
-            headline = f"{h} {fmt(summary['metrics'][h]['median'])} (n={summary['metrics'][h]['n']})"
+            headline = f"{h} {fmt(summary['metrics'][h]['median'])} (n={int(summary['metrics'][h]['n'])})"
         table.add_row(
             str(cfg.get("name", row["path"].parent.name)), row["path"].name, str(cfg.get("model")),
             str(cfg.get("task")), str((cfg.get("recipe") or {}).get("name")), f"{done}/{planned}", status, headline,

@@ -207,10 +207,12 @@ class RenderedTable:
 
 
 def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None = None,
-                grid: dict[str, list[Any]] | None = None, columns: list[str] | None = None) -> RenderedTable:
+                grid: dict[str, list[Any]] | None = None, columns: list[str] | None = None,
+                runs_dir: str | Path | None = None) -> RenderedTable:
     """Fill a table spec from the run outputs under ``root`` (``overrides``: e.g. ``model=minilm-l6``;
     ``grid``: re-targets a sweep axis, e.g. ``{"task": ["stsb"]}``; ``columns``: only the columns with these
-    labels, without the GLUE score)."""
+    labels, without the GLUE score; ``runs_dir``: the results folder the user named, repeated in the command
+    that fills the table)."""
     spec_path = Path(spec_path)
     spec = load_table_spec(spec_path)
     if columns:
@@ -268,7 +270,8 @@ def build_table(spec_path: str | Path, root: Path, overrides: list[str] | None =
             value.base, value.paper_base = values[base, c].median, values[base, c].paper
     not_run = sum(1 for v in values.values() if v.status == "not run")
     command = " ".join(["qbert sweep", shlex.quote(str(sweep_path)), *(shlex.quote(o) for o in overrides or []),
-                        *(f"--grid {shlex.quote(k + '=' + ','.join(map(str, v)))}" for k, v in (grid or {}).items())])
+                        *(f"--grid {shlex.quote(k + '=' + ','.join(map(str, v)))}" for k, v in (grid or {}).items()),
+                        *([f"--runs-dir {shlex.quote(str(runs_dir))}"] if runs_dir is not None else [])])
     return RenderedTable(spec, spec_path, model, spec.rows.items, spec.columns.items, values, glue, command, not_run)
 
 

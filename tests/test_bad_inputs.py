@@ -247,3 +247,32 @@ def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, finished_ru
                    + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
     line = one_line_error(finished_runs, ["run", config], "has no tokenizer files (tokenizer.json, vocab.txt)")
     assert "tokenizer.save_pretrained" in line
+
+
+# ---------------------------------------------------------------- listing and tables
+
+
+def test_ls_shows_whole_names_when_piped_and_finds_a_model_folder_by_its_name(tmp_path, finished_runs):
+    cfg = finished_runs / "done_before" / "0123456789ab" / "config.yaml"
+    long_name = "a_rather_long_run_name_that_would_not_fit_in_eighty_columns_" + "x" * 30
+    cfg.write_text(f"name: {long_name}\nmodel: /models/bert-base-uncased\ntask: rte\nseeds: [1]\n")
+    result = runner.invoke(app, ["ls", "--model", "bert-base-uncased"])
+    assert result.exit_code == 0 and long_name in result.output.replace("\n", "").replace("│", "").replace(" ", "")
+
+
+def test_table_fill_command_keeps_the_runs_dir(tmp_path):
+    from pathlib import Path as P
+
+    spec = P(__file__).resolve().parents[1] / "configs" / "papers" / "bondarenko2021" / "reference_qat.yaml"
+    result = runner.invoke(app, ["table", str(spec), "--runs-dir", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0
+    assert f"--runs-dir {tmp_path / 'elsewhere'}" in " ".join(result.output.split())
+
+
+def test_inspect_sites_of_dynamic_int8_says_its_whole_first_paragraph():
+    from pathlib import Path as P
+
+    config = P(__file__).resolve().parents[1] / "configs" / "mrpc_dynamic_int8.yaml"
+    result = runner.invoke(app, ["inspect", "sites", str(config)])
+    assert result.exit_code == 0
+    assert "softmax and GELU stay in FP32." in " ".join(result.output.split())
