@@ -80,7 +80,13 @@ def sweep(
             console.print(f"{outcome.state:>8}  {outcome.name} seed {outcome.seed}: {detail}", markup=False)
 
         command = "qbert sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        result = run_sweep(cells, name=spec.name, root=runs_dir, executor=executor, workers=workers,
+        # one record per sweep file and command-line grid: another grid of the same file has its own record
+        record_name = spec.name
+        if axes or overrides or seeds:
+            from qbert.config import stable_hash
+
+            record_name += "-" + stable_hash({"grid": axes, "set": overrides or [], "seeds": seeds}, length=8)
+        result = run_sweep(cells, name=record_name, root=runs_dir, executor=executor, workers=workers,
                            threads=threads, address=address, gpus=gpus_per_run, force=force, command=command,
                            on_done=report)
         console.print(sweep_table(result))

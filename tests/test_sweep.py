@@ -308,3 +308,19 @@ def test_sweep_workers_die_with_a_killed_sweep(tmp_path):
     while any(alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(pid) for pid in workers)
+
+
+def test_two_grids_of_one_sweep_file_keep_two_records(real_data, tmp_path):
+    from qbert.cli.main import app
+    from typer.testing import CliRunner
+
+    sweep = write_sweep(tmp_path, {"config": tiny_config(tmp_path, real_data).name, "seeds": [0]})
+    runs = tmp_path / "runs"
+    for lr in ("1e-4", "2e-4"):
+        result = CliRunner().invoke(app, ["sweep", str(sweep), "--grid", f"finetune.lr={lr}", "--runs-dir", str(runs)])
+        assert result.exit_code == 0, result.output
+    plain = CliRunner().invoke(app, ["sweep", str(sweep), "--grid", "finetune.lr=1e-4", "--runs-dir", str(runs)])
+    assert "0 ran, 1 skipped" in " ".join(plain.output.split())
+    records = sorted(p.name for p in (runs / ".sweeps").glob("*.json"))
+    assert len(records) == 2 and all(r.startswith("grid-") for r in records)
+    assert {row["counts"].get("done") for row in list_sweeps(runs)} == {1}
