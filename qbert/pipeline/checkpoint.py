@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 """Bump when the training loop changes in a way that changes the weights."""
 
-NOT_AFFECTING_WEIGHTS = ("device", "threads")
+NOT_AFFECTING_WEIGHTS = ("device",)
+"""Fine-tune keys left out of the checkpoint key. ``threads`` is in it when a config sets it: CPU kernels sum
+in another order with another thread count, so the weights differ in their last bits. Left unset (all
+cores, or a sweep's ``--threads``), it is not, and the thread count used is recorded in ``finetune.json``
+and the seed's ``metrics.json`` (``finetune.threads``)."""
 
 
 def finetune_key(config: ExperimentConfig, seed: int, model_identity: dict[str, Any],
@@ -37,6 +41,8 @@ def finetune_key(config: ExperimentConfig, seed: int, model_identity: dict[str, 
     finetune = config.finetune.model_dump(mode="json")
     for key in NOT_AFFECTING_WEIGHTS:
         finetune.pop(key)
+    if finetune.get("threads") is None:
+        finetune.pop("threads")  # unset: the key every earlier checkpoint has
     key_data = {
         "version": CACHE_VERSION,
         "model": model_identity,

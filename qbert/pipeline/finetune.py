@@ -145,5 +145,6 @@ def finetune(
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "precision": cfg.precision,
     }

@@ -111,3 +111,19 @@ def test_a_checkpoint_from_before_checksums_is_checked_by_reading_it(tmp_path, c
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:50])
     assert cached_checkpoint(tmp_path, "k5", {}, _train_weights)[2] is False
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_an_explicit_thread_count_is_part_of_the_checkpoint_key():
+    """Thread counts change the summation order and so the weights' last bits: a config that sets
+    finetune.threads gets its own checkpoint; unset, the key is the one earlier checkpoints have."""
+    from qbert.config import parse_config
+    from qbert.pipeline.checkpoint import finetune_key
+
+    def key(threads):
+        cfg = parse_config({"model": "tiny-random", "finetune": {"threads": threads}})
+        return finetune_key(cfg, 0, {"alias": "tiny-random"}, {"file": "x"})
+
+    (unset, unset_data), (one, _), (two, _) = key(None), key(1), key(2)
+    assert len({unset, one, two}) == 3
+    assert "threads" not in unset_data["finetune"] and "device" not in unset_data["finetune"]
+    assert key(1)[0] == one
