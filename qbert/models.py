@@ -240,9 +240,11 @@ def load_model(source: ModelSource, head: Head, num_labels: int = 2):
         tokenizer_vocab = AutoConfig.from_pretrained(source.location).vocab_size
         config = BertConfig(vocab_size=tokenizer_vocab, **RANDOM_CONFIGS[source.spec], **head_kwargs)
         return auto.from_config(config)
+    from safetensors import SafetensorError
+
     try:
         model, info = auto.from_pretrained(source.location, output_loading_info=True, **head_kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise QbertError(f"cannot load model {source.spec!r}: {_first_line(exc)}", key="model") from None
     fresh = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(HEAD_PREFIXES))
     if fresh:
@@ -299,17 +301,21 @@ def model_skeleton(spec: str, head: Head, num_labels: int = 2) -> tuple[Any, str
 
 def load_finetuned(folder: str | Path):
     """Load a checkpoint written by the fine-tune stage (any head)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     quiet_transformers()
-    config = AutoConfig.from_pretrained(folder)
-    architectures = config.architectures or []
-    auto = (
-        AutoModelForQuestionAnswering
-        if any("QuestionAnswering" in a for a in architectures)
-        else AutoModelForSequenceClassification
-    )
-    return auto.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        architectures = config.architectures or []
+        auto = (
+            AutoModelForQuestionAnswering
+            if any("QuestionAnswering" in a for a in architectures)
+            else AutoModelForSequenceClassification
+        )
+        return auto.from_pretrained(folder)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise QbertError(f"cannot load the fine-tuned model in {folder}: {_first_line(exc)}", key="model") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -276,3 +276,69 @@ def test_inspect_sites_of_dynamic_int8_says_its_whole_first_paragraph():
     result = runner.invoke(app, ["inspect", "sites", str(config)])
     assert result.exit_code == 0
     assert "softmax and GELU stay in FP32." in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- more overrides, specs, run folders, models
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("recipe.name=nosuch", "recipe"),
+    ("seeds=[1, 1]", "seeds must be distinct"),
+    ("finetune.batch_size=abc", "finetune.batch_size"),
+    ("calibrate.padding=sometimes", "calibrate.padding"),
+    ("export.formats=[nope]", "unknown export format 'nope'"),
+    ("finetune.epochs.x=1", "cannot set finetune.epochs.x: finetune.epochs is not a mapping"),
+    ("evaluate.clamp_regression=true", "not a regression task"),
+])
+def test_bad_overrides(tmp_path, finished_runs, override, expected):
+    one_line_error(finished_runs, ["run", write(tmp_path, TINY), override], expected)
+
+
+def _spec(tmp_path: Path, text: str) -> str:
+    write(tmp_path, TINY)
+    write(tmp_path, "config: c.yaml\n", "s.sweep.yaml")
+    return write(tmp_path, text, "t.yaml")
+
+
+@pytest.mark.parametrize("text, args, expected", [
+    ("title: t\nsweep: s.sweep.yaml\nrows: {items: [{label: a}]}\ncolumns: {items: [{label: b}]}\ncolour: red\n",
+     [], "colour: unknown key"),
+    ("title: t\nsweep: gone.sweep.yaml\nrows: {items: [{label: a}]}\ncolumns: {items: [{label: b}]}\n",
+     [], "gone.sweep.yaml"),
+    ("title: t\nsweep: s.sweep.yaml\nversus: z\nrows: {items: [{label: a}]}\ncolumns: {items: [{label: b}]}\n",
+     [], "no row is labelled 'z'"),
+    ("title: t\nsweep: s.sweep.yaml\nrows: {items: [{label: a}]}\ncolumns: {items: [{label: b}]}\n",
+     ["--columns", "MNLI"], "no column is labelled 'MNLI'"),
+])
+def test_bad_table_specs(tmp_path, finished_runs, text, args, expected):
+    one_line_error(finished_runs, ["table", _spec(tmp_path, text), *args], expected)
+
+
+def test_export_of_a_folder_that_is_not_a_finished_seed(tmp_path, finished_runs):
+    one_line_error(finished_runs, ["export", str(tmp_path), "--format", "hf"], "is not a finished seed folder")
+
+
+def test_a_seed_folder_with_a_broken_record_as_model(tmp_path, finished_runs):
+    seed = tmp_path / "seed=3"
+    seed.mkdir()
+    (seed / "metrics.json").write_text('{"metrics": {"f1": 8')
+    config = write(tmp_path, TINY.replace("tiny-random", str(seed)).replace("epochs: 1", "epochs: 0"))
+    one_line_error(finished_runs, ["run", config], "is not a readable run record")
+
+
+@pytest.mark.parametrize("weights, expected", [
+    (b"\x00" * 64, "cannot load model"),
+    (b"", "cannot load model"),
+])
+def test_unreadable_model_weights_are_one_line(tmp_path, finished_runs, real_data, weights, expected):
+    folder = _model_folder(tmp_path, ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    (folder / "model.safetensors").write_bytes(weights)
+    config = write(tmp_path, TINY.replace("tiny-random", str(folder))
+                   + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
+    one_line_error(finished_runs, ["run", config], expected)
+
+
+def test_a_model_folder_without_config_json(tmp_path, finished_runs):
+    folder = _model_folder(tmp_path, ("model.safetensors", "tokenizer.json"))
+    one_line_error(finished_runs, ["run", write(tmp_path, TINY.replace("tiny-random", str(folder)))],
+                   "has no config.json")
