@@ -342,3 +342,13 @@ def test_a_model_folder_without_config_json(tmp_path, finished_runs):
     folder = _model_folder(tmp_path, ("model.safetensors", "tokenizer.json"))
     one_line_error(finished_runs, ["run", write(tmp_path, TINY.replace("tiny-random", str(folder)))],
                    "has no config.json")
+
+
+def test_a_diverging_training_is_one_line_naming_the_learning_rate(tmp_path, finished_runs, real_data, monkeypatch):
+    import torch
+
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
+    line = one_line_error(finished_runs, ["run", config], "finetune.lr: training loss is nan at step 1 of 2")
+    assert "lower the learning rate" in line

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from qbert.config import FinetuneConfig
+from qbert.errors import QbertError
 from qbert.pipeline.batching import length_grouped_batches, model_inputs, pad_batch
 from qbert.progress import SILENT, Reporter
 
@@ -34,8 +35,6 @@ def resolve_device(choice: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from qbert.errors import QbertError
-
             raise QbertError("CUDA was asked for but is not available; use device: auto or cpu",
                              key="finetune.device")
         return torch.device("cuda")
@@ -93,8 +92,6 @@ def finetune(
     every optimisation step (quantization delay).
     """
     if not features:
-        from qbert.errors import QbertError
-
         raise QbertError("the training set is empty", key="data.max_train_samples")
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
@@ -130,7 +127,8 @@ def finetune(
                 losses.append(float(loss.detach()))
                 step += 1
                 if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; lower finetune.lr")
+                    raise QbertError(f"training loss is {losses[-1]} at step {step} of {total_steps}: training "
+                                     f"diverged; lower the learning rate (now {cfg.lr:g})", key="finetune.lr")
                 advance(1, info=f"loss {np.mean(losses[-20:]):.4f}")
                 if step % 50 == 0:
                     log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, np.mean(losses[-50:]),
