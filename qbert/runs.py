@@ -49,6 +49,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the new one, never half of one."""
     path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return  # already there: no write (finished work reads fine from a read-only folder)
+    except OSError:
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -269,6 +274,9 @@ def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | 
         "per_seed": {s: r["metrics"] for s, r in per_seed.items()},
         "updated": now(),
     }
+    previous = read_json(folder / "summary.json")
+    if isinstance(previous, dict) and {**previous, "updated": None} == {**summary, "updated": None}:
+        return previous  # nothing new: no write (a finished config reruns in a read-only results folder)
     atomic_write_json(folder / "summary.json", summary)
     return summary
 

@@ -352,3 +352,26 @@ def test_a_diverging_training_is_one_line_naming_the_learning_rate(tmp_path, fin
     config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
     line = one_line_error(finished_runs, ["run", config], "finetune.lr: training loss is nan at step 1 of 2")
     assert "lower the learning rate" in line
+
+
+def test_a_five_megabyte_run_name_is_refused_at_once(tmp_path, finished_runs):
+    import time
+
+    start = time.perf_counter()
+    one_line_error(finished_runs, ["validate", write(tmp_path, TINY), "name=" + "n" * (5 << 20)],
+                   "at most 100 characters")
+    assert time.perf_counter() - start < 30
+
+
+def test_a_full_disk_is_one_line_and_says_finished_seeds_are_kept(tmp_path, finished_runs, real_data, monkeypatch):
+    import errno
+
+    import qbert.runs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(kwargs.get("dir", "")))
+
+    monkeypatch.setattr(qbert.runs.tempfile, "mkstemp", full)
+    config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
+    line = one_line_error(finished_runs, ["run", config], "No space left on device")
+    assert "free space and rerun the same command (finished seeds are kept)" in line

@@ -229,3 +229,22 @@ def test_regression_baseline_is_a_constant_with_zero_correlation(real_data, tmp_
     train = [float(x) for x in _tsv_labels(real_data / "glue" / "STS-B" / "train.tsv", "score", 64)]
     assert record["trivial"]["predictor"] == f"constant {sum(train) / len(train):.2f}"
     assert record["trivial"]["metrics"] == {"pearson": 0.0, "spearman": 0.0}
+
+
+def test_finished_work_reruns_without_writing_so_a_read_only_results_folder_is_fine(real_data, tmp_path,
+                                                                                    monkeypatch):
+    import errno
+
+    import qbert.runs
+
+    cfg = tiny(real_data)
+    first = run_experiment(cfg, root=tmp_path)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(args[0] if args else ""))
+
+    monkeypatch.setattr(qbert.runs.tempfile, "mkstemp", read_only)
+    again = run_experiment(cfg, root=tmp_path)  # every seed finished: nothing to write
+    assert [o.state for o in again.seeds] == ["skipped"] and again.summary == first.summary
+    with pytest.raises(PermissionError):
+        run_experiment(tiny(real_data, seeds=[0, 1]), root=tmp_path)  # new work needs the folder writable
