@@ -15,7 +15,9 @@ import typer
 
 @contextlib.contextmanager
 def user_errors(source: object = None) -> Iterator[None]:
-    """Turn a QbertError into ``error: <one line>`` on stderr and exit status 2 (no traceback).
+    """Turn a QbertError (bad input) or an OSError (the file system: read-only, full, missing) into
+    ``error: <one line>`` on stderr and exit status 2; any other exception is a bug: one line saying so,
+    exit status 1, its traceback written to a file the line names. No traceback reaches the terminal.
 
     ``source`` (the config file) names the file in errors raised without one.
     """
