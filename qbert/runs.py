@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import platform
 import shutil
@@ -29,6 +30,8 @@ from qbert.config import load_yaml_text
 from qbert.errors import QbertError
 from qbert.records import read_record, read_status, read_summary, unreadable
 
+log = logging.getLogger(__name__)
+
 DEFAULT_RUNS_DIR = "runs"
 SEED_PREFIX = "seed="
 
@@ -46,14 +49,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` already holds exactly ``data``. A file that is missing or cannot be read does not:
+    it is written, and the write reports any problem."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        log.debug("cannot compare %s before writing it (%s); writing it", path, exc.strerror)
+        return False
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the new one, never half of one."""
     path = Path(path)
-    try:
-        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-            return  # already there: no write (finished work reads fine from a read-only folder)
-    except OSError:
-        pass
+    if _holds(path, data):
+        return  # already there: no write (finished work reads fine from a read-only folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
