@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +39,12 @@ def user_errors(source: object = None) -> Iterator[None]:
         raise typer.Exit(2) from None
     except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
         raise
-    except Exception as exc:  # a bug: one line here, the traceback in a file
-        log = _crash_log()
+    except Exception as exc:
+        inner = io_error_in(exc)
+        if inner is not None:  # a library's own error type for a file-system error (full disk, read-only)
+            print(f"error: {os_error_line(inner)}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        log = _crash_log()  # a bug: one line here, the traceback in a file
         print(f"error: internal error (a bug in qbert; please report it with {log}): "
               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -55,6 +60,23 @@ _OS_HINTS = {
     errno.ENOENT: "check the path",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
 }
+
+
+_OS_ERROR_TEXT = re.compile(r"(?:I/O error: )?([^:]*?) \(os error (\d+)\)")
+"""How Rust libraries (safetensors, tokenizers) spell an operating-system error inside their own exceptions."""
+
+
+def io_error_in(exc: BaseException) -> OSError | None:
+    """The file-system error behind a library exception: an OSError it was raised from (``raise ... from``;
+    not one it merely happened while handling), or one it only names in its message (``SafetensorError: ...
+    I/O error: No space left on device (os error 28)``); else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__
+    match = _OS_ERROR_TEXT.search(str(exc))
+    return OSError(int(match.group(2)), match.group(1).strip()) if match else None
 
 
 def os_error_line(exc: OSError) -> str:

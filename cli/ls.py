@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from qbert.cli.common import RUNS_DIR_HELP, user_errors
 
-STATUSES = ("done", "incomplete", "running", "orphaned", "failed", "interrupted")
+STATUSES = ("done", "incomplete", "running", "orphaned", "damaged", "failed", "interrupted")
 
 
 def ls(

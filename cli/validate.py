@@ -67,17 +67,17 @@ def _is_override(argument: str) -> bool:
 def _other_file(path: Path) -> str | None:
     """Sweep files and table specs are validated by their own schema (a sweep also expands every cell);
     returns what the file is, or None for an experiment config."""
-    from qbert.config import read_yaml
+    from qbert.config import file_kind, read_yaml
 
     data = read_yaml(path)
-    if "rows" in data and "sweep" in data:
+    if file_kind(data) == "table":
         from qbert.tables import load_table_spec
 
         spec = load_table_spec(path)
         return f"table spec: {spec.title}"
-    from qbert.sweep import expand, is_sweep_file, load_sweep
+    from qbert.sweep import expand, load_sweep
 
-    if not is_sweep_file(data):
+    if file_kind(data) == "config":
         return None
     spec, base = load_sweep(path)
     cells = expand(spec, base)

@@ -537,6 +537,31 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ExperimentCo
         raise _format_validation_error(exc, data, source) from None
 
 
+SWEEP_KEYS = ("config", "vars", "grid", "set", "parts")
+"""Top-level keys that make a YAML file a sweep file rather than an experiment config."""
+
+_KIND_USE = {"config": "qbert run", "sweep": "qbert sweep", "table": "qbert table"}
+_KIND_NAME = {"config": "an experiment config", "sweep": "a sweep file", "table": "a table spec"}
+
+
+def file_kind(data: dict[str, Any]) -> str:
+    """What a YAML mapping is: ``table`` (a table spec has ``rows``), ``sweep`` (any of SWEEP_KEYS) or
+    ``config`` (an experiment config)."""
+    if "rows" in data:
+        return "table"
+    if any(key in data for key in SWEEP_KEYS):
+        return "sweep"
+    return "config"
+
+
+def expect_kind(data: dict[str, Any], path: str | Path, *allowed: str) -> None:
+    """Refuse a file of another kind than ``allowed`` with the command that takes it."""
+    kind = file_kind(data)
+    if kind not in allowed:
+        wanted = " or ".join(_KIND_NAME[k] for k in allowed)
+        raise QbertError(f"this is {_KIND_NAME[kind]}, not {wanted}: use `{_KIND_USE[kind]} {path}`", source=str(path))
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load, override and validate an experiment config file.
 
@@ -545,6 +570,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     """
     path = Path(path)
     data = read_yaml(path)
+    expect_kind(data, path, "config")
     data.setdefault("name", path.stem)
     source = str(path) + (" + command-line overrides" if overrides else "")
     if overrides:

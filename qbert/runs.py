@@ -272,7 +272,7 @@ def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | 
     first = next(iter(per_seed.values()))
     names = list(first["metrics"])
     summary = {
-        "name": first["name"],
+        "name": folder.parent.name,  # this folder's run name (seeds finished under another name count too)
         "config_hash": folder.name,
         "task": first["task"],
         "model": first["model"],
@@ -295,10 +295,13 @@ def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | 
 
 def _live_state(folder: Path) -> str:
     """A seed's recorded state, with ``running`` told apart from ``orphaned`` (its process is gone: nobody
-    holds the seed's lock; rerun the config to resume it)."""
+    holds the seed's lock; rerun the config to resume it) and ``done`` from ``damaged`` (its metrics record is
+    unreadable: a rerun redoes the seed)."""
     state = read_status(folder).get("state", "missing")
     if state == "running" and not seed_locked(folder):
         return "orphaned"
+    if state == "done" and read_record(folder) is None:
+        return "damaged"
     return state
 
 
@@ -316,6 +319,9 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             unreadable(cfg_path, "not a config mapping")
             continue
         states = {p.name[len(SEED_PREFIX):]: _live_state(p) for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
+        for seed in finished_seeds(root, folder.name):  # the same config finished under another run name
+            if states.get(str(seed)) != "done":
+                states[str(seed)] = "done"
         rows.append({
             "path": folder,
             "config": config,

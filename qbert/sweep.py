@@ -46,6 +46,7 @@ from qbert.config import (
     ExperimentConfig,
     Section,
     apply_overrides,
+    file_kind,
     parse_config,
     parse_override,
     read_yaml,
@@ -67,9 +68,6 @@ from qbert.runs import (
 )
 
 log = logging.getLogger(__name__)
-
-SWEEP_KEYS = ("config", "vars", "grid", "set", "parts")
-"""Top-level keys that make a YAML file a sweep file rather than an experiment config."""
 
 SWEEPS_DIR = ".sweeps"
 
@@ -130,20 +128,15 @@ class SweepSpec(Section):
         return self.parts
 
 
-def is_sweep_file(data: dict[str, Any]) -> bool:
-    """Whether a YAML mapping is a sweep file (experiment configs never have these keys)."""
-    return any(key in data for key in SWEEP_KEYS)
-
-
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     """A sweep file, or an experiment config seen as a sweep of one cell, and the folder its paths
     are relative to."""
     path = Path(path)
     data = read_yaml(path)
-    if "sweep" in data and "rows" in data:
-        raise QbertError(f"this is a table spec, not a sweep: run its sweep file ({path.parent / str(data['sweep'])})",
-                         source=str(path))
-    if not is_sweep_file(data):
+    if file_kind(data) == "table":
+        sweep = path.parent / str(data.get("sweep"))
+        raise QbertError(f"this is a table spec, not a sweep: run its sweep file ({sweep})", source=str(path))
+    if file_kind(data) == "config":
         return SweepSpec(name=data.get("name") or path.stem, config=path.name), path.parent
     try:
         spec = SweepSpec.model_validate(data)

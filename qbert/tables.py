@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from qbert.config import Section, read_yaml, schema_error
+from qbert.config import Section, expect_kind, read_yaml, schema_error
 from qbert.errors import QbertError
 from qbert.records import read_record
 from qbert.runs import finished_seeds
@@ -93,6 +93,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
     """Read and validate a table spec (one-line errors naming the file and key)."""
     path = Path(path)
     data = read_yaml(path)
+    expect_kind(data, path, "table")
     try:
         return TableSpec.model_validate(data)
     except ValidationError as exc:

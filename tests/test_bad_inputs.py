@@ -194,7 +194,7 @@ def test_bad_glue_files(tmp_path, finished_runs, train, expected):
 def test_a_non_finite_regression_label_is_named(tmp_path, finished_runs, score):
     rows = STSB_HEADER + f"0\tg\tf\t2012\t0\ts\ts\ta cat\ta dog\t{score}\n"
     config = _glue(tmp_path, "stsb", "STS-B", rows, STSB_HEADER + "0\tg\tf\t2012\t0\ts\ts\ta\tb\t1.0\n")
-    one_line_error(finished_runs, ["run", config], f"row 1: label '{score}' is not one of a finite number")
+    one_line_error(finished_runs, ["run", config], f"row 1: label '{score}' is not a finite number")
 
 
 def _squad(tmp_path: Path, payload: bytes | str) -> str:
@@ -375,3 +375,29 @@ def test_a_full_disk_is_one_line_and_says_finished_seeds_are_kept(tmp_path, fini
     config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
     line = one_line_error(finished_runs, ["run", config], "No space left on device")
     assert "free space and rerun the same command (finished seeds are kept)" in line
+
+
+def test_a_full_disk_reported_inside_a_library_error_is_one_line(tmp_path, finished_runs, real_data, monkeypatch):
+    """safetensors (Rust) raises its own error type for a full disk, naming the OS error only in its text."""
+    from safetensors import SafetensorError
+
+    import qbert.pipeline.run
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(qbert.pipeline.run, "run_seed", full)
+    config = write(tmp_path, TINY + f"data: {{dir: {real_data}, max_train_samples: 16, max_eval_samples: 8}}\n")
+    line = one_line_error(finished_runs, ["run", config], "No space left on device")
+    assert "internal error" not in line and "finished seeds are kept" in line
+
+
+@pytest.mark.parametrize("command, text, expected", [
+    ("run", "name: s\nparts: [{config: a.yaml}]\n", "this is a sweep file, not an experiment config: use `qbert sweep"),
+    ("run", "title: t\nsweep: s.sweep.yaml\nrows: {items: [{label: a}]}\n", "this is a table spec, not an experiment"),
+    ("table", TINY, "this is an experiment config, not a table spec: use `qbert run"),
+    ("table", "name: s\nparts: [{config: a.yaml}]\n", "this is a sweep file, not a table spec: use `qbert sweep"),
+    ("sweep", "title: t\nsweep: s.sweep.yaml\nrows: {items: [{label: a}]}\n", "this is a table spec, not a sweep"),
+])
+def test_a_file_given_to_the_wrong_command_names_the_right_one(tmp_path, finished_runs, command, text, expected):
+    one_line_error(finished_runs, [command, write(tmp_path, text)], expected)

@@ -41,6 +41,9 @@ def test_run_and_sweep_agree_a_hash_finished_under_another_name_is_skipped(real_
     assert states == {0: "skipped", 1: "skipped", 2: "done"}
     assert result.seeds[0].folder.parts[-3] == "first"
     assert result.summary["metrics"]["f1"]["n"] == 3  # the seeds found under "first" count
+    assert result.summary["name"] == "renamed"  # the summary is this folder's, whoever finished the seeds
+    row = next(r for r in list_runs(finished) if r["path"].parent.name == "renamed")
+    assert row["states"] == {"0": "done", "1": "done", "2": "done"}  # ls agrees with the summary (3/3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong shape", "not an object"])
@@ -55,9 +58,9 @@ def test_a_broken_metrics_json_is_reported_and_skipped_not_counted(real_data, tm
     assert set(finished_seeds(root, config.config_hash())) == {0}
     err = capsys.readouterr().err
     assert f"warning: skipping {path}" in err and "--force" in err
-    # ls survives and shows the seed as not finished; a rerun redoes only that seed
+    # ls survives and shows the seed as damaged (not finished); a rerun redoes only that seed
     rows = list_runs(root)
-    assert rows and rows[0]["states"]["1"] == "done"
+    assert rows and rows[0]["states"]["1"] == "damaged"
     again = run_experiment(config, root=root)
     assert {o.seed: o.state for o in again.seeds} == {0: "skipped", 1: "done"}
     assert read_record(path.parent)["metrics"] and again.summary["metrics"]["f1"]["n"] == 2

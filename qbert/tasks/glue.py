@@ -130,7 +130,8 @@ def _parse_tsv(path: Path, spec: GlueSpec) -> tuple[list[GlueExample], int]:
                     raise ValueError
             except ValueError:
                 raise QbertError(
-                    f"row {row_number + 1}: label {raw_label!r} is not one of {spec.labels or 'a finite number'}",
+                    f"row {row_number + 1}: label {raw_label!r} is not "
+                    + (f"one of {spec.labels}" if spec.labels else "a finite number"),
                     source=str(path),
                 ) from None
             examples.append(
