@@ -17,8 +17,10 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Write into OUT/<format> (default: the seed's export/).",
                                              show_default=False)] = None,
 ) -> None:
-    """Write FORMATs for a finished post-training run: the method is derived again from the run's
-    checkpoint, config and seed (seconds, no training), checked against the run's report, and written."""
+    """Write FORMATs for a finished post-training run, without training again.
+
+    The method is derived again from the run's checkpoint, config and seed (seconds), checked against the
+    run's report, and written."""
     with user_errors(source=run_folder):
         from qbert.pipeline.reexport import export_run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated
 
 import typer
@@ -41,7 +42,7 @@ def _main(
     GLUE/SQuAD models from one YAML config."""
 
 
-app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 seeds=[1,2,3]")(run_cmd.run)
+app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 'seeds=[1,2,3]'")(run_cmd.run)
 app.command(
     "sweep",
     epilog="Example: qbert sweep configs/mrpc_w8a8_ptq.yaml --grid calibrate.batches=1,4,16 --seeds 42..44 --workers 2",
@@ -55,6 +56,25 @@ app.command(
 app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
 app.command("export", epilog="Example: qbert export runs/mrpc_gobo/<hash>/seed=42 --format hf")(export_cmd.export)
 app.add_typer(inspect_cmd.app, name="inspect")
+
+
+def _reflow(text: str) -> str:
+    """A docstring as help text: each paragraph one line, so the terminal wraps it (rich keeps the source's
+    line breaks and wraps again around them)."""
+    return "\n\n".join(" ".join(part.split()) for part in inspect.cleandoc(text).split("\n\n"))
+
+
+def _reflow_commands(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            info.help = _reflow(doc)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_commands(group.typer_instance)
+
+
+_reflow_commands(app)
 
 
 def main() -> None:

@@ -36,9 +36,12 @@ def run(
             cfg, root=runs_dir, force=force, reporter=Reporter(enabled=not quiet),
             on_start=lambda folder: console.print(
                 f"[bold]{cfg.name}[/]: {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, "
-                f"seeds {cfg.seeds} -> {folder}"
+                f"seeds {cfg.seeds} -> {folder}", soft_wrap=True,
             ),
-            on_seed=lambda outcome: console.print(seed_line(outcome)),
+            on_seed=lambda outcome: console.print(seed_line(outcome), soft_wrap=True),
         )
-        console.print(results_table(result))
-        console.print(f"results: {result.folder}")
+        if result.summary:
+            console.print(results_table(result))
+        else:
+            console.print("no seed of this config has finished yet", soft_wrap=True)
+        console.print(f"results: {result.folder}", soft_wrap=True)

@@ -1,5 +1,6 @@
 """The command line: help with examples, one-line errors without tracebacks, run / ls / validate."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,46 @@ def test_export_a_finished_run_without_training_it_again(tmp_path, real_data):
     assert bad.exit_code == 2 and "recipe peg cannot write 'packed'" in bad.output
     missing = invoke("export", str(tmp_path), "--format", "hf")
     assert missing.exit_code == 2 and "is not a finished seed folder" in missing.output
+
+
+def test_a_run_whose_only_seed_is_busy_says_so_in_whole_lines(tmp_path, real_data):
+    """A second `qbert run` of a config whose seed another process holds: it says who, prints no empty
+    table (an empty table squeezed its title into a column 8 characters wide), and leaves the seed alone."""
+    from qbert.config import load_config
+    from qbert.runs import seed_lock
+
+    cfg = write(tmp_path, f"""
+name: busy_case
+model: tiny-random
+task: rte
+seeds: [7]
+data: {{dir: {real_data}, max_train_samples: 32, max_eval_samples: 16}}
+finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
+""")
+    runs = tmp_path / "runs"
+    seed = runs / "busy_case" / load_config(cfg).config_hash() / "seed=7"
+    with seed_lock(seed) as holder:
+        assert holder is None
+        result = invoke("run", cfg, "--runs-dir", str(runs), "-q")
+    assert result.exit_code == 0, result.output
+    assert f"seed 7: busy: another process (pid {os.getpid()}) is running it" in result.output
+    assert "no seed of this config has finished yet" in result.output and "median" not in result.output
+    assert not seed.exists()
+
+
+def _commands(typer_app):
+    for info in typer_app.registered_commands:
+        yield info
+    for group in typer_app.registered_groups:
+        yield from _commands(group.typer_instance)
+
+
+def test_help_paragraphs_are_reflowed_and_examples_quote_brackets_for_zsh():
+    import shlex
+
+    for info in _commands(app):
+        assert info.help and "\n" not in info.help.replace("\n\n", ""), info.help
+        for example in (info.epilog or "").removeprefix("Example: ").split("; "):
+            for word in shlex.split(example, posix=False):
+                if any(c in word for c in "[]{}"):
+                    assert word[0] in "'\"", f"unquoted {word} in {info.epilog}: zsh globs it"
