@@ -69,7 +69,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results get the mode any new file would
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; results get the mode any new file would
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -80,10 +80,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode a new file gets under the user's umask (``open`` would give it; mkstemp and the safetensors
+    writer give 0600 whatever the umask)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode of a new file under the user's umask:
+    for what libraries write 0600 (safetensors files, so exports and checkpoints)."""
+    path = Path(path)
+    mode = new_file_mode()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        os.chmod(file, mode)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

@@ -111,3 +111,25 @@ def test_results_are_written_with_the_users_umask(tmp_path, umask, mode):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode
+
+
+def test_exports_and_checkpoints_get_the_users_umask_not_safetensors_0600(real_data, tmp_path):
+    """safetensors writes 0600 whatever the umask: the fine-tuned checkpoint, the packed, integer and hf
+    exports were unreadable to the user's group under umask 022."""
+    import os
+    import stat
+
+    root = tmp_path / "runs"
+    runs = [{"recipe": {"name": "gobo", "bits": 3}, "export": {"formats": ["packed"]}},
+            {"recipe": {"name": "w8a8_ptq"}, "export": {"formats": ["integer", "hf"]}}]
+    previous = os.umask(0o022)
+    try:
+        for i, extra in enumerate(runs):
+            run_experiment(parse_config({**tiny(real_data, f"umask{i}", [0]).resolved(), **extra}), root=root)
+    finally:
+        os.umask(previous)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" and "finetuned" in str(p) for p in files)
+    assert {p.parent.name for p in files if p.name == "model.safetensors"} >= {"packed", "integer", "hf"}
+    assert {str(p.relative_to(root)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+            if stat.S_IMODE(p.stat().st_mode) != 0o644} == {}

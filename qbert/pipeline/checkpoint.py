@@ -20,7 +20,7 @@ from typing import Any
 
 from qbert.config import ExperimentConfig, stable_hash
 from qbert.errors import warn
-from qbert.runs import atomic_write_json, read_json
+from qbert.runs import apply_umask, atomic_write_json, read_json
 from qbert.tasks.base import file_digest
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def cached_checkpoint(
         tmp.mkdir(parents=True)
         try:
             training = train(tmp)
+            apply_umask(tmp)  # safetensors writes 0600
             atomic_write_json(tmp / "finetune.json", {"key": key, "key_data": key_data, "training": training,
                                                       "files": _digests(tmp)})
             shutil.rmtree(folder, ignore_errors=True)

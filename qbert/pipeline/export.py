@@ -133,7 +133,7 @@ def export_hf(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[
 
     import numpy as np
 
-    from qbert.runs import atomic_write_json, atomic_write_text
+    from qbert.runs import apply_umask, atomic_write_json, atomic_write_text
 
     if q.arithmetic == "integer" and q.instrumented is None:
         raise QbertError(f"format 'hf' needs float weights and recipe {q.recipe} runs int8 modules",
@@ -149,6 +149,7 @@ def export_hf(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[
     fresh.save_pretrained(folder)
     if q.tokenizer is not None:
         q.tokenizer.save_pretrained(folder)
+    apply_umask(folder)
     activations = [r for r in quantizer_record(q) if r["kind"] == "activation"]
     atomic_write_json(folder / "quantizers.json", {"recipe": q.recipe, "arithmetic": q.arithmetic,
                                                    "quantizers": quantizer_record(q)})

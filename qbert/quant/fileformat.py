@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,21 @@ def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}|{array.dtype.str}|{list(array.shape)}|".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (readers see the old file or the new one), with the tensors'
+    checksum in its metadata and the mode of a new file under the user's umask."""
+    from safetensors.numpy import save_file
+
+    from qbert.runs import apply_umask
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={**metadata, CHECKSUM_KEY: tensors_checksum(tensors)})
+    apply_umask(tmp)
+    os.replace(tmp, path)
 
 
 def check_checksum(path: str | Path, metadata: dict[str, str], tensors: dict[str, np.ndarray]) -> None:

@@ -19,7 +19,6 @@ evaluated model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from qbert.errors import QbertError
-from qbert.quant.fileformat import CHECKSUM_KEY, build_model, check_checksum, metadata_json, tensors_checksum
+from qbert.quant.fileformat import build_model, check_checksum, metadata_json, save_tensors
 from qbert.quant.functional import bias_codes
 from qbert.quant.packing import pack_bits, unpack_bits
 
@@ -94,10 +93,7 @@ def integer_tensors(inst: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def write_integer(path: str | Path, inst: Any, recipe: str | None = None) -> dict[str, Any]:
     """Write the integer file atomically; returns its size and what it holds."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, entries = integer_tensors(inst)
     config = inst.model.config.to_dict()
     config.pop("_attn_implementation", None)
@@ -105,11 +101,7 @@ def write_integer(path: str | Path, inst: Any, recipe: str | None = None) -> dic
                 "architecture": type(inst.model).__name__}
     if recipe:
         metadata["recipe"] = recipe
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    metadata[CHECKSUM_KEY] = tensors_checksum(tensors)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_tensors(path, {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata)
     kinds: dict[str, int] = {}
     for entry in entries.values():
         kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from qbert.errors import QbertError
-from qbert.quant.fileformat import CHECKSUM_KEY, build_model, check_checksum, metadata_json, tensors_checksum
+from qbert.quant.fileformat import build_model, check_checksum, metadata_json, save_tensors
 from qbert.quant.gobo import GoboCode
 
 FORMAT = "qbert-packed/1"
@@ -164,8 +163,6 @@ def write_packed(path: str | Path, model: Any, codes: dict[str, GoboCode]) -> Le
 
     Returns the ledger; raises if its total disagrees with the file's size (a bug, not bad input).
     """
-    from safetensors.numpy import save_file
-
     path = Path(path)
     params = dict(model.named_parameters())
     unknown = sorted(set(codes) - set(params))
@@ -190,12 +187,7 @@ def write_packed(path: str | Path, model: Any, codes: dict[str, GoboCode]) -> Le
         }
     config = json.loads(model.config.to_json_string())
     config["architectures"] = [type(model).__name__]
-    metadata = {"format": FORMAT, "config": json.dumps(config), "codes": json.dumps(entries),
-                CHECKSUM_KEY: tensors_checksum(tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_tensors(path, tensors, {"format": FORMAT, "config": json.dumps(config), "codes": json.dumps(entries)})
     ledger = Ledger(
         bits=count_bits(entries, plain, _header_bytes(path)),
         file_bytes=path.stat().st_size,
