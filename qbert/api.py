@@ -188,11 +188,14 @@ def to_integer(q: Quantized) -> Quantized:
 
 
 def load(folder: str | Path) -> Quantized:
-    """The runnable integer model of an integer export (``export.formats: [integer]``): the folder with
-    ``model.safetensors`` (or a finished run's seed folder that wrote one). Weights are de-quantized from
-    their codes, every quantizer gets its stored grid, and every eligible linear layer runs on integer
-    GEMMs, as :func:`to_integer`; ``q.tokenizer`` is the folder's tokenizer when it has one. A folder with a
-    TorchScript export (``dynamic_int8``'s ``model.torchscript.pt``) loads that module instead."""
+    """The runnable model of a qbert export: the folder (or a finished run's seed folder that wrote one).
+
+    An integer export (``export.formats: [integer]``): weights are de-quantized from their codes, every
+    quantizer gets its stored grid, and every eligible linear layer runs on integer GEMMs, as
+    :func:`to_integer`. A packed GOBO export (``[packed]``): the model with every coded matrix decoded
+    (GOBO's arithmetic is FP32). A TorchScript export (``dynamic_int8``'s ``model.torchscript.pt``): that
+    module. ``q.tokenizer`` is the folder's tokenizer when it has one."""
+    from qbert.quant import packing
     from qbert.quant.integer import instrumented_from_integer
     from qbert.quant.integer_model import integer_gemms
     from qbert.recipes import Quantized
@@ -201,14 +204,18 @@ def load(folder: str | Path) -> Quantized:
     for script in (folder / "model.torchscript.pt", folder / "export" / "torchscript" / "model.torchscript.pt"):
         if script.is_file():
             return _load_torchscript(script)
-    candidates = [folder / "model.safetensors", folder / "export" / "integer" / "model.safetensors"]
+    candidates = [folder / "model.safetensors", folder / "export" / "integer" / "model.safetensors",
+                  folder / "export" / "packed" / "model.safetensors"]
     path = next((p for p in candidates if p.is_file()), None)
     if folder.is_file():
         path, folder = folder, folder.parent
     if path is None:
-        raise QbertError(f"{folder} holds no integer export (model.safetensors written by export.formats: "
-                         "[integer], or model.torchscript.pt by [torchscript]); write one with: "
+        raise QbertError(f"{folder} holds no qbert export (model.safetensors written by export.formats: "
+                         "[integer] or [packed], or model.torchscript.pt by [torchscript]); write one with: "
                          "qbert export RUN_FOLDER --format integer", key="folder")
+    if _file_format(path) == packing.FORMAT:
+        return Quantized(model=packing.load_packed(path), recipe="gobo", arithmetic="decoded",
+                         tokenizer=_folder_tokenizer(path.parent), report={"loaded_from": str(path)})
     try:
         inst, metadata = instrumented_from_integer(path)
     except ValueError as exc:
@@ -217,6 +224,18 @@ def load(folder: str | Path) -> Quantized:
     return Quantized(model=inst.model, recipe=metadata.get("recipe", "unknown"), arithmetic="integer",
                      instrumented=inst, tokenizer=_folder_tokenizer(path.parent),
                      report={"gemms": gemms, "loaded_from": str(path)})
+
+
+def _file_format(path: Path) -> str | None:
+    """The ``format`` a qbert safetensors file records in its metadata (None when unreadable: the reader
+    that follows says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _folder_tokenizer(folder: Path) -> Any:

@@ -166,8 +166,24 @@ def test_load_rebuilds_the_integer_model_of_an_integer_export(recipe, tmp_path):
 def test_load_says_what_is_missing(tmp_path):
     import qbert
 
-    with pytest.raises(QbertError, match="holds no integer export"):
+    with pytest.raises(QbertError, match="holds no qbert export"):
         qbert.load(tmp_path)
+
+
+def test_load_of_a_packed_gobo_export_gives_the_decoded_model(tmp_path):
+    """A packed export loads as GOBO's decoded model: the same logits as the quantized model it was written
+    from (an independent path: the in-memory model against the file's codes, decoded)."""
+    import qbert
+
+    model, tokenizer = tiny_model()
+    q = qbert.quantize(model, {"name": "gobo", "bits": 3}, tokenizer=tokenizer)
+    qbert.export(q, "packed", tmp_path)
+    loaded = qbert.load(tmp_path)
+    assert (loaded.recipe, loaded.arithmetic) == ("gobo", "decoded") and loaded.tokenizer is not None
+    ids = torch.randint(1000, 20000, (2, 16))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).logits, q.model.eval()(**inputs).logits, rtol=0, atol=0)
 
 
 def test_dynamic_int8_exports_torchscript_that_loads_without_qbert(real_data, tmp_path):
