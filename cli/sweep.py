@@ -54,7 +54,7 @@ def sweep(
         spec, base = load_sweep(config)
         axes = dict(parse_grid_option(text) for text in grid or [])
         cells = expand(spec, base, grid=axes, overrides=overrides or [],
-                       seeds=parse_seeds_option(seeds) if seeds else None)
+                       seeds=parse_seeds_option(seeds) if seeds is not None else None)
         console = Console()
         total = sum(len(c.config.seeds) for c in cells)
         if executor == "ray":
@@ -82,7 +82,7 @@ def sweep(
         command = "qbert sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         # one record per sweep file and command-line grid: another grid of the same file has its own record
         record_name = spec.name
-        if axes or overrides or seeds:
+        if axes or overrides or seeds is not None:
             from qbert.config import stable_hash
 
             record_name += "-" + stable_hash({"grid": axes, "set": overrides or [], "seeds": seeds}, length=8)

@@ -178,7 +178,10 @@ def parse_seeds_option(text: str) -> list[int]:
                 raise QbertError(f"--seeds {text!r} names {last - first + 1:,} seeds, more than {MAX_SEEDS:,}",
                                  source="command line")
             return list(range(first, last + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+        if not seeds:
+            raise ValueError
+        return seeds
     except ValueError:
         raise QbertError(f"--seeds {text!r} is not a range A..B or a list A,B,C (e.g. 1000..1004)",
                          source="command line") from None
@@ -272,6 +275,9 @@ def _expand_part(spec: SweepSpec, part: SweepPart, base_dir: Path, grid: dict[st
             raise QbertError(f"config file {path} not found (from {part.config!r} with {bound})",
                              source=spec.name, key="config")
         raw = read_yaml(path)
+        if file_kind(raw) != "config":  # sweeps do not nest; a table spec is not a run
+            raise QbertError(f"{path} is not an experiment config (it is a {file_kind(raw)} file): a sweep's "
+                             "parts name experiment configs", source=spec.name, key="config")
         raw.setdefault("name", path.stem)
         raw = apply_overrides(raw, fixed)
         for axis_values in itertools.product(*axes.values()):

@@ -110,6 +110,9 @@ def test_a_huge_config_file_is_refused_unread(tmp_path, finished_runs):
     ("finetune: {lr: 1e10}\n", "finetune.lr: Input should be less than or equal to 1"),
     ("finetune: {warmup: .nan}\n", "finetune.warmup"),
     ("estimator: {momentum: .inf}\n", "estimator.momentum"),
+    ("seeds: [true]\n", "seeds: expected a number, not a boolean"),  # was run as seed 1
+    ("finetune: {epochs: true}\n", "finetune.epochs: expected a number, not a boolean"),
+    ("recipe: {name: gobo, bits: true}\n", "recipe.bits: expected a number, not a boolean"),
 ])
 def test_bad_config_values(tmp_path, finished_runs, text, expected):
     path = write(tmp_path, text if isinstance(text, bytes) else "model: tiny-random\ntask: mrpc\n" + text)
@@ -135,8 +138,16 @@ def test_seeds_option_too_many(tmp_path, finished_runs):
                    "names 100,000,001 seeds, more than 1,000")
 
 
+@pytest.mark.parametrize("seeds", ["", ","])
+def test_seeds_option_naming_no_seed(tmp_path, finished_runs, seeds):
+    """``--seeds ''`` was taken as no option at all: the config's seeds ran."""
+    one_line_error(finished_runs, ["sweep", write(tmp_path, TINY), "--seeds", seeds, "--dry-run"],
+                   f"--seeds {seeds!r} is not a range A..B or a list A,B,C")
+
+
 @pytest.mark.parametrize("sweep, expected", [
     ("config: c.yaml\ngrid: {finetune.lr: []}\n", "grid: finetune.lr has no values"),
+    ("parts: [{config: s.sweep.yaml}]\n", "s.sweep.yaml is not an experiment config (it is a sweep file)"),
     ("config: '{task}_x.yaml'\nvars: {task: []}\n", "vars: task has no values"),
     ("parts: [{config: c.yaml, grid: {finetune.lr: []}}]\n", "parts.0.grid: finetune.lr has no values"),
     ("config: '{task_x.yaml'\nvars: {task: [a]}\n", "config template '{task_x.yaml' is not valid"),

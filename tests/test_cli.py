@@ -210,8 +210,7 @@ finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
 
 
 def _commands(typer_app):
-    for info in typer_app.registered_commands:
-        yield info
+    yield from typer_app.registered_commands
     for group in typer_app.registered_groups:
         yield from _commands(group.typer_instance)
 
