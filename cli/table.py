@@ -38,12 +38,16 @@ def table(
     with user_errors(source=spec):
         from rich.console import Console
 
+        from qbert.errors import QbertError
         from qbert.runs import atomic_write_text, runs_root
         from qbert.sweep import parse_grid_option
         from qbert.tables import build_table, spec_files, to_csv, to_latex, to_markdown, to_rich
 
         console = Console()
         specs = spec_files(spec) if spec.is_dir() else [spec]
+        if not specs:
+            raise QbertError("no table specs (*.yaml, not *.sweep.yaml) in this folder: give a spec or a folder "
+                             "of them, e.g. configs/papers/bondarenko2021", key="SPEC")
         for path in specs:
             rendered = build_table(path, runs_root(runs_dir), overrides or [],
                                    dict(parse_grid_option(text) for text in grid or []),

@@ -412,3 +412,10 @@ def test_a_full_disk_reported_inside_a_library_error_is_one_line(tmp_path, finis
 ])
 def test_a_file_given_to_the_wrong_command_names_the_right_one(tmp_path, finished_runs, command, text, expected):
     one_line_error(finished_runs, [command, write(tmp_path, text)], expected)
+
+
+def test_a_table_folder_without_specs_says_so(tmp_path, finished_runs):
+    """It printed nothing and exited 0."""
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "only.sweep.yaml").write_text("config: c.yaml\n")
+    one_line_error(finished_runs, ["table", str(tmp_path / "specs")], "no table specs")
