@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ def user_errors(source: object = None) -> Iterator[None]:
 
     ``source`` (the config file) names the file in errors raised without one.
     """
-    from qbert.errors import QbertError
+    from qbert.errors import QbertError, Terminated
 
     try:
         yield
@@ -31,9 +32,9 @@ def user_errors(source: object = None) -> Iterator[None]:
             exc.source = str(source)
         print(f"error: {exc.render()}", file=sys.stderr)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted: finished seeds are kept; rerun the same command to resume", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)) from None
     except OSError as exc:
         print(f"error: {os_error_line(exc)}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -40,7 +40,9 @@ def _main(
 ) -> None:
     """Experiment runner for BERT quantization research: fine-tune, calibrate, quantize, evaluate and export
     GLUE/SQuAD models from one YAML config."""
+    from qbert.errors import terminate_as_interrupt
 
+    terminate_as_interrupt()
 
 app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 'seeds=[1,2,3]'")(run_cmd.run)
 app.command(

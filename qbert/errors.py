@@ -1,4 +1,4 @@
-"""The one exception type user-facing code raises for bad input."""
+"""The one exception type user-facing code raises for bad input, and the termination signal as an interrupt."""
 
 from __future__ import annotations
 
@@ -21,6 +21,28 @@ class QbertError(Exception):
         """One line: ``<file>: <key>: <message>`` with the parts that are known."""
         parts = [p for p in (self.source, self.key) if p]
         return ": ".join([*parts, self.message])
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM), handled as Ctrl-C is: the seed being run is marked interrupted."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"terminated by signal {signum}")
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM (a scheduler's time limit, `timeout`, `kill`, a sweep stopping its workers) stop this
+    process as Ctrl-C does: the seed being run is marked interrupted instead of dying mid-write. Only the
+    main thread can install a signal handler; elsewhere this does nothing."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def warn(log: logging.Logger, message: str, *args: object) -> None:

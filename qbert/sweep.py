@@ -53,7 +53,7 @@ from qbert.config import (
     schema_error,
     stable_hash,
 )
-from qbert.errors import QbertError
+from qbert.errors import QbertError, terminate_as_interrupt
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
     atomic_write_json,
@@ -357,6 +357,7 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
 def _worker_init(threads: int | None, parent: int | None = None) -> None:
     if parent is not None:
         _die_with(parent)
+        terminate_as_interrupt()  # the sweep stops its workers with SIGTERM: their seeds end "interrupted"
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -437,8 +438,19 @@ def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: in
                     for job in running.values():
                         on_done(job, _died(job, root, sweep))
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
+                _stop_workers(pool)
                 raise
+
+
+def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
+    """Cancel what has not started and stop the pool's workers as Ctrl-C would (SIGTERM; each marks its seed
+    interrupted), so that leaving the pool does not wait for their runs to finish (a Ctrl-C in a terminal
+    reaches them too; a SIGTERM sent to the sweep alone did not: the sweep waited for every running cell)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # CPython's pool keeps them here,
+    pool.shutdown(wait=False, cancel_futures=True)  # until shutdown forgets them
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
 
 
 def _died(job: Job, root: Path, sweep: str) -> TaskOutcome:

@@ -224,3 +224,56 @@ def test_help_paragraphs_are_reflowed_and_examples_quote_brackets_for_zsh():
             for word in shlex.split(example, posix=False):
                 if any(c in word for c in "[]{}"):
                     assert word[0] in "'\"", f"unquoted {word} in {info.epilog}: zsh globs it"
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.2)
+
+
+def _states(runs: Path) -> list[str]:
+    import json
+
+    found = []
+    for path in runs.glob("*/*/seed=*/status.json"):
+        try:
+            found.append(json.loads(path.read_text())["state"])
+        except (OSError, ValueError, KeyError):
+            pass  # being written
+    return found
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_sigterm_stops_like_ctrl_c_and_marks_the_seeds_interrupted(tmp_path, real_data, command):
+    """A scheduler's time limit sends SIGTERM: the run died with its seed marked "running"; the sweep waited
+    for every running cell to finish before it exited."""
+    import signal
+    import time
+
+    cfg = write(tmp_path, f"""
+name: term
+model: tiny-random
+task: mrpc
+seeds: [0]
+data: {{dir: {real_data}, max_train_samples: 3000, max_eval_samples: 16}}
+finetune: {{epochs: 50, batch_size: 16, max_seq_len: 32}}
+""")
+    runs = tmp_path / "runs"
+    args = [str(Path(sys.executable).with_name("qbert")), command, cfg, "--runs-dir", str(runs)]
+    if command == "sweep":
+        args += ["--seeds", "0,1", "--workers", "2", "--threads", "1"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    expected = 2 if command == "sweep" else 1
+    _wait_for(lambda: _states(runs).count("running") == expected)
+    time.sleep(1.0)  # well inside the 50 epochs
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - start < 30  # not the rest of the training
+    assert "interrupted: finished seeds are kept" in err and "Traceback" not in err
+    assert _states(runs) == ["interrupted"] * expected
