@@ -392,10 +392,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping safely, rejecting duplicate keys, with one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise QbertError(
-            "config file not found (give the path to a .yaml file, e.g. configs/default.yaml)",
-            source=str(path),
-        )
+        what = "not a regular file (a folder, device or pipe)" if path.exists() else "config file not found"
+        raise QbertError(f"{what} (give the path to a .yaml file, e.g. configs/default.yaml)", source=str(path))
     try:
         if path.stat().st_size > MAX_YAML_BYTES:
             raise QbertError(

@@ -183,3 +183,12 @@ def test_config_hashes_of_committed_configs_are_stable():
     """The hashes the README's results were written under (a change here orphans them)."""
     assert load_config(ROOT / "configs" / "mrpc_peg.yaml").config_hash() == "4d4f24c16edd"
     assert load_config(ROOT / "configs" / "mrpc_w8a8_ptq.yaml").config_hash() == "7c9d3bba12ad"
+
+
+def test_a_folder_or_pipe_given_as_config_is_named_as_such(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # reading it would wait forever
+    for path in (tmp_path, tmp_path / "pipe.yaml"):
+        with pytest.raises(QbertError, match="not a regular file"):
+            load_config(path)
