@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -161,17 +161,28 @@ def finished_seeds(root: Path, config_hash: str) -> dict[int, Path]:
 
 
 @contextlib.contextmanager
-def seed_lock(folder: Path) -> Iterator[str | None]:
-    """Hold the lock of a seed folder while running it: yields None when held, else who holds it
-    (``pid N``), without waiting; two runs of one config never write one seed folder at once."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f".{folder.name}.lock"), "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+def pid_lock(path: Path, *, wait: bool = False,
+             on_wait: Callable[[str], None] | None = None) -> Iterator[str | None]:
+    """Hold an exclusive lock on file ``path``, which then names the holder (its pid). Yields None when held.
+    Held elsewhere: without ``wait``, yields the holder (``pid N``) without taking the lock; with ``wait``,
+    blocks until the lock is free, calling ``on_wait(holder)`` once it has waited ``QUIET_WAIT_S`` (so a long
+    wait is never silent and a short one is not announced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        if not _try_lock(handle):
             handle.seek(0)
-            yield f"pid {handle.read().strip() or '?'}"
-            return
+            holder = f"pid {handle.read().strip() or '?'}"
+            if not wait:
+                yield holder
+                return
+            deadline, held = time.monotonic() + QUIET_WAIT_S, False
+            while not held and time.monotonic() < deadline:
+                time.sleep(0.05)
+                held = _try_lock(handle)
+            if not held:
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             handle.seek(0)
             handle.truncate()
@@ -180,6 +191,24 @@ def seed_lock(folder: Path) -> Iterator[str | None]:
             yield None
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+QUIET_WAIT_S = 2.0
+"""How long a waiting lock stays silent."""
+
+
+def _try_lock(handle: Any) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def seed_lock(folder: Path) -> contextlib.AbstractContextManager[str | None]:
+    """Hold the lock of a seed folder while running it: yields None when held, else who holds it
+    (``pid N``), without waiting; two runs of one config never write one seed folder at once."""
+    return pid_lock(folder.with_name(f".{folder.name}.lock"))
 
 
 def seed_locked(folder: Path) -> bool:

@@ -8,19 +8,17 @@ temporary folder, then renamed) so an interrupted training leaves nothing that l
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qbert.config import ExperimentConfig, stable_hash
 from qbert.errors import warn
-from qbert.runs import apply_umask, atomic_write_json, read_json
+from qbert.runs import apply_umask, atomic_write_json, pid_lock, read_json
 from qbert.tasks.base import file_digest
 
 log = logging.getLogger(__name__)
@@ -60,17 +58,6 @@ def cache_root(runs_root: Path) -> Path:
     return Path(env) / "finetuned" if env else runs_root / ".cache" / "finetuned"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def cached_checkpoint(
     root: Path, key: str, key_data: dict[str, Any], train: Callable[[Path], dict[str, Any]]
 ) -> tuple[Path, dict[str, Any], bool]:
@@ -80,7 +67,12 @@ def cached_checkpoint(
     Returns the folder, those facts and whether the checkpoint came from the cache.
     """
     folder = root / key
-    with _locked(root / f"{key}.lock"):
+
+    def waiting(holder: str) -> None:
+        warn(log, "another process (%s) holds the fine-tuned checkpoint %s (training or checking it); waiting "
+             "for it", holder, folder)
+
+    with pid_lock(root / f"{key}.lock", wait=True, on_wait=waiting):
         if (folder / "finetune.json").is_file():
             info = read_json(folder / "finetune.json")
             problem = "finetune.json is not valid JSON" if info is None else _verify(folder, info)

@@ -127,3 +127,31 @@ def test_an_explicit_thread_count_is_part_of_the_checkpoint_key():
     assert len({unset, one, two}) == 3
     assert "threads" not in unset_data["finetune"] and "device" not in unset_data["finetune"]
     assert key(1)[0] == one
+
+
+def test_a_long_wait_for_a_checkpoint_is_announced_and_a_short_one_is_not(tmp_path, capsys, monkeypatch):
+    """A worker waiting on another's 24-minute fine-tuning printed nothing: it looked hung."""
+    import os
+    import threading
+
+    import qbert.runs
+    from qbert.runs import pid_lock
+
+    monkeypatch.setattr(qbert.runs, "QUIET_WAIT_S", 0.3)
+    for hold, announced in ((0.1, False), (1.0, True)):
+        key = f"k{hold}"
+        taken = threading.Event()
+
+        def holder(key, taken, hold):
+            with pid_lock(tmp_path / f"{key}.lock"):  # another process, as far as the lock can tell
+                taken.set()
+                time.sleep(hold)
+
+        thread = threading.Thread(target=holder, args=(key, taken, hold))
+        thread.start()
+        taken.wait()
+        folder, _, cached = cached_checkpoint(tmp_path, key, {}, lambda f: {"ok": True})
+        thread.join()
+        err = capsys.readouterr().err
+        assert not cached and folder.is_dir()
+        assert (f"another process (pid {os.getpid()}) holds the fine-tuned checkpoint" in err) is announced, err
