@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 
 class QbertError(Exception):
@@ -31,10 +34,11 @@ class Terminated(KeyboardInterrupt):
         super().__init__(f"terminated by signal {signum}")
 
 
-def terminate_as_interrupt() -> None:
+def terminate_as_interrupt() -> Any:
     """Make SIGTERM (a scheduler's time limit, `timeout`, `kill`, a sweep stopping its workers) stop this
-    process as Ctrl-C does: the seed being run is marked interrupted instead of dying mid-write. Only the
-    main thread can install a signal handler; elsewhere this does nothing."""
+    process as Ctrl-C does: the seed being run is marked interrupted instead of dying mid-write. Returns the
+    previous handler (for ``signal.signal`` to restore). Only the main thread can install a signal handler;
+    elsewhere this does nothing and returns None."""
     import signal
     import threading
 
@@ -42,7 +46,22 @@ def terminate_as_interrupt() -> None:
         raise Terminated(signum)
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, handler)
+    return None
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """:func:`terminate_as_interrupt` for the duration of a block, then the previous handler again (a sweep
+    worker: while it runs a seed SIGTERM interrupts the seed; idle, it simply ends, with no traceback)."""
+    import signal
+
+    previous = terminate_as_interrupt()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def warn(log: logging.Logger, message: str, *args: object) -> None:

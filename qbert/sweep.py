@@ -53,7 +53,7 @@ from qbert.config import (
     schema_error,
     stable_hash,
 )
-from qbert.errors import QbertError, terminate_as_interrupt
+from qbert.errors import QbertError, terminated_as_interrupt
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
     atomic_write_json,
@@ -334,7 +334,8 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
     root_path = Path(root)
     folder = seed_dir(root_path, config.name, config_hash, seed)
     try:
-        result = run_experiment(config, root=root_path, seeds=[seed], force=force)
+        with terminated_as_interrupt():  # the sweep stops its workers with SIGTERM: the seed ends "interrupted"
+            result = run_experiment(config, root=root_path, seeds=[seed], force=force)
         outcome = result.seeds[0]
         metrics = read_record(outcome.folder) or {}
         task = TaskOutcome(config.name, config_hash, seed, outcome.state, outcome.metrics,
@@ -357,7 +358,6 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
 def _worker_init(threads: int | None, parent: int | None = None) -> None:
     if parent is not None:
         _die_with(parent)
-        terminate_as_interrupt()  # the sweep stops its workers with SIGTERM: their seeds end "interrupted"
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
