@@ -105,15 +105,20 @@ def test_validate_preflight_catches_offline_hub_id(tmp_path):
     assert result.exit_code == 2 and "hub is offline" in result.output
 
 
-def test_run_then_ls(tmp_path, real_data, monkeypatch):
-    cfg = write(tmp_path, f"""
-name: cli_smoke
+def _tiny_rte(tmp_path: Path, real_data: Path, name: str) -> str:
+    """A config that runs one seed (7) of the tiny model on 32 RTE pairs in seconds."""
+    return write(tmp_path, f"""
+name: {name}
 model: tiny-random
 task: rte
 seeds: [7]
 data: {{dir: {real_data}, max_train_samples: 32, max_eval_samples: 16}}
 finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
 """)
+
+
+def test_run_then_ls(tmp_path, real_data, monkeypatch):
+    cfg = _tiny_rte(tmp_path, real_data, "cli_smoke")
     runs = tmp_path / "runs"
     first = invoke("run", cfg, "--runs-dir", str(runs), "-q")
     assert first.exit_code == 0, first.output
@@ -190,14 +195,7 @@ def test_a_run_whose_only_seed_is_busy_says_so_in_whole_lines(tmp_path, real_dat
     from qbert.config import load_config
     from qbert.runs import seed_lock
 
-    cfg = write(tmp_path, f"""
-name: busy_case
-model: tiny-random
-task: rte
-seeds: [7]
-data: {{dir: {real_data}, max_train_samples: 32, max_eval_samples: 16}}
-finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
-""")
+    cfg = _tiny_rte(tmp_path, real_data, "busy_case")
     runs = tmp_path / "runs"
     seed = runs / "busy_case" / load_config(cfg).config_hash() / "seed=7"
     with seed_lock(seed) as holder:
@@ -236,15 +234,11 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 
 
 def _states(runs: Path) -> list[str]:
-    import json
+    """The recorded state of every seed folder under ``runs`` (a status being written is not counted yet)."""
+    from qbert.runs import read_json
 
-    found = []
-    for path in runs.glob("*/*/seed=*/status.json"):
-        try:
-            found.append(json.loads(path.read_text())["state"])
-        except (OSError, ValueError, KeyError):
-            pass  # being written
-    return found
+    records = (read_json(path) for path in runs.glob("*/*/seed=*/status.json"))
+    return [record["state"] for record in records if isinstance(record, dict) and "state" in record]
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
