@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	else inst="$(BIN)/pip install -q $$links"; fi; \
 	echo "setup: installing with $${inst%% *}"; \
 	$(BIN)/python -c "import torch" 2>/dev/null || $$inst "$(TORCH_SPEC)"; \
-	$$inst -e ".[dev,ray,onnx]"
+	$$inst -e ".[dev,ray,onnx,viz]"
 	@touch $(STAMP)
 
 run: setup

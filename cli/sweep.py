@@ -88,7 +88,7 @@ def sweep(
             record_name += "-" + stable_hash({"grid": axes, "set": overrides or [], "seeds": seeds}, length=8)
         result = run_sweep(cells, name=record_name, root=runs_dir, executor=executor, workers=workers,
                            threads=threads, address=address, gpus=gpus_per_run, force=force, command=command,
-                           on_done=report)
+                           on_done=report, on_progress=lambda line: console.print(line, markup=False, soft_wrap=True))
         console.print(sweep_table(result))
         console.print(f"{result.count('done')} ran, {result.count('skipped')} skipped (finished before), "
                       f"{result.count('failed')} failed"

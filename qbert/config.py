@@ -161,6 +161,20 @@ def _default_recipe() -> RecipeParams:
     return get_recipe("fp32").Params()
 
 
+class LogConfig(Section):
+    """What a run records about itself beyond its results; never part of the config hash."""
+
+    tensorboard: bool = Field(
+        True, description="TensorBoard event files per seed (training loss, learning rate; QAT: the learned ranges "
+        "of a few sites) under seed=N/tensorboard/, when the tensorboard package is installed (pip install "
+        "'qbert[viz]'); false: none.",
+    )
+    every: int | None = Field(
+        None, gt=0, description="Write the training loss to run.log every N steps (default: about 20 lines per "
+        "training, at least every 50 steps).",
+    )
+
+
 class ExperimentConfig(Section):
     """One experiment: a model fine-tuned on a task, quantized by a recipe, for every seed."""
 
@@ -175,6 +189,7 @@ class ExperimentConfig(Section):
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     reference: Literal["bondarenko2021"] | None = Field(
         None, description="Set the implementation choices as a paper's reference code makes them (calibration with "
         "upstream quantizers, padding, golden-section MSE, PEG permutation ranges, the STS-B mixed-precision and "
@@ -285,11 +300,15 @@ added to a section or to an existing recipe's parameters must be registered here
 (``tests/test_config.py`` compares the schema with the keys hashed when this rule began)."""
 
 
+UNHASHED = ("name", "seeds", "log")
+"""Top-level sections that do not change a result: the run's name, its seeds (a folder each), its logging."""
+
+
 def hashed_data(resolved: dict[str, Any]) -> dict[str, Any]:
     """What :meth:`ExperimentConfig.config_hash` hashes, from a resolved config."""
     data = copy.deepcopy(resolved)
-    data.pop("name", None)
-    data.pop("seeds", None)
+    for key in UNHASHED:
+        data.pop(key, None)
     for dotted, neutral in HASH_NEUTRAL.items():
         *parents, last = dotted.split(".")
         node = data

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import re
 import string
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -54,6 +55,7 @@ from qbert.config import (
     stable_hash,
 )
 from qbert.errors import QbertError, terminated_as_interrupt
+from qbert.progress import LINE_INTERVAL_S, duration
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
     atomic_write_json,
@@ -539,6 +541,77 @@ class SweepResult:
         return sum(1 for o in self.outcomes if o.state == state)
 
 
+class SweepProgress:
+    """The live view of a sweep: seeds finished (ran, skipped, failed), what is running now and for how long
+    (read from the seed folders, so it works for every executor on a shared filesystem), and an estimate of the
+    time left from the seeds that ran."""
+
+    def __init__(self, root: Path, jobs: list[Job], skipped: int, workers: int,
+                 clock: Callable[[], float] = time.time):
+        self.root, self.jobs, self.workers, self.clock = root, list(jobs), max(1, workers), clock
+        self.total = len(self.jobs) + skipped
+        self.counts = {"done": 0, "skipped": skipped, "failed": 0, "busy": 0}
+        self.seconds: list[float] = []
+        self.finished: set[tuple[str, str, int]] = set()
+
+    def finish(self, job: Job, outcome: TaskOutcome) -> None:
+        """Count ``job``'s outcome."""
+        self.finished.add(job.key)
+        self.counts[outcome.state] = self.counts.get(outcome.state, 0) + 1
+        if outcome.state in ("done", "failed") and outcome.seconds:
+            self.seconds.append(outcome.seconds)
+
+    def running(self) -> list[tuple[Job, float, str]]:
+        """Unfinished jobs whose seed folder says running: the job, seconds since it started, its last log line."""
+        found = []
+        for job in self.jobs:
+            if job.key in self.finished:
+                continue
+            folder = seed_dir(self.root, *job.key)
+            if read_status(folder).get("state") != "running":
+                continue
+            started = (folder / "status.json").stat().st_mtime
+            found.append((job, max(0.0, self.clock() - started), last_log_line(folder / "run.log")))
+        return found
+
+    def line(self) -> str:
+        """One line: counts, the running seeds with their current step, and the estimated time left."""
+        c = self.counts
+        finished = sum(c.values())
+        busy = f", {c['busy']} busy" if c["busy"] else ""
+        parts = [f"sweep: {finished}/{self.total} seeds finished ({c['done']} ran, {c['skipped']} skipped, "
+                 f"{c['failed']} failed{busy})"]
+        running = self.running()
+        for job, seconds, last in running:
+            where = f": {last}" if last else ""
+            parts.append(f"running {job.key[0]} seed {job.seed} for {duration(seconds)}{where}")
+        left = self.total - finished
+        if left and self.seconds:
+            mean = sum(self.seconds) / len(self.seconds)
+            eta = (mean * left - sum(seconds for _, seconds, _ in running)) / min(self.workers, left)
+            parts.append(f"about {duration(max(eta, 0.0))} left")
+        return "; ".join(parts)
+
+
+LOG_LINE_CHARS = 90
+"""The most characters of a running seed's last log line that the sweep's progress line shows."""
+
+
+def last_log_line(path: Path) -> str:
+    """The message of the last line of a run.log (without time and level), shortened; empty when none."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 4096))
+            lines = handle.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    if not lines:
+        return ""
+    message = lines[-1].split(": ", 1)[-1]
+    return message if len(message) <= LOG_LINE_CHARS else message[: LOG_LINE_CHARS - 3] + "..."
+
+
 def _record(root: Path, name: str, cells: list[Cell], command: str, executor: str,
             outcomes: dict[tuple[str, str, int], TaskOutcome], started: str) -> Path:
     path = root / SWEEPS_DIR / f"{name}.json"
@@ -569,8 +642,12 @@ def _state(outcome: TaskOutcome | None) -> dict[str, Any]:
 def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, executor: str = "local",
               workers: int = 1, threads: int | None = None, address: str | None = None, gpus: float = 0,
               force: bool = False, command: str = "",
-              on_done: Callable[[Job, TaskOutcome], None] | None = None) -> SweepResult:
-    """Run every seed of every cell; finished seeds are skipped (unless ``force``), failures recorded."""
+              on_done: Callable[[Job, TaskOutcome], None] | None = None,
+              on_progress: Callable[[str], None] | None = None, heartbeat_s: float = LINE_INTERVAL_S) -> SweepResult:
+    """Run every seed of every cell; finished seeds are skipped (unless ``force``), failures recorded.
+
+    ``on_progress(line)`` gets the sweep's progress line (:class:`SweepProgress`) after every seed that ran and
+    every ``heartbeat_s`` seconds while seeds run."""
     root = runs_root(root)
     started = now()
     outcomes: dict[tuple[str, str, int], TaskOutcome] = {}
@@ -595,13 +672,24 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
             else:
                 jobs.append(job)
     record = _record(root, name, cells, command, executor, outcomes, started)
+    progress = SweepProgress(root, jobs, len(outcomes), workers if executor == "local" else len(jobs))
 
     def done(job: Job, outcome: TaskOutcome) -> None:
         outcomes[job.key] = outcome
+        progress.finish(job, outcome)
         _record(root, name, cells, command, executor, outcomes, started)
         if on_done:
             on_done(job, outcome)
+        if on_progress:
+            on_progress(progress.line())
 
+    stop = threading.Event()
+    if on_progress and jobs:
+        def beat() -> None:
+            while not stop.wait(heartbeat_s):
+                on_progress(progress.line())
+
+        threading.Thread(target=beat, name="sweep-progress", daemon=True).start()
     try:
         if jobs:
             if executor == "local":
@@ -611,6 +699,7 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
             else:
                 raise QbertError(f"unknown executor {executor!r} (local or ray)", key="--executor")
     finally:
+        stop.set()
         for cell in cells:
             folder = config_dir(root, cell.config.name, cell.hash)
             if folder.is_dir():

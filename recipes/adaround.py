@@ -58,6 +58,7 @@ class AdaRound(LowBitWeights, StaticQuantRecipe):
         from qbert.pipeline.batching import model_inputs, pad_batch
         from qbert.pipeline.calibrate import calibration_batches
         from qbert.quant.adaround import AdaRoundSettings, adaround_model
+        from qbert.quant.sites import weight_modules
 
         p: AdaRoundParams = self.params  # type: ignore[assignment]
         settings = AdaRoundSettings(iterations=p.iterations, batch_tokens=p.batch_tokens, lr=p.lr,
@@ -68,5 +69,9 @@ class AdaRound(LowBitWeights, StaticQuantRecipe):
         batches = [model_inputs(pad_batch(flat[i:i + chunk], ctx.tokenizer.pad_token_id), ctx.device, False)
                    for i in range(0, len(flat), chunk)]
         generator = torch.Generator().manual_seed(ctx.seed)
-        return {"sequences": len(flat), "iterations": p.iterations, "batch_tokens": p.batch_tokens,
-                **adaround_model(inst, float_model, batches, settings, generator, ctx.log)}
+        modules = weight_modules(inst.model)
+        layers = sum(isinstance(modules[site], torch.nn.Linear) for site in inst.weights())
+        with ctx.reporter.bar("adaround layers", layers) as advance:
+            rounded = adaround_model(inst, float_model, batches, settings, generator, ctx.log,
+                                     on_layer=lambda _: advance(1))
+        return {"sequences": len(flat), "iterations": p.iterations, "batch_tokens": p.batch_tokens, **rounded}

@@ -102,7 +102,8 @@ class Gobo(Recipe):
 
         plan = self.plan(enumerate_sites(q.model))
         specs = {s.name: plan.specs[s.name] for s in plan.quantized("weight")}
-        result = quantize_model(q.model, specs, threads=torch.get_num_threads())
+        with ctx.reporter.bar("gobo matrices", len(specs)) as advance:
+            result = quantize_model(q.model, specs, threads=torch.get_num_threads(), on_matrix=lambda _: advance(1))
         matrices = {
             site: {
                 "bits": st.bits, "policy": st.policy, "numel": st.numel, "outliers": st.outliers,

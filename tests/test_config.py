@@ -133,7 +133,7 @@ def test_site_rules_keep_their_order_through_the_resolved_config():
 def _schema_keys() -> tuple[set[str], dict[str, set[str]]]:
     from qbert.recipes import available, get_recipe
 
-    from qbert.config import ExperimentConfig
+    from qbert.config import ExperimentConfig, hashed_data
 
     def keys(d: dict, prefix: str = "") -> list[str]:
         out: list[str] = []
@@ -144,7 +144,7 @@ def _schema_keys() -> tuple[set[str], dict[str, set[str]]]:
                 out.append(prefix + k)
         return out
 
-    config = {k for k in keys(ExperimentConfig().resolved()) if not k.startswith("recipe")}
+    config = {k for k in keys(hashed_data(ExperimentConfig().resolved())) if not k.startswith("recipe")}
     return config, {n: set(get_recipe(n).Params.model_fields) for n in available()}
 
 

@@ -165,6 +165,39 @@ def test_failures_are_isolated_and_finished_cells_skipped(real_data, tmp_path):
     assert [r["name"] for r in list_sweeps(root)] == ["iso"]
 
 
+def test_progress_counts_outcomes_names_running_seeds_and_estimates_the_time_left(real_data, tmp_path):
+    from qbert.runs import seed_dir, write_status
+    from qbert.sweep import Job, SweepProgress, TaskOutcome
+
+    spec, base = load_sweep(tiny_config(tmp_path, real_data))
+    cell = expand(spec, base, seeds=[0, 1, 2, 3])[0]
+    jobs = [Job(cell, seed) for seed in (0, 1, 2, 3)]
+    root = tmp_path / "runs"
+    progress = SweepProgress(root, jobs, skipped=2, workers=2)
+    progress.finish(jobs[0], TaskOutcome("tiny", cell.hash, 0, "done", seconds=100.0))
+    progress.finish(jobs[1], TaskOutcome("tiny", cell.hash, 1, "failed", seconds=300.0))
+    running = seed_dir(root, *jobs[2].key)
+    running.mkdir(parents=True)
+    write_status(running, "running")
+    (running / "run.log").write_text("2026-12-02 10:00:00,000 INFO qbert: seed 2: start\n"
+                                     "2026-12-02 10:00:05,000 INFO qbert: finetune step 50/230 loss 0.5123\n")
+    clock = (running / "status.json").stat().st_mtime + 40
+    progress.clock = lambda: clock
+    line = progress.line()
+    # 2 left at a mean of 200 s each, 40 s of them spent, 2 workers: (400 - 40) / 2 = 180 s
+    assert line == ("sweep: 4/6 seeds finished (1 ran, 2 skipped, 1 failed); running tiny seed 2 for 40s: "
+                    "finetune step 50/230 loss 0.5123; about 3m00s left")
+
+
+def test_a_sweep_reports_progress_while_it_runs_and_after_each_seed(real_data, tmp_path):
+    spec, base = load_sweep(tiny_config(tmp_path, real_data))
+    cells = expand(spec, base, seeds=[0, 1])
+    lines: list[str] = []
+    run_sweep(cells, name="live", root=tmp_path / "runs", workers=1, on_progress=lines.append, heartbeat_s=0.2)
+    assert any(" running tiny seed 0 for " in line for line in lines)  # the heartbeat, while seed 0 ran
+    assert lines[-1] == "sweep: 2/2 seeds finished (2 ran, 0 skipped, 0 failed)"
+
+
 def test_cli_sweep_ends_with_a_table_and_exit_1_on_failure(real_data, tmp_path):
     config = tiny_config(tmp_path, real_data)
     env = {**os.environ, "QBERT_RUNS_DIR": str(tmp_path / "runs")}

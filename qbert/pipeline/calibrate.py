@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qbert.pipeline.batching import model_inputs, pad_batch
+from qbert.progress import SILENT, Reporter
 
 
 def calibration_batches(
@@ -38,19 +39,20 @@ def calibration_batches(
 
 def run_calibration(
     model: torch.nn.Module, batches: list[list[dict[str, Any]]], *, pad_token_id: int, device: torch.device,
-    pad_to: int | None = None,
+    pad_to: int | None = None, reporter: Reporter = SILENT, description: str = "calibrate",
 ) -> dict[str, Any]:
     """Forward every batch in fp32 eval mode (padded to the longest sequence, or to ``pad_to``); returns
     what was run (for metrics.json)."""
     model.eval()
     start = time.perf_counter()
     tokens = positions = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), reporter.bar(description, len(batches)) as advance:
         for batch_features in batches:
             batch = pad_batch(batch_features, pad_token_id, pad_to)
             tokens += int(batch["attention_mask"].sum())
             positions += batch["attention_mask"].numel()
             model(**model_inputs(batch, device, with_targets=False))
+            advance(1)
     return {
         "batches": len(batches),
         "batch_size": len(batches[0]) if batches else 0,

@@ -6,7 +6,7 @@ gradient clipping, length-grouped dynamically padded batches, optional bf16 auto
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
 import random
 import time
@@ -19,9 +19,8 @@ import torch
 from qbert.config import FinetuneConfig
 from qbert.errors import QbertError
 from qbert.pipeline.batching import length_grouped_batches, model_inputs, pad_batch
+from qbert.pipeline.trainlog import TrainingLog
 from qbert.progress import SILENT, Reporter
-
-log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -84,12 +83,15 @@ def finetune(
     reporter: Reporter = SILENT,
     extra_parameter_groups: list[dict[str, Any]] | None = None,
     before_step: Callable[[int], None] | None = None,
+    training_log: Callable[[int], TrainingLog] | None = None,
+    stage: str = "fine-tune",
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenized ``features``; returns what happened (steps, loss, time).
 
     QAT hooks: ``extra_parameter_groups`` trains quantizer ranges with their own settings (their
     parameters must not also be in the model's ordinary groups); ``before_step(step)`` runs before
-    every optimisation step (quantization delay).
+    every optimisation step (quantization delay). ``training_log(total_steps)``: where the loss goes
+    as training runs (default: run.log at the default interval); ``stage``: its name in progress output.
     """
     if not features:
         raise QbertError("the training set is empty", key="data.max_train_samples")
@@ -106,8 +108,9 @@ def finetune(
     scheduler = linear_warmup_decay(optimizer, warmup_steps, total_steps)
 
     step, losses, tokens = 0, [], 0
+    record = training_log(total_steps) if training_log is not None else TrainingLog("finetune", total_steps)
     start = time.perf_counter()
-    with reporter.bar("fine-tune", total_steps) as advance:
+    with contextlib.closing(record), reporter.bar(stage, total_steps) as advance:
         while step < total_steps:
             for indices in length_grouped_batches(lengths, cfg.batch_size, generator, cfg.group_by_length):
                 if step >= total_steps:
@@ -121,6 +124,7 @@ def finetune(
                 loss.backward()
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -130,9 +134,7 @@ def finetune(
                     raise QbertError(f"training loss is {losses[-1]} at step {step} of {total_steps}: training "
                                      f"diverged; lower the learning rate (now {cfg.lr:g})", key="finetune.lr")
                 advance(1, info=f"loss {np.mean(losses[-20:]):.4f}")
-                if step % 50 == 0:
-                    log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, np.mean(losses[-50:]),
-                             scheduler.get_last_lr()[0])
+                record.step(step, losses[-1], lr)
     seconds = time.perf_counter() - start
     model.eval()
     return {

@@ -71,7 +71,8 @@ def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, An
                                   ctx.seed)
     padding = config.calibrate.padding
     run = functools.partial(run_calibration, inst.model, batches, pad_token_id=ctx.tokenizer.pad_token_id,
-                            device=ctx.device, pad_to=config.finetune.max_seq_len if padding == "max_length" else None)
+                            device=ctx.device, pad_to=config.finetune.max_seq_len if padding == "max_length" else None,
+                            reporter=ctx.reporter)
     report: dict[str, Any] = {}
     inst.token_mask.observe_padding = padding != "excluded"
     try:
@@ -84,7 +85,7 @@ def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, An
             for name in sources:
                 activations[name].track_dimensions = True
                 activations[name].dimension_ranges = (config.calibrate.permutation_ranges, config.estimator.momentum)
-            report["permutation_pass"] = run()
+            report["permutation_pass"] = run(description="calibrate (permutation pass)")
             for name, q in permuted.items():
                 q.set_permutation(activations[plan.permutation_sources.get(name, name)].range_permutation())
             for q in activations.values():

@@ -25,6 +25,7 @@ from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate_splits
 from qbert.pipeline.export import card_facts, export_seed
 from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
+from qbert.pipeline.trainlog import TrainingLog, watched_ranges
 from qbert.progress import SILENT, Reporter
 from qbert.recipes import get_recipe
 from qbert.records import read_record, seed_record
@@ -281,9 +282,16 @@ def run_seed(
         ctx = stage_context(config, seed, task, tokenizer, device, reporter)
         timings: dict[str, float] = {}
 
-        def train(model: torch.nn.Module, cfg: Any = None, **hooks: Any) -> dict[str, Any]:
+        def train(model: torch.nn.Module, cfg: Any = None, name: str = "finetune", watch: Any = None,
+                  **hooks: Any) -> dict[str, Any]:
+            events = folder / "tensorboard" / name if config.log.tensorboard else None
+
+            def training_log(total: int) -> TrainingLog:
+                return TrainingLog(name, total, every=config.log.every, folder=events, watch=watch)
+
             return finetune(model, ctx.train_features(), cfg or config.finetune, seed=seed,
-                            pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter, **hooks)
+                            pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter,
+                            stage="QAT" if name == "qat" else "fine-tune", training_log=training_log, **hooks)
 
         # fine-tune: the FP32 checkpoint is shared through the cache by every recipe that starts from it
         start = time.perf_counter()
@@ -320,8 +328,8 @@ def run_seed(
         if recipe.trains:
             seed_everything(seed)
             plan = recipe.training(q, config.finetune)
-            qat = train(q.model, plan.config, extra_parameter_groups=plan.parameter_groups,
-                        before_step=plan.before_step)
+            qat = train(q.model, plan.config, "qat", watched_ranges(q.quantizers),
+                        extra_parameter_groups=plan.parameter_groups, before_step=plan.before_step)
             timings["qat"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +153,8 @@ def capture(model: torch.nn.Module, module: torch.nn.Module, batches: list[dict[
 
 
 def adaround_model(inst: Any, float_model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-                   settings: AdaRoundSettings, generator: torch.Generator, log: Any) -> dict[str, Any]:
+                   settings: AdaRoundSettings, generator: torch.Generator, log: Any,
+                   on_layer: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Learned rounding of every linear layer of ``inst`` (an instrumented model with frozen weight
     grids), in forward order: each layer's input comes from the model whose earlier layers are already
     rounded, its target from ``float_model``. The rounded weights replace the originals in place;
@@ -180,6 +182,8 @@ def adaround_model(inst: Any, float_model: torch.nn.Module, batches: list[dict[s
             "changed": round(result.changed, 4), "rounded_up": round(result.rounded_up, 4),
             "seconds": round(result.seconds, 2),
         }
+        if on_layer is not None:
+            on_layer(site)
     improved = sum(v["adaround_mse"] < v["nearest_mse"] for v in layers.values())
     return {"layers_improved": f"{improved}/{len(layers)}", "seconds": round(time.perf_counter() - start, 2),
             "layers": layers}

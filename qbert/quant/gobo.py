@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -38,6 +39,8 @@ import numpy as np
 
 Policy = Literal["gobo", "kmeans", "linear"]
 POLICIES: tuple[str, ...] = ("gobo", "kmeans", "linear")
+DEFAULT_THRESHOLD = -4.0
+"""GOBO's outlier threshold on the log-density of the matrix's Gaussian (the paper's value)."""
 REG_COVAR = 1e-6
 """Added to the variance, as scikit-learn's ``GaussianMixture(reg_covar=1e-6)`` does."""
 MAX_ITERATIONS = 10_000
@@ -259,7 +262,7 @@ def assign(weights: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 
 def quantize_matrix(
-    weights: np.ndarray, bits: int, policy: str = "gobo", threshold: float = -4.0
+    weights: np.ndarray, bits: int, policy: str = "gobo", threshold: float = DEFAULT_THRESHOLD
 ) -> tuple[GoboCode, GoboStats]:
     """GOBO-compress one weight matrix (any shape; float32). Returns the code and what it took."""
     if not 1 <= bits <= 8:
@@ -307,10 +310,12 @@ class ModelCodes:
     threads: int
 
 
-def quantize_model(model: Any, specs: dict[str, MatrixSpec], threads: int = 1) -> ModelCodes:
+def quantize_model(model: Any, specs: dict[str, MatrixSpec], threads: int = 1,
+                   on_matrix: Callable[[str], None] | None = None) -> ModelCodes:
     """Cluster the weight of every site in ``specs`` (weight site names, see ``qbert.quant.sites``) and
     write the decoded weights into ``model`` in place. Matrices run on ``threads`` threads (numpy's
-    sort and scans release the GIL); ``seconds`` covers everything, writing the weights back included."""
+    sort and scans release the GIL); ``seconds`` covers everything, writing the weights back included.
+    ``on_matrix(site)`` is called as each matrix is done (progress)."""
     import torch
 
     from qbert.quant.sites import weight_modules

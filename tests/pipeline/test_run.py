@@ -71,7 +71,7 @@ def test_a_failing_forced_rerun_keeps_the_finished_results(real_data, tmp_path, 
 
     cfg = tiny(real_data)
     seed = run_experiment(cfg, root=tmp_path).folder / "seed=0"
-    before = {p.name: p.read_bytes() for p in seed.iterdir()}
+    before = {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()}
 
     def broken(*args, **kwargs):
         raise RuntimeError("checkpoint is damaged")
@@ -79,7 +79,7 @@ def test_a_failing_forced_rerun_keeps_the_finished_results(real_data, tmp_path, 
     monkeypatch.setattr(run_module, "run_seed", broken)
     with pytest.raises(RuntimeError, match="damaged"):
         run_experiment(cfg, root=tmp_path, force=True)
-    assert {p.name: p.read_bytes() for p in seed.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in seed.iterdir() if p.is_file()} == before
     assert read_json(seed.with_name(".seed=0.rerun") / "status.json")["state"] == "failed"
 
     monkeypatch.undo()
