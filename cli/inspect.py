@@ -1,4 +1,5 @@
-"""``qbert inspect sites``: the resolved quantization plan of a config, site by site."""
+"""``qbert inspect``: a config's quantization plan (sites), a fine-tuned model's activation outliers (outliers)
+and its weight distributions (weights)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from qbert.cli.common import user_errors
+from qbert.cli.common import RUNS_DIR_HELP, user_errors
 
 app = typer.Typer(
-    help="Look inside a config without running it.", no_args_is_help=True, add_completion=False,
+    help="Look inside a config or a fine-tuned model: sites, outliers, weights.", no_args_is_help=True,
+    add_completion=False,
     epilog="Example: qbert inspect sites configs/mrpc_peg.yaml",
 )
 
@@ -67,3 +69,146 @@ def sites(
         for kind_name, t in plan.totals().items():
             bits = ", ".join(f"{n} at {b} bits" for b, n in t["by_bits"].items()) or "none quantized"
             console.print(f"{kind_name} sites: {t['sites']} ({bits}; {t['fp']} in floating point)")
+
+
+TARGET_HELP = ("Experiment config (YAML; its cached fine-tuned checkpoint) or a run folder "
+               "(runs/<name>/<hash>[/seed=N]).")
+
+
+def _out_folder(out: Path | None, runs_dir: Path | None, inspected, kind: str) -> Path:
+    from qbert.runs import runs_root
+
+    if out is not None:
+        return out
+    return runs_root(runs_dir) / "inspect" / f"{inspected.config.name}-seed{inspected.seed}" / kind
+
+
+@app.command("outliers", epilog="Example: qbert inspect outliers configs/stsb_fp32.yaml --sequences 16")
+def outliers(
+    target: Annotated[Path, typer.Argument(help=TARGET_HELP, show_default=False)],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides of the config.", show_default=False)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Which seed's checkpoint (default: the config's first).",
+                                             show_default=False)] = None,
+    sequences: Annotated[int, typer.Option(min=1, help="Evaluation sequences to run (from the first).")] = 16,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <runs>/inspect/<name>-seed<n>/outliers).",
+                                             show_default=False)] = None,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = True,
+    runs_dir: Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)] = None,
+) -> None:
+    """The activation outliers of a fine-tuned model (Bondarenko et al. 2021, Figures 2 and 5).
+
+    On the first evaluation sequences: per layer, the per-dimension range of the FFN input, output and residual
+    sum, the dimensions with values beyond 6 standard deviations and how many of those sit on [SEP] or [CLS],
+    each token's range (one sequence), and each head's attention to [SEP], [CLS] and the rest. Writes
+    outliers.json, CSVs and PNGs; prints the outlier dimensions per layer.
+    """
+    with user_errors(source=target):
+        from rich.console import Console
+        from rich.table import Table
+
+        from qbert.inspection import outliers as found
+        from qbert.inspection.source import load_inspected
+
+        console = Console()
+        inspected = load_inspected(target, overrides or [], seed=seed, runs_dir=runs_dir)
+        split = inspected.task.eval_splits[0]
+        examples = inspected.task.load(split, inspected.config.data)[:sequences]
+        max_len = inspected.config.finetune.max_seq_len
+        features = inspected.task.encode_eval(inspected.tokenizer, examples, max_len)[:sequences]
+        report = found.inspect_outliers(inspected.model, inspected.tokenizer, features)
+        folder = _out_folder(out, runs_dir, inspected, "outliers")
+        files = found.save(report, folder, inspected.label, figures=figures)
+        console.print(f"[bold]{inspected.label}[/]: {report.sequences} {split} sequences, {report.token_count} "
+                      f"tokens ({100 * report.sep_share:.1f}% [SEP], {100 * report.cls_share:.1f}% [CLS]); "
+                      f"checkpoint {inspected.checkpoint}", soft_wrap=True)
+        console.print(f"dimensions with values beyond {found.OUTLIER_STD:g} std of the tensor, farthest first "
+                      "(dim: distance in std, share of those values on [SEP]/[CLS]):", soft_wrap=True)
+        table = Table("layer", *found.FFN_SITES, box=None, pad_edge=False)
+        for layer in sorted({s.layer for s in report.sites}):
+            cells = []
+            for name in found.FFN_SITES:
+                dims = report.site(layer, name).outlier_dimensions()[:3]
+                cells.append(", ".join(f"{d['dim']}: {d['stds']:.0f}σ {100 * d['at_sep']:.0f}/"
+                                       f"{100 * d['at_cls']:.0f}%" for d in dims) or "-")
+            table.add_row(str(layer), *cells)
+        console.print(table)
+        sep, cls = report.attention[..., 0], report.attention[..., 1]
+        console.print("attention per layer (mean over heads) to [SEP]: "
+                      + " ".join(f"{v:.2f}" for v in sep.mean(-1)) + "; to [CLS]: "
+                      + " ".join(f"{v:.2f}" for v in cls.mean(-1))
+                      + f"; heads sending most of it to [SEP]: {int((sep > 0.5).sum())}/{sep.size}, "
+                        f"to [CLS]: {int((cls > 0.5).sum())}/{cls.size}", soft_wrap=True)
+        console.print(f"wrote {', '.join(sorted(files))} to {folder}", soft_wrap=True)
+
+
+@app.command("weights", epilog="Example: qbert inspect weights configs/stsb_gobo.yaml --bits 3")
+def weights(
+    target: Annotated[Path, typer.Argument(help=TARGET_HELP, show_default=False)],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides of the config.", show_default=False)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Which seed's checkpoint (default: the config's first).",
+                                             show_default=False)] = None,
+    histograms: Annotated[str, typer.Option(
+        help="Weight sites (globs, comma-separated; {last} = the last layer) to draw histograms of.")
+    ] = ",".join(("layer.0.attn.query.weight", "layer.{last}.ffn.output.weight", "embeddings.word.weight")),
+    bits: Annotated[int | None, typer.Option(min=1, max=8, help="Bits of the clustering whose error per iteration "
+                                             "is traced (default: the config's gobo bits, else 3).",
+                                             show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <runs>/inspect/<name>-seed<n>/weights).",
+                                             show_default=False)] = None,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = True,
+    runs_dir: Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)] = None,
+) -> None:
+    """The weight distributions of a fine-tuned model, as GOBO (Zadeh et al. 2020) draws them.
+
+    Per matrix: the fitted Gaussian and the outliers GOBO keeps in FP32 (log-density <= -4): histograms
+    (Figure 1), the outlier share of every encoder FC layer (Figure 3), and for the first histogram's linear
+    layer the L1 and L2 error per iteration of GOBO's stopping rule against K-means (Figure 2). Writes
+    weights.csv, weights.json and PNGs; prints the outlier shares.
+    """
+    with user_errors(source=target):
+        from rich.console import Console
+        from rich.table import Table
+
+        from qbert.errors import QbertError
+        from qbert.inspection import weights as found
+        from qbert.inspection.source import load_inspected
+
+        console = Console()
+        inspected = load_inspected(target, overrides or [], seed=seed, runs_dir=runs_dir)
+        matrices = found.weight_matrices(inspected.model)
+        last = inspected.model.config.num_hidden_layers - 1
+        patterns = [p.strip() for p in histograms.split(",") if p.strip()]
+        chosen = found.select(list(matrices), patterns, last)
+        if patterns and not chosen:
+            raise QbertError(f"--histograms {histograms!r} matches no weight site (e.g. layer.0.ffn.output.weight, "
+                             "embeddings.word.weight)", key="--histograms")
+        stats = found.matrix_stats(matrices)
+        recipe = inspected.config.recipe
+        bits = bits or (getattr(recipe, "bits", None) if recipe.name == "gobo" else None) or 3
+        traced = next((s for s in chosen if s.startswith("layer.")), None)
+        errors = found.clustering_errors(matrices[traced], bits) if traced else None
+        folder = _out_folder(out, runs_dir, inspected, "weights")
+        files = found.save(matrices, stats, chosen, errors, traced, folder, inspected.label, figures=figures)
+        linear = [s for s in stats if s.site.startswith("layer.")]
+        share = sum(s.outliers for s in linear) / sum(s.numel for s in linear)
+        console.print(f"[bold]{inspected.label}[/]: {len(stats)} weight matrices; GOBO outliers (log-density <= "
+                      f"{found.DEFAULT_THRESHOLD:g}) in the encoder's FC layers: {100 * share:.3f}% of their "
+                      "weights", soft_wrap=True)
+        families = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
+        short = ("query", "key", "value", "attn.out", "ffn.int", "ffn.out")
+        table = Table("layer", *short, box=None, pad_edge=False, title="outliers per FC layer (%)",
+                      title_justify="left")
+        shares = {s.site: f"{100 * s.outlier_fraction:.3f}" for s in linear}
+        for layer in range(last + 1):
+            table.add_row(str(layer), *(shares.get(f"layer.{layer}.{f}.weight", "-") for f in families))
+        console.print(table)
+        if errors:
+            g, k = errors["gobo"], errors["kmeans"]
+            console.print(f"{traced}, {bits} bits: GOBO stops after {len(g['l1']) - 1} rounds at L1 {g['l1'][-1]:.3e} "
+                          f"per weight; K-means converges after {len(k['l1']) - 1} at L1 {k['l1'][-1]:.3e}, "
+                          f"L2 {k['l2'][-1]:.3e} (GOBO: {g['l2'][-1]:.3e})", soft_wrap=True)
+        console.print(f"wrote {', '.join(sorted(files))} to {folder}", soft_wrap=True)

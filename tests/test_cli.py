@@ -130,6 +130,54 @@ def test_run_then_ls(tmp_path, real_data, monkeypatch):
     assert "cli_smoke" in listing.output and "1/1" in listing.output and "accuracy" in listing.output
 
 
+def test_run_piped_to_a_file_prints_progress_lines_and_quiet_prints_none(tmp_path, real_data):
+    cfg = write(tmp_path, f"""
+name: piped
+model: tiny-random
+task: mrpc
+seeds: [0]
+recipe: {{name: w8a8_ptq}}
+data: {{dir: {real_data}, max_train_samples: 64, max_eval_samples: 16}}
+finetune: {{epochs: 1, batch_size: 16, max_seq_len: 32}}
+""")
+    qbert = str(Path(sys.executable).with_name("qbert"))
+    log = tmp_path / "run.txt"
+    with open(log, "w") as out:
+        done = subprocess.run([qbert, "run", cfg, "--runs-dir", str(tmp_path / "runs")], stdout=out, stderr=out)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    for stage in ("fine-tune: 0/4 (0%)", "fine-tune: 4/4 (100%)", "calibrate: 16/16 (100%)", "evaluate: 1/1 (100%)"):
+        assert stage in text
+    assert "\x1b[" not in text  # plain lines, no terminal control codes
+    quiet = subprocess.run([qbert, "run", cfg, "--runs-dir", str(tmp_path / "quiet"), "-q"], capture_output=True,
+                           text=True)
+    assert quiet.returncode == 0 and "fine-tune:" not in quiet.stdout + quiet.stderr
+
+
+def test_inspect_outliers_and_weights_of_a_run_write_numbers_and_figures(tmp_path, real_data):
+    pytest.importorskip("matplotlib", reason="the viz extra (make setup installs it)")
+    cfg = _tiny_rte(tmp_path, real_data, "inspected")
+    runs = tmp_path / "runs"
+    missing = invoke("inspect", "outliers", cfg, "--runs-dir", str(runs))
+    assert missing.exit_code == 2 and "no fine-tuned checkpoint of inspected seed 7" in missing.output
+    assert "qbert run" in missing.output and "Traceback" not in missing.output
+    assert invoke("run", cfg, "--runs-dir", str(runs), "-q").exit_code == 0
+    result = invoke("inspect", "outliers", cfg, "--runs-dir", str(runs), "--sequences", "4")
+    assert result.exit_code == 0, result.output
+    assert "inspected seed 7: 4 dev sequences" in result.output and "attention per layer" in result.output
+    folder = runs / "inspect" / "inspected-seed7" / "outliers"
+    assert {"outliers.json", "dimension_ranges.csv", "attention.png", "token_ranges.png"} <= {
+        p.name for p in folder.iterdir()}
+    seed_folder = next(runs.glob("inspected/*/seed=7"))
+    result = invoke("inspect", "weights", str(seed_folder), "--out", str(tmp_path / "w"), "--histograms",
+                    "layer.1.ffn.*")
+    assert result.exit_code == 0, result.output
+    assert "outliers per FC layer" in result.output and "K-means converges" in result.output
+    assert (tmp_path / "w" / "histogram_layer_1_ffn_output.png").is_file()
+    bad = invoke("inspect", "weights", str(seed_folder), "--histograms", "nothing.*")
+    assert bad.exit_code == 2 and "matches no weight site" in bad.output
+
+
 def test_ls_empty(tmp_path):
     result = invoke("ls", "--runs-dir", str(tmp_path))
     assert result.exit_code == 0 and "no runs under" in result.output

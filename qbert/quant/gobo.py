@@ -343,7 +343,11 @@ def quantize_model(model: Any, specs: dict[str, MatrixSpec], threads: int = 1,
 
     start = time.perf_counter()
     with torch.no_grad(), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = dict(zip((site for site, _ in jobs), pool.map(cluster, jobs), strict=True))
+        results = {}
+        for (site, _), result in zip(jobs, pool.map(cluster, jobs), strict=True):
+            results[site] = result
+            if on_matrix is not None:
+                on_matrix(site)
     out = ModelCodes({}, {}, {}, time.perf_counter() - start, max(1, threads))
     for site in specs:  # reported in the caller's (forward) order
         code, stats = results[site]
