@@ -9,6 +9,7 @@ import typer
 from qbert.cli import export as export_cmd
 from qbert.cli import inspect as inspect_cmd
 from qbert.cli import ls as ls_cmd
+from qbert.cli import plot as plot_cmd
 from qbert.cli import run as run_cmd
 from qbert.cli import sweep as sweep_cmd
 from qbert.cli import table as table_cmd
@@ -57,6 +58,8 @@ app.command(
 )(validate_cmd.validate)
 app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
 app.command("export", epilog="Example: qbert export runs/mrpc_gobo/<hash>/seed=42 --format hf")(export_cmd.export)
+app.command("plot", epilog="Example: qbert plot --task stsb --model minilm-l6 --metric pearson,spearman")(
+    plot_cmd.plot)
 app.add_typer(inspect_cmd.app, name="inspect")
 
 

@@ -141,7 +141,7 @@ class Value:
         return self.median - self.paper
 
 
-def _lookup(record: dict[str, Any], metric: str) -> float | None:
+def lookup_metric(record: dict[str, Any], metric: str) -> float | None:
     """A metric name, or a dotted path into ``metrics.json`` (keys may hold dots: the longest match wins)."""
     node: Any = record if "." in metric else record.get("metrics", {})
     parts = metric.split(".")
@@ -171,7 +171,7 @@ def cell_value(root: Path, cell: Cell, metric: str | list[str] | None, scale: fl
     per_seed = []
     for seed in sorted(records):
         metrics = [records[seed]["headline"]] if metric is None else [metric] if isinstance(metric, str) else metric
-        values = [_lookup(records[seed], m) for m in metrics]
+        values = [lookup_metric(records[seed], m) for m in metrics]
         if all(v is not None for v in values):
             per_seed.append(scale * sum(values) / len(values))
     planned = len(cell.config.seeds)

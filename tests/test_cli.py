@@ -178,6 +178,27 @@ def test_inspect_outliers_and_weights_of_a_run_write_numbers_and_figures(tmp_pat
     assert bad.exit_code == 2 and "matches no weight site" in bad.output
 
 
+def test_plot_draws_accuracy_against_size_and_the_leave_out_grid(tmp_path):
+    pytest.importorskip("matplotlib", reason="the viz extra (make setup installs it)")
+    from tests.inspection.test_results import finished
+
+    runs = tmp_path / "runs"
+    empty = invoke("plot", "--task", "mrpc", "--model", "tiny-random", "--runs-dir", str(runs))
+    assert empty.exit_code == 2 and "no finished mrpc run of tiny-random" in empty.output
+    finished(runs, {"name": "fp32"}, "p_fp32", {1: 80.0})
+    finished(runs, {"name": "w32a8_ptq", "leave_out": []}, "p_lo", {1: 60.0})
+    finished(runs, {"name": "w32a8_ptq", "leave_out": ["ffn.residual_sum"]}, "p_lo", {1: 70.0},
+             {"size": {"mb": 8.0}})
+    result = invoke("plot", "--task", "mrpc", "--model", "tiny-random", "--runs-dir", str(runs))
+    assert result.exit_code == 0, result.output
+    assert "p_fp32" in result.output and "sensitivity.png" in result.output
+    folder = runs / "plots" / "mrpc-tiny-random"
+    assert (folder / "accuracy_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / "sensitivity.csv").read_text().splitlines() == ["family,all", "ffn.residual_sum,10.0"]
+    bad = invoke("plot", "--task", "mrcp")
+    assert bad.exit_code == 2 and "unknown task 'mrcp'" in bad.output
+
+
 def test_ls_empty(tmp_path):
     result = invoke("ls", "--runs-dir", str(tmp_path))
     assert result.exit_code == 0 and "no runs under" in result.output

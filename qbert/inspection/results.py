@@ -1,0 +1,135 @@
+"""Finished runs as plot points: every config of a task and model with its metric over seeds and its model size,
+and the leave-one-out runs of Bondarenko et al. Table 2 as a site-family x layer grid."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qbert.config import hashed_data, stable_hash
+from qbert.records import read_record
+from qbert.runs import finished_seeds, list_runs
+from qbert.tables import lookup_metric
+
+MB = 1e6
+
+
+def fp32_megabytes(model: str, task: Any) -> float:
+    """The FP32 size of ``model`` with ``task``'s head: 4 bytes per parameter (read from its config only)."""
+    from qbert.models import model_skeleton
+
+    skeleton, _ = model_skeleton(model, task.head, task.num_labels)
+    return 4 * sum(p.numel() for p in skeleton.parameters()) / MB
+
+
+def model_megabytes(record: dict[str, Any], fp32_mb: float) -> tuple[float | None, str]:
+    """A run's model size in MB and where it comes from: the uniform recipes' size report (integer weights
+    plus FP32 rest), GOBO's ledger (coded matrices in place of their FP32 bytes), dynamic int8's saved state
+    dict, or the FP32 size for fp32; None when the run reports none."""
+    report = record.get("recipe_report") or {}
+    if isinstance(report.get("size"), dict) and "mb" in report["size"]:
+        return float(report["size"]["mb"]), "size report"
+    if "coded_bytes" in report and "fp32_bytes" in report:
+        return fp32_mb - (report["fp32_bytes"] - report["coded_bytes"]) / MB, "gobo ledger"
+    if isinstance(report.get("size_mb"), dict) and "int8" in report["size_mb"]:
+        return float(report["size_mb"]["int8"]), "int8 state dict"
+    if record.get("recipe") == "fp32":
+        return fp32_mb, "fp32 parameters"
+    return None, "no size reported"
+
+
+def _per_seed(records: list[dict[str, Any]], metric: list[str] | None) -> list[float]:
+    values = []
+    for record in records:
+        names = metric or [record["headline"]]
+        found = [lookup_metric(record, m) for m in names]
+        if all(v is not None for v in found):
+            values.append(sum(found) / len(found))
+    return values
+
+
+def _configs(root: Path, task: str, model: str) -> list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]:
+    """(name, hash, resolved config, finished seed records) of every config of ``task`` and ``model``, one
+    per config hash (a hash finished under several run names is listed once, under its newest name)."""
+    found, seen = [], set()
+    for row in list_runs(root):
+        config = row["config"]
+        config_hash = row["path"].name
+        if config.get("task") != task or config.get("model") != model or config_hash in seen:
+            continue
+        seen.add(config_hash)
+        records = [r for r in (read_record(f) for f in finished_seeds(root, config_hash).values()) if r is not None]
+        if records:
+            found.append((config.get("name", row["path"].parent.name), config_hash, config, records))
+    return found
+
+
+def collect_points(root: Path, task: Any, model: str, metric: list[str] | None = None) -> list[dict[str, Any]]:
+    """One point per finished config of ``task`` on ``model``: label, recipe, hash, size (MB and its source),
+    median / min / max / n of the metric (per-seed mean of ``metric``; None: the headline) over seeds."""
+    fp32_mb = fp32_megabytes(model, task)
+    points = []
+    for name, config_hash, _config, records in _configs(root, task.name, model):
+        values = _per_seed(records, metric)
+        mb, source = model_megabytes(records[0], fp32_mb)
+        if not values or mb is None:
+            continue
+        points.append({
+            "label": name, "recipe": records[0].get("recipe"), "hash": config_hash, "mb": round(mb, 3),
+            "size_source": source, "median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values), "simulated": any(r.get("simulated") for r in records),
+        })
+    names = [p["label"] for p in points]
+    for p in points:  # the same run name with other settings: tell them apart by hash
+        if names.count(p["label"]) > 1:
+            p["label"] = f"{p['label']} {p['hash'][:6]}"
+    return sorted(points, key=lambda p: p["mb"])
+
+
+def leave_out_grid(root: Path, task: Any, model: str, metric: list[str] | None = None
+                   ) -> tuple[np.ndarray, list[str], list[str]] | None:
+    """Table 2's leave-one-out as a grid: rows = site families, columns = layers (``all``: every layer), cells =
+    median over seeds of the metric with that family kept in floating point minus the same config with nothing
+    left out. Built from every finished config with ``recipe.leave_out`` naming one family (``ffn.residual_sum``)
+    or one site of one layer (``layer.3.ffn.residual_sum``) whose all-quantized twin (``leave_out: []``) exists;
+    None when there is none."""
+    configs = _configs(root, task.name, model)
+
+    def twin_key(config: dict[str, Any]) -> str:
+        recipe = {k: v for k, v in config.get("recipe", {}).items() if k != "leave_out"}
+        return stable_hash(hashed_data({**config, "recipe": recipe}))
+
+    baselines = {}
+    for _, _, config, records in configs:
+        if config.get("recipe", {}).get("leave_out") == []:
+            values = _per_seed(records, metric)
+            if values:
+                baselines[twin_key(config)] = statistics.median(values)
+    cells: dict[tuple[str, str], float] = {}
+    for _, _, config, records in configs:
+        leave_out = config.get("recipe", {}).get("leave_out")
+        base = baselines.get(twin_key(config))
+        if base is None or not isinstance(leave_out, list) or len(leave_out) != 1:
+            continue
+        parts = leave_out[0].split(".")
+        if parts[0] == "layer" and len(parts) > 2 and parts[1].isdigit():
+            family, layer = ".".join(parts[2:]), parts[1]
+        else:
+            family, layer = leave_out[0], "all"
+        values = _per_seed(records, metric)
+        if values:
+            cells[(family, layer)] = statistics.median(values) - base
+    if not cells:
+        return None
+    from qbert.quant.sites import LAYER_FAMILIES
+
+    families = sorted({f for f, _ in cells}, key=lambda f: (LAYER_FAMILIES.index(f) if f in LAYER_FAMILIES else -1, f))
+    layers = sorted({lay for _, lay in cells if lay != "all"}, key=int) + (
+        ["all"] if any(lay == "all" for _, lay in cells) else [])
+    grid = np.full((len(families), len(layers)), np.nan)
+    for (family, layer), value in cells.items():
+        grid[families.index(family), layers.index(layer)] = value
+    return grid, families, layers
