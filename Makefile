@@ -18,7 +18,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench lint tables clean
+.PHONY: setup run test bench lint tables figures clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,26 @@ tables: setup
 	$(BIN)/qbert table configs/papers/gobo2020/table3.yaml --md docs/tables/gobo2020_table3.md model=minilm-l6 --grid task=mnli_minilm
 	@for t in 1 4 5 6; do $(BIN)/qbert table configs/papers/bondarenko2021/table$$t.yaml model=minilm-l6 --columns MNLI \
 		--md docs/tables/bondarenko2021_table$${t}_mnli.md; done
+
+# the README's figures (docs/figures): MiniLM-L6 on STS-B, from configs/figures.sweep.yaml's runs (~40 min on 2
+# cores the first time); the accuracy-size plot shows every finished STS-B run of MiniLM-L6 under runs/
+FIGURES := docs/figures
+FIGURE_RUNS := runs/figures
+figures: setup
+	$(BIN)/qbert sweep configs/figures.sweep.yaml
+	$(BIN)/qbert inspect outliers configs/stsb_fp32.yaml --out $(FIGURE_RUNS)/outliers
+	$(BIN)/qbert inspect weights configs/stsb_gobo.yaml --out $(FIGURE_RUNS)/weights \
+		--histograms 'layer.0.attn.query.weight,layer.{last}.ffn.output.weight'
+	$(BIN)/qbert plot --task stsb --model minilm-l6 --metric pearson,spearman --out $(FIGURE_RUNS)/plot
+	@mkdir -p $(FIGURES)
+	cp $(FIGURE_RUNS)/outliers/dimension_ranges.png $(FIGURES)/stsb_ffn_dimension_ranges.png
+	cp $(FIGURE_RUNS)/outliers/token_ranges.png $(FIGURES)/stsb_token_ranges.png
+	cp $(FIGURE_RUNS)/outliers/attention.png $(FIGURES)/stsb_attention_heads.png
+	cp $(FIGURE_RUNS)/weights/histogram_layer_0_attn_query.png $(FIGURES)/stsb_weights_layer0_query.png
+	cp $(FIGURE_RUNS)/weights/histogram_layer_5_ffn_output.png $(FIGURES)/stsb_weights_layer5_ffn_output.png
+	cp $(FIGURE_RUNS)/weights/outliers.png $(FIGURES)/stsb_gobo_outliers_per_layer.png
+	cp $(FIGURE_RUNS)/weights/clustering_error.png $(FIGURES)/stsb_gobo_error_per_iteration.png
+	cp $(FIGURE_RUNS)/plot/accuracy_size.png $(FIGURES)/stsb_accuracy_size.png
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done

@@ -110,10 +110,21 @@ def stage_context(config: ExperimentConfig, seed: int, task: Task, tokenizer: An
     evaluation split (methods that time inference), tokenized on first use."""
     split = task.eval_splits[0]
     max_len = config.finetune.max_seq_len
+
+    def encode(which: str, encoder: Callable[..., Any]) -> Callable[[], Any]:
+        def load() -> Any:
+            examples = task.load(which, config.data)
+            log.info("tokenizing %d %s examples", len(examples), which)
+            with reporter.bar(f"tokenize {which}", 1) as advance:
+                features = encoder(tokenizer, examples, max_len)
+                advance(1, info=f"{len(features)} features")
+            return features
+
+        return load
+
     return StageContext(
         config, seed, tokenizer, device, log, reporter,
-        load_train=lambda: task.encode_train(tokenizer, task.load("train", config.data), max_len),
-        load_eval=lambda: task.encode_eval(tokenizer, task.load(split, config.data), max_len),
+        load_train=encode("train", task.encode_train), load_eval=encode(split, task.encode_eval),
         eval_split=split, question_answering=task.head == "question_answering",
     )
 
