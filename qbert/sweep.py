@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import re
+import statistics
 import string
 import threading
 import time
@@ -544,14 +545,16 @@ class SweepResult:
 class SweepProgress:
     """The live view of a sweep: seeds finished (ran, skipped, failed), what is running now and for how long
     (read from the seed folders, so it works for every executor on a shared filesystem), and an estimate of the
-    time left from the seeds that ran."""
+    time left: each unfinished seed at the mean time of its cell's seeds that ran (a cell with none yet: at the
+    median of the cells' means, and the line says how many seeds that is)."""
 
     def __init__(self, root: Path, jobs: list[Job], skipped: int, workers: int,
                  clock: Callable[[], float] = time.time):
         self.root, self.jobs, self.workers, self.clock = root, list(jobs), max(1, workers), clock
         self.total = len(self.jobs) + skipped
         self.counts = {"done": 0, "skipped": skipped, "failed": 0, "busy": 0}
-        self.seconds: list[float] = []
+        self.seconds: dict[str, list[float]] = {}
+        """Run times of the seeds that ran, by cell hash."""
         self.finished: set[tuple[str, str, int]] = set()
 
     def finish(self, job: Job, outcome: TaskOutcome) -> None:
@@ -559,7 +562,7 @@ class SweepProgress:
         self.finished.add(job.key)
         self.counts[outcome.state] = self.counts.get(outcome.state, 0) + 1
         if outcome.state in ("done", "failed") and outcome.seconds:
-            self.seconds.append(outcome.seconds)
+            self.seconds.setdefault(job.cell.hash, []).append(outcome.seconds)
 
     def running(self) -> list[tuple[Job, float, str]]:
         """Unfinished jobs whose seed folder says running: the job, seconds since it started, its last log line."""
@@ -587,10 +590,25 @@ class SweepProgress:
             parts.append(f"running {job.key[0]} seed {job.seed} for {duration(seconds)}{where}")
         left = self.total - finished
         if left and self.seconds:
-            mean = sum(self.seconds) / len(self.seconds)
-            eta = (mean * left - sum(seconds for _, seconds, _ in running)) / min(self.workers, left)
-            parts.append(f"about {duration(max(eta, 0.0))} left")
+            seconds, untimed, guess = self.time_left(running)
+            guessed = f" ({untimed} in cells not timed yet, counted at {duration(guess)} each)" if untimed else ""
+            parts.append(f"about {duration(seconds / min(self.workers, left))} left{guessed}")
         return "; ".join(parts)
+
+    def time_left(self, running: list[tuple[Job, float, str]]) -> tuple[float, int, float]:
+        """Seconds of work left (one worker), how many seeds were guessed, and the guess per seed."""
+        means = {cell: sum(times) / len(times) for cell, times in self.seconds.items()}
+        guess = statistics.median(means.values())
+        elapsed = {job.key: seconds for job, seconds, _ in running}
+        total, untimed = 0.0, 0
+        for job in self.jobs:
+            if job.key in self.finished:
+                continue
+            estimate = means.get(job.cell.hash)
+            if estimate is None:
+                estimate, untimed = guess, untimed + 1
+            total += max(0.0, estimate - elapsed.get(job.key, 0.0))
+        return total, untimed, guess
 
 
 LOG_LINE_CHARS = 90

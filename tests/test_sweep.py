@@ -187,6 +187,11 @@ def test_progress_counts_outcomes_names_running_seeds_and_estimates_the_time_lef
     # 2 left at a mean of 200 s each, 40 s of them spent, 2 workers: (400 - 40) / 2 = 180 s
     assert line == ("sweep: 4/6 seeds finished (1 ran, 2 skipped, 1 failed); running tiny seed 2 for 40s: "
                     "finetune step 50/230 loss 0.5123; about 3m00s left")
+    # a cell with no seed that ran yet is counted at the median of the cells' means, and the line says so
+    other = expand(spec, base, grid={"finetune.lr": [3e-4]}, seeds=[0])[0]
+    progress.jobs.append(Job(other, 0))
+    progress.total += 1
+    assert progress.line().endswith("about 4m40s left (1 in cells not timed yet, counted at 3m20s each)")
 
 
 def test_a_sweep_reports_progress_while_it_runs_and_after_each_seed(real_data, tmp_path):
