@@ -123,16 +123,17 @@ def outliers(
         console.print(f"[bold]{inspected.label}[/]: {report.sequences} {split} sequences, {report.token_count} "
                       f"tokens ({100 * report.sep_share:.1f}% [SEP], {100 * report.cls_share:.1f}% [CLS]); "
                       f"checkpoint {inspected.checkpoint}", soft_wrap=True)
-        console.print(f"dimensions with values beyond {found.OUTLIER_STD:g} std of the tensor, farthest first "
-                      "(dim: distance in std, share of those values on [SEP]/[CLS]):", soft_wrap=True)
-        table = Table("layer", *found.FFN_SITES, box=None, pad_edge=False)
-        for layer in sorted({s.layer for s in report.sites}):
-            cells = []
-            for name in found.FFN_SITES:
-                dims = report.site(layer, name).outlier_dimensions()[:3]
-                cells.append(", ".join(f"{d['dim']}: {d['stds']:.0f}σ {100 * d['at_sep']:.0f}/"
-                                       f"{100 * d['at_cls']:.0f}%" for d in dims) or "-")
-            table.add_row(str(layer), *cells)
+        console.print(f"dimensions with values beyond {found.OUTLIER_STD:g} std of their tensor, farthest first "
+                      "(dim: farthest value in std; where most of those values are, when on [CLS] or [SEP]):",
+                      soft_wrap=True)
+        table = Table("layer", "site", "outlier dimensions", box=None, pad_edge=False)
+        for s in report.sites:
+            dims = s.outlier_dimensions()
+            cells = [f"{d['dim']}: {d['stds']:.0f}σ" + (f" {100 * d['at_cls']:.0f}% [CLS]" if d["at_cls"] >= 0.5 else
+                                                        f" {100 * d['at_sep']:.0f}% [SEP]" if d["at_sep"] >= 0.5
+                                                        else "") for d in dims[:3]]
+            more = f" (+{len(dims) - 3})" if len(dims) > 3 else ""
+            table.add_row(str(s.layer), s.site, ", ".join(cells) + more if cells else "-")
         console.print(table)
         sep, cls = report.attention[..., 0], report.attention[..., 1]
         console.print("attention per layer (mean over heads) to [SEP]: "
@@ -208,7 +209,8 @@ def weights(
         console.print(table)
         if errors:
             g, k = errors["gobo"], errors["kmeans"]
+            settles = "settles" if k["converged"] else "has not settled"
             console.print(f"{traced}, {bits} bits: GOBO stops after {len(g['l1']) - 1} rounds at L1 {g['l1'][-1]:.3e} "
-                          f"per weight; K-means converges after {len(k['l1']) - 1} at L1 {k['l1'][-1]:.3e}, "
+                          f"per weight; K-means {settles} after {len(k['l1']) - 1} at L1 {k['l1'][-1]:.3e}, "
                           f"L2 {k['l2'][-1]:.3e} (GOBO: {g['l2'][-1]:.3e})", soft_wrap=True)
         console.print(f"wrote {', '.join(sorted(files))} to {folder}", soft_wrap=True)

@@ -172,7 +172,7 @@ def test_inspect_outliers_and_weights_of_a_run_write_numbers_and_figures(tmp_pat
     result = invoke("inspect", "weights", str(seed_folder), "--out", str(tmp_path / "w"), "--histograms",
                     "layer.1.ffn.*")
     assert result.exit_code == 0, result.output
-    assert "outliers per FC layer" in result.output and "K-means converges" in result.output
+    assert "outliers per FC layer" in result.output and "K-means settles after" in result.output
     assert (tmp_path / "w" / "histogram_layer_1_ffn_output.png").is_file()
     bad = invoke("inspect", "weights", str(seed_folder), "--histograms", "nothing.*")
     assert bad.exit_code == 2 and "matches no weight site" in bad.output

@@ -50,7 +50,8 @@ def dimension_ranges(report: Any, path: Path, title: str) -> Path:
 
     plt = pyplot()
     layers = sorted({s.layer for s in report.sites})
-    fig, axes = plt.subplots(len(FFN_SITES), 1, figsize=(10, 1.2 + 0.45 * len(layers) * len(FFN_SITES)), squeeze=False)
+    fig, axes = plt.subplots(len(FFN_SITES), 1, figsize=(10, 1.2 + 0.45 * len(layers) * len(FFN_SITES)),
+                             squeeze=False, layout="constrained")
     for ax, name in zip(axes[:, 0], FFN_SITES, strict=True):
         grid = np.stack([np.maximum(np.abs(report.site(i, name).minimum), np.abs(report.site(i, name).maximum))
                          for i in layers])
@@ -126,6 +127,7 @@ def weight_histogram(values: np.ndarray, mean: float, std: float, outliers: np.n
         ax.plot(outliers, np.full(len(outliers), max(counts.max() * 0.01, 1.0)), "|", color="red", ms=8,
                 label=f"outliers ({len(outliers)}, {100 * len(outliers) / len(values):.3f}%)")
     ax.set_yscale("log")
+    ax.set_ylim(0.5, counts.max() * 2)
     ax.set_xlabel("weight")
     ax.set_ylabel("count")
     ax.legend(fontsize=8)
@@ -148,7 +150,7 @@ def error_per_iteration(histories: dict[str, dict[str, list[float]]], path: Path
     """GOBO Figure 2: L1 and L2 error of the clustering per iteration: K-means until its assignment settles,
     GOBO's rule (the same rounds, stopped where L1 stops falling) drawn over it with its stop marked."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), squeeze=False, layout="constrained")
     styles = {"kmeans": {"color": "tab:blue", "lw": 1, "marker": "."},
               "gobo": {"color": "tab:red", "lw": 2.5, "marker": "o", "ms": 4}}
     for ax, norm in zip(axes[0], ("l1", "l2"), strict=True):
@@ -159,7 +161,7 @@ def error_per_iteration(histories: dict[str, dict[str, list[float]]], path: Path
         if "gobo" in histories:
             ax.axvline(len(histories["gobo"][norm]) - 1, color="tab:red", ls=":", lw=1)
         ax.set_xlabel("iteration (0: equal-population start)")
-        ax.set_ylabel(f"{norm.upper()} error (mean per weight)")
+        ax.set_ylabel("L1 error (mean |w - c|)" if norm == "l1" else "L2 error (mean (w - c)^2)")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)

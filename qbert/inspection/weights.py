@@ -59,10 +59,11 @@ def matrix_stats(matrices: dict[str, np.ndarray], threshold: float = DEFAULT_THR
 
 
 def clustering_errors(weights: np.ndarray, bits: int, threshold: float = DEFAULT_THRESHOLD,
-                      max_iterations: int = 100) -> dict[str, dict[str, list[float]]]:
+                      max_iterations: int = 1000) -> dict[str, dict[str, Any]]:
     """Mean L1 and L2 error per weight of the Gaussian group after the equal-population start and after each
     Lloyd round (reassign to the nearest centroid, recompute bin means): ``kmeans`` runs until the assignment
-    stops changing, ``gobo`` is the same sequence cut where the L1 error stops falling (GOBO's rule)."""
+    stops changing (``converged``; at most ``max_iterations`` rounds), ``gobo`` is the same sequence cut where
+    the L1 error stops falling (GOBO's rule)."""
     mask, _, _ = outlier_mask(weights, threshold)
     x = np.sort(weights.reshape(-1)[~mask].astype(np.float64))
     k = 2**bits
@@ -83,10 +84,12 @@ def clustering_errors(weights: np.ndarray, bits: int, threshold: float = DEFAULT
     codebook = centroids(assignment, None)
     l1, l2 = errors(assignment, codebook)
     trace_l1, trace_l2 = [l1], [l2]
+    converged = False
     for _ in range(max_iterations):
         mids = (codebook[1:] + codebook[:-1]) / 2
         labels = np.searchsorted(mids, x, side="left")  # nearest centroid, the lower one at a tie
         if np.array_equal(labels, assignment):
+            converged = True
             break
         assignment = labels
         codebook = centroids(assignment, codebook)
@@ -94,7 +97,8 @@ def clustering_errors(weights: np.ndarray, bits: int, threshold: float = DEFAULT
         trace_l1.append(l1)
         trace_l2.append(l2)
     stop = next((i for i in range(1, len(trace_l1)) if not trace_l1[i] < trace_l1[i - 1]), len(trace_l1))
-    return {"gobo": {"l1": trace_l1[:stop], "l2": trace_l2[:stop]}, "kmeans": {"l1": trace_l1, "l2": trace_l2}}
+    return {"gobo": {"l1": trace_l1[:stop], "l2": trace_l2[:stop], "converged": stop < len(trace_l1) or converged},
+            "kmeans": {"l1": trace_l1, "l2": trace_l2, "converged": converged}}
 
 
 def select(sites: list[str], patterns: list[str], last_layer: int) -> list[str]:

@@ -37,7 +37,7 @@ def test_gobo_and_kmeans_traces_match_the_sorted_implementation(bits):
     np.testing.assert_allclose(np.array(traces["gobo"]["l1"]) * inliers, gobo.l1_trace, rtol=1e-6)
     assert len(traces["gobo"]["l1"]) == gobo.iterations + 1
     _, kmeans = quantize_matrix(w, bits, "kmeans")
-    assert len(traces["kmeans"]["l1"]) == kmeans.iterations + 1
+    assert len(traces["kmeans"]["l1"]) == kmeans.iterations + 1 and traces["kmeans"]["converged"] == kmeans.converged
     assert traces["kmeans"]["l1"][-1] * inliers == pytest.approx(kmeans.l1_trace[-1], rel=1e-6)
     l2 = traces["kmeans"]["l2"]
     assert all(b <= a + 1e-15 for a, b in zip(l2, l2[1:], strict=False))  # Lloyd never raises the L2 error
