@@ -168,24 +168,33 @@ def error_per_iteration(histories: dict[str, dict[str, list[float]]], path: Path
 
 
 def accuracy_size(points: list[dict[str, Any]], path: Path, title: str, metric: str) -> Path:
-    """Accuracy against model size: one point per method (median over seeds, error bars min..max), the
-    Pareto front (no other point smaller and better) joined and its points labelled in bold."""
+    """Accuracy against model size: one marker per run (median over seeds, error bars min..max) named in the
+    legend with its median and n, the Pareto front (no other point smaller and at least as good) joined."""
+    from matplotlib.ticker import NullFormatter
+
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2), layout="constrained")
     front = pareto_front(points)
-    for p in points:
+    colors = plt.get_cmap("tab10")
+    markers = "osD^vP*Xh<>"
+    for i, p in enumerate(points):
         on = p in front
-        ax.errorbar(p["mb"], p["median"], yerr=[[p["median"] - p["min"]], [p["max"] - p["median"]]], fmt="o",
-                    color="tab:red" if on else "tab:blue", capsize=3)
-        ax.annotate(f"{p['label']} (n={p['n']})", (p["mb"], p["median"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7, weight="bold" if on else "normal")
+        ax.errorbar(p["mb"], p["median"], yerr=[[p["median"] - p["min"]], [p["max"] - p["median"]]],
+                    fmt=markers[i % len(markers)], color=colors(i % 10), capsize=3, ms=7,
+                    mec="black" if on else colors(i % 10),
+                    label=f"{p['label']}: {p['median']:.2f}, {p['mb']:.1f} MB (n={p['n']})" + (" *" if on else ""))
     ordered = sorted(front, key=lambda p: p["mb"])
-    ax.plot([p["mb"] for p in ordered], [p["median"] for p in ordered], color="tab:red", lw=1, ls="--",
-            label="Pareto front")
+    ax.plot([p["mb"] for p in ordered], [p["median"] for p in ordered], color="black", lw=1, ls="--",
+            label="Pareto front (*)")
     ax.set_xscale("log")
+    low, high = min(p["mb"] for p in points) / 1.3, max(p["mb"] for p in points) * 1.3
+    ax.set_xlim(low, high)
+    ticks = [m * 10**e for e in range(-2, 6) for m in (1, 2, 5) if low <= m * 10**e <= high]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("model size (MB, log scale)")
     ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 

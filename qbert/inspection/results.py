@@ -72,7 +72,7 @@ def collect_points(root: Path, task: Any, model: str, metric: list[str] | None =
     median / min / max / n of the metric (per-seed mean of ``metric``; None: the headline) over seeds."""
     fp32_mb = fp32_megabytes(model, task)
     points = []
-    for name, config_hash, _config, records in _configs(root, task.name, model):
+    for name, config_hash, config, records in _configs(root, task.name, model):
         values = _per_seed(records, metric)
         mb, source = model_megabytes(records[0], fp32_mb)
         if not values or mb is None:
@@ -81,11 +81,19 @@ def collect_points(root: Path, task: Any, model: str, metric: list[str] | None =
             "label": name, "recipe": records[0].get("recipe"), "hash": config_hash, "mb": round(mb, 3),
             "size_source": source, "median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values), "simulated": any(r.get("simulated") for r in records),
+            "recipe_params": config.get("recipe", {}),
         })
-    names = [p["label"] for p in points]
-    for p in points:  # the same run name with other settings: tell them apart by hash
-        if names.count(p["label"]) > 1:
-            p["label"] = f"{p['label']} {p['hash'][:6]}"
+    for group in {p["label"] for p in points}:  # one run name with other settings: name the recipe keys that differ
+        same = [p for p in points if p["label"] == group]
+        if len(same) < 2:
+            continue
+        keys = sorted({k for p in same for k in p["recipe_params"]})
+        differ = [k for k in keys if len({repr(p["recipe_params"].get(k)) for p in same}) > 1]
+        for p in same:
+            shown = " ".join(f"{k}={p['recipe_params'].get(k)}" for k in differ) or p["hash"][:6]
+            p["label"] = f"{p['label']} ({shown})"
+    for p in points:
+        del p["recipe_params"]
     return sorted(points, key=lambda p: p["mb"])
 
 

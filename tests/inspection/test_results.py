@@ -47,6 +47,9 @@ def test_points_take_each_recipes_size_and_the_median_over_seeds(tmp_path):
     both = collect_points(tmp_path, task, "tiny-random", ["f1", "accuracy"])
     assert next(p for p in both if p["label"] == "a_w8a8")["median"] == 67.5  # per-seed means 65, 70
     assert collect_points(tmp_path, task, "minilm-l6") == []
+    finished(tmp_path, {"name": "gobo", "bits": 4}, "a_gobo", {1: 80.0}, {"fp32_bytes": 4_000_000, "coded_bytes": 1})
+    labels = sorted(p["label"] for p in collect_points(tmp_path, task, "tiny-random") if "gobo" in p["label"])
+    assert labels == ["a_gobo (bits=3)", "a_gobo (bits=4)"]  # one run name, two settings: the differing key named
 
 
 def test_the_fp32_size_is_four_bytes_per_parameter_of_the_built_model():
