@@ -53,16 +53,26 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                 qmax: int, clipped_ste: bool) -> torch.Tensor:
         q = torch.round(x / scale).add_(zero_point)
-        inside = ((q >= qmin) & (q <= qmax)).to(x.dtype)  # float: bool x float products are slow on CPU
-        out = q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
-        ctx.save_for_backward(x, out, inside, scale)
+        _, needs_scale, needs_zero_point = ctx.needs_input_grad[:3]
+        clamped = q.clamp(qmin, qmax)
+        # the in-grid mask only where a gradient uses it (x's under the clipped STE, the range's): where clamping
+        # left the code as it was; float, since bool x float products are slow on CPU
+        inside = clamped.eq(q).to(x.dtype) if clipped_ste or needs_scale or needs_zero_point else None
+        out = clamped.sub_(zero_point).mul_(scale)
+        if needs_scale:
+            ctx.save_for_backward(x, out, inside, scale)
+        else:  # neither x nor the output is needed without the scale's gradient
+            ctx.save_for_backward(inside, scale)
         ctx.clipped_ste = clipped_ste
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, out, inside, scale = ctx.saved_tensors
-        inside_grad = grad * inside
+        if ctx.needs_input_grad[1]:
+            x, out, inside, scale = ctx.saved_tensors
+        else:
+            inside, scale = ctx.saved_tensors
+        inside_grad = grad * inside if inside is not None else grad
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = inside_grad if ctx.clipped_ste else grad
@@ -86,7 +96,12 @@ def fake_quantize(
     grid, zero where it is clipped (straight-through estimator; ``clipped_ste=False`` passes the
     gradient everywhere, as Q8BERT's NLP Architect code); ``scale`` and ``zero_point`` receive the
     LSQ gradients (Esser et al. 2019) when they require grad.
+
+    Without any gradient to compute (evaluation, calibration) it is the same arithmetic in place on one buffer,
+    outside autograd: identical values, about a third of the memory passes.
     """
+    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        return torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste)
 
 

@@ -387,6 +387,27 @@ def linear_inputs(model: nn.Module) -> dict[str, str]:
     return inputs
 
 
+def _lookup_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
+    quantizer = self.__dict__["_qbert_rows"]
+    if torch.is_grad_enabled() and quantizer.state in ("fixed", "learn") and self.max_norm is None:
+        rows = nn.functional.embedding(input, self.parametrizations.weight.original, self.padding_idx, None,
+                                       self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return quantizer(rows)
+    return nn.Embedding.forward(self, input)
+
+
+def _quantize_looked_up_rows(module: nn.Embedding, quantizer: Quantizer) -> None:
+    """Training with a fixed or learned per-tensor grid: fake-quantize only the rows a batch looks up, not the
+    whole table (30522 x 768 for BERT-base) at every step. Elementwise with one scale, so the rows are the same
+    numbers and the table's gradient the same; the learned scale's gradient sums the same terms, without the
+    table's zeros (in another order). Estimating states, evaluation and calibration (no gradient) go through
+    the parametrized table as before."""
+    module.__dict__["_qbert_rows"] = quantizer
+    # parametrize gave this module a class of its own (Parametrized<...>, rolled back when the parametrization is
+    # removed): the lookup goes there, so removing the parametrization also removes it
+    type(module).forward = _lookup_forward
+
+
 def instrument(
     model: nn.Module, plan: SitePlan, make_quantizer: Callable[[Site, QuantSpec], Quantizer]
 ) -> Instrumented:
@@ -433,6 +454,8 @@ def instrument(
         if q is not None:
             parametrize.register_parametrization(module, "weight", q, unsafe=True)
             inst.weight_tensors[site] = module.parametrizations.weight.original
+            if isinstance(module, nn.Embedding) and q.spec.granularity == "per_tensor":
+                _quantize_looked_up_rows(module, q)
 
     emb = parts.base.embeddings
     on_input(emb.LayerNorm, "embeddings.sum")

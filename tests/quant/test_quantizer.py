@@ -204,3 +204,19 @@ def test_bias_codes_are_int32_on_the_accumulator_grid() -> None:
     codes = bias_codes(bias, scale)
     assert codes.tolist() == [2, -2, 10, INT32_LIMITS[1], INT32_LIMITS[0]]
     assert codes.to(torch.int64).numpy().astype(np.int32).tolist() == [2, -2, 10, 2**31 - 1, -(2**31)]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_the_gradient_free_path_computes_what_the_autograd_path_does(symmetric: bool) -> None:
+    """Evaluation and calibration skip autograd (one buffer, no in-grid mask): the values must be the training
+    path's, bit for bit, ties and clipped values included."""
+    torch.manual_seed(0)
+    scale, zp = params_from_range(torch.tensor([-3.0]), torch.tensor([5.0]), 8, symmetric)
+    qmin, qmax = (-128, 127) if symmetric else (0, 255)
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale  # x / s lands on a half (or next to it)
+    x = torch.cat([torch.randn(100_000) * 4, ties])
+    with torch.no_grad():
+        plain = fake_quantize(x, scale, zp, qmin, qmax)
+    trained = fake_quantize(x.clone().requires_grad_(True), scale, zp, qmin, qmax)
+    assert torch.equal(plain, trained.detach())
+    assert torch.equal(plain, fake_quantize(x, scale, zp, qmin, qmax))  # nothing requires grad: the same path

@@ -171,3 +171,46 @@ def test_roberta_encoder_is_hooked_and_distilbert_is_refused() -> None:
     with pytest.raises(UnsupportedModel, match="not a BERT-family encoder"):
         enumerate_sites(DistilBertForSequenceClassification(DistilBertConfig(dim=64, n_layers=1, n_heads=4,
                                                                              hidden_dim=128, vocab_size=100)))
+
+
+def test_training_quantizes_the_looked_up_rows_as_the_whole_table_would():
+    """The word table's quantizer runs on the rows a batch looks up while training (fixed or learned ranges): the
+    same forward values and table gradient as quantizing the whole table; the learned scale's gradient sums the
+    same terms in another order."""
+    import torch
+
+    from qbert.config import EstimatorConfig
+    from qbert.pipeline.quantize import quantizer_factory, range_weights
+    from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
+    from qbert.quant.spec import QuantSpec
+    from tests.conftest import tiny_model
+
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(1))
+    ids[0, 3] = ids[1, 5]  # a row looked up twice
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
+    found = []
+    for rows in (True, False):
+        model, _ = tiny_model()
+        w, a = QuantSpec(bits=8, symmetric=True), QuantSpec(bits=8)
+        inst = instrument(model, resolve_plan(enumerate_sites(model), weights=w, activations=a, weight_base=w,
+                                              activation_base=a), quantizer_factory(EstimatorConfig()))
+        range_weights(inst)
+        for q in inst.activations().values():
+            q.set_range(torch.tensor([-4.0]), torch.tensor([4.0]))
+        inst.set_state("learn")
+        table = model.bert.embeddings.word_embeddings
+        assert "_qbert_rows" in table.__dict__
+        if not rows:  # the whole parametrized table, as before
+            type(table).forward = torch.nn.Embedding.forward
+        model.train()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        loss.backward()
+        q = inst.quantizers["embeddings.word.weight"]
+        found.append((loss.detach(), inst.weight_tensors["embeddings.word.weight"].grad, q.scale.grad))
+    (loss_rows, table_rows, scale_rows), (loss_table, table_table, scale_table) = found
+    assert torch.equal(loss_rows, loss_table) and torch.equal(table_rows, table_table)
+    torch.testing.assert_close(scale_rows, scale_table, rtol=1e-5, atol=0)
+    with torch.no_grad():  # evaluation: the parametrized table
+        model.eval()
+        assert torch.equal(table(ids), table.weight[ids])
