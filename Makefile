@@ -72,6 +72,9 @@ figures: setup
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+	@echo "== bench/qat_step.py --model bert-base-random"; $(BIN)/python bench/qat_step.py --model bert-base-random --steps 5
+	@echo "== bench/quantized_inference.py --model bert-base-random"; \
+		$(BIN)/python bench/quantized_inference.py --model bert-base-random --repeats 1
 
 lint: setup
 	$(BIN)/ruff check cli qbert recipes tests bench

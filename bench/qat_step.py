@@ -1,7 +1,8 @@
 """QAT training-step cost: one MiniLM-L6 training step (batch 8 x 64 tokens, bf16 autocast) in FP32,
 with every W8A8 site fake-quantized at fixed ranges, and with learned ranges; and the fake-quantize
 kernel alone (hand-written backward vs autograd through the elementwise ops), side by side in one run.
-Prints JSON. Usage: python bench/qat_step.py [--steps 10] [--threads N]
+--model bert-base-random: BERT-base's shape (random weights). Prints JSON.
+Usage: python bench/qat_step.py [--steps 10] [--threads N] [--model minilm-l6|bert-base-random]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default="minilm-l6", help="minilm-l6 or bert-base-random (BERT-base's shape)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,7 +51,7 @@ def main() -> None:
     ours, reference = seconds_per_call(kernel(fake_quantize), 30), seconds_per_call(kernel(fake_quantize_autograd), 30)
 
     # the training step
-    model = load_model(resolve_model("minilm-l6"), "classification", 2)
+    model = load_model(resolve_model(args.model), "classification", 2)
     ids = torch.randint(1000, 2000, (8, 64))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,))}
     model.train()
@@ -72,6 +74,7 @@ def main() -> None:
     inst.set_state("learn")
     learned = seconds_per_call(step, args.steps)
     print(json.dumps({
+        "model": args.model,
         "threads": torch.get_num_threads(),
         "fake_quantize_ms": {"hand_written_backward": round(ours * 1e3, 2), "autograd": round(reference * 1e3, 2),
                              "speedup": round(reference / ours, 2)},

@@ -3,7 +3,8 @@ and qbert's fake-quantized W8A8 and PEG K=6+P (simulation cost), measured side b
 
 Also the serialised model size of FP32 and dynamic int8. Weights are the pre-trained MiniLM with a
 fresh head (speed does not depend on the fine-tuned values). Prints JSON.
-Usage: python bench/quantized_inference.py [--repeats 3] [--threads N]
+--model bert-base-random measures BERT-base's shape (random weights: speed does not depend on them).
+Usage: python bench/quantized_inference.py [--repeats 3] [--threads N] [--model minilm-l6|bert-base-random]
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per model (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--model", default="minilm-l6", help="minilm-l6 or bert-base-random (BERT-base's shape)")
     args = parser.parse_args()
     os.environ.setdefault("QBERT_DATA_DIR", str(DEFAULT_DATA))
     if args.threads:
         torch.set_num_threads(args.threads)
-    source = resolve_model("minilm-l6")
+    source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
-    results: dict[str, object] = {"threads": torch.get_num_threads(), "repeats": args.repeats}
+    results: dict[str, object] = {"model": args.model, "threads": torch.get_num_threads(), "repeats": args.repeats}
 
     def fresh():
         torch.manual_seed(0)
@@ -57,7 +59,7 @@ def main() -> None:
 
     timings: dict[str, float] = {}
     fp32 = fresh()
-    cfg = parse_config({"model": "minilm-l6", "task": "mrpc", "recipe": {"name": "w8a8_ptq"},
+    cfg = parse_config({"model": args.model, "task": "mrpc", "recipe": {"name": "w8a8_ptq"},
                         "calibrate": {"batches": 4, "batch_size": 4}})
     task = get_task("mrpc", cfg)
     features = task.encode_eval(tokenizer, task.load("dev", cfg.data), 128)
