@@ -622,7 +622,7 @@ def last_log_line(path: Path) -> str:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 4096))
             lines = handle.read().decode("utf-8", "replace").strip().splitlines()
-    except OSError:
+    except OSError:  # not written yet (the seed is starting) or being replaced: the line just shows no step
         return ""
     if not lines:
         return ""
