@@ -79,7 +79,8 @@ class _FakeQuantize(torch.autograd.Function):
         grad_scale = grad_zero_point = None
         if ctx.needs_input_grad[1]:
             # d out / d s = (q - z) - x / s inside the grid, (q - z) where clipped; (q - z) = out / s
-            grad_scale = (grad * (out - x * inside)).sum_to_size(scale.shape) / scale
+            # (the same operations as grad * (out - x * inside), on one buffer: -t + out is out - t exactly)
+            grad_scale = (x * inside).neg_().add_(out).mul_(grad).sum_to_size(scale.shape) / scale
         if ctx.needs_input_grad[2]:
             # d out / d z = 0 inside the grid (round's STE), -s where clipped
             grad_zero_point = (inside_grad - grad).sum_to_size(scale.shape) * scale
