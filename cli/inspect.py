@@ -72,7 +72,7 @@ def sites(
 
 
 TARGET_HELP = ("Experiment config (YAML; its cached fine-tuned checkpoint) or a run folder "
-               "(runs/<name>/<hash>[/seed=N]).")
+               "(runs/<name>/<hash> or its seed=N).")  # no [...]: help text is rich markup
 
 
 def _out_folder(out: Path | None, runs_dir: Path | None, inspected, kind: str) -> Path:

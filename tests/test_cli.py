@@ -17,9 +17,10 @@ def invoke(*args):
     return runner.invoke(app, list(args))
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "ls"])
+@pytest.mark.parametrize("command", ["run", "validate", "ls", "sweep", "table", "export", "plot", "inspect sites",
+                                     "inspect outliers", "inspect weights"])
 def test_every_help_ends_with_an_example(command):
-    result = invoke(command, "--help")
+    result = invoke(*command.split(), "--help")
     assert result.exit_code == 0
     assert "Example: qbert " + command in result.output.strip().splitlines()[-1] or \
         "Example: qbert " + command in result.output
