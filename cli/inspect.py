@@ -71,8 +71,19 @@ def sites(
             console.print(f"{kind_name} sites: {t['sites']} ({bits}; {t['fp']} in floating point)")
 
 
-TARGET_HELP = ("Experiment config (YAML; its cached fine-tuned checkpoint) or a run folder "
-               "(runs/<name>/<hash> or its seed=N).")  # no [...]: help text is rich markup
+Target = Annotated[Path, typer.Argument(  # help texts are rich markup: no [...] in them
+    help="Experiment config (YAML; its cached fine-tuned checkpoint) or a run folder (runs/<name>/<hash> or its "
+    "seed=N).", show_default=False)]
+ConfigOverrides = Annotated[
+    list[str] | None, typer.Argument(help="key.path=value overrides of the config.", show_default=False)]
+Seed = Annotated[int | None, typer.Option(help="Which seed's checkpoint (default: the config's first).",
+                                          show_default=False)]
+Figures = Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")]
+RunsDir = Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)]
+"""The arguments and options ``outliers`` and ``weights`` share."""
+
+DEFAULT_HISTOGRAMS = ("layer.0.attn.query.weight", "layer.{last}.ffn.output.weight", "embeddings.word.weight")
+"""Matrices ``inspect weights`` draws histograms of: GOBO Figure 1's kind of layers, first and last."""
 
 
 def _out_folder(out: Path | None, runs_dir: Path | None, inspected, kind: str) -> Path:
@@ -85,17 +96,14 @@ def _out_folder(out: Path | None, runs_dir: Path | None, inspected, kind: str) -
 
 @app.command("outliers", epilog="Example: qbert inspect outliers configs/stsb_fp32.yaml --sequences 16")
 def outliers(
-    target: Annotated[Path, typer.Argument(help=TARGET_HELP, show_default=False)],
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key.path=value overrides of the config.", show_default=False)
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Which seed's checkpoint (default: the config's first).",
-                                             show_default=False)] = None,
+    target: Target,
+    overrides: ConfigOverrides = None,
+    seed: Seed = None,
     sequences: Annotated[int, typer.Option(min=1, help="Evaluation sequences to run (from the first).")] = 16,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <runs>/inspect/<name>-seed<n>/outliers).",
                                              show_default=False)] = None,
-    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = True,
-    runs_dir: Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)] = None,
+    figures: Figures = True,
+    runs_dir: RunsDir = None,
 ) -> None:
     """The activation outliers of a fine-tuned model (Bondarenko et al. 2021, Figures 2 and 5).
 
@@ -146,22 +154,19 @@ def outliers(
 
 @app.command("weights", epilog="Example: qbert inspect weights configs/stsb_gobo.yaml --bits 3")
 def weights(
-    target: Annotated[Path, typer.Argument(help=TARGET_HELP, show_default=False)],
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="key.path=value overrides of the config.", show_default=False)
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Which seed's checkpoint (default: the config's first).",
-                                             show_default=False)] = None,
+    target: Target,
+    overrides: ConfigOverrides = None,
+    seed: Seed = None,
     histograms: Annotated[str, typer.Option(
         help="Weight sites (globs, comma-separated; {last} = the last layer) to draw histograms of.")
-    ] = ",".join(("layer.0.attn.query.weight", "layer.{last}.ffn.output.weight", "embeddings.word.weight")),
+    ] = ",".join(DEFAULT_HISTOGRAMS),
     bits: Annotated[int | None, typer.Option(min=1, max=8, help="Bits of the clustering whose error per iteration "
                                              "is traced (default: the config's gobo bits, else 3).",
                                              show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <runs>/inspect/<name>-seed<n>/weights).",
                                              show_default=False)] = None,
-    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = True,
-    runs_dir: Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)] = None,
+    figures: Figures = True,
+    runs_dir: RunsDir = None,
 ) -> None:
     """The weight distributions of a fine-tuned model, as GOBO (Zadeh et al. 2020) draws them.
 

@@ -165,15 +165,14 @@ def inspect_outliers(model: torch.nn.Module, tokenizer: Any, features: list[dict
     )
 
 
-def summary(report: OutlierReport, top: int = 3) -> dict[str, Any]:
-    """The report as JSON-ready data: per layer and site the outlier dimensions, and attention to [SEP]."""
+def summary(report: OutlierReport) -> dict[str, Any]:
+    """The report as JSON-ready data: per layer and site every outlier dimension, and attention to [SEP]/[CLS]."""
     layers: dict[str, Any] = {}
     for s in report.sites:
-        dims = s.outlier_dimensions()
         layers.setdefault(str(s.layer), {})[s.site] = {
             "mean": round(s.mean, 5), "std": round(s.std, 5),
             "range": [round(float(s.minimum.min()), 4), round(float(s.maximum.max()), 4)],
-            "outlier_values": int(s.counts.sum()), "outlier_dimensions": dims[: max(top, 0)] if top else dims,
+            "outlier_values": int(s.counts.sum()), "outlier_dimensions": s.outlier_dimensions(),
         }
     sep = report.attention[..., 0]
     return {
@@ -213,7 +212,7 @@ def save(report: OutlierReport, folder: Path, title: str, figures: bool = True) 
 
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    atomic_write_json(folder / "outliers.json", summary(report, top=0))
+    atomic_write_json(folder / "outliers.json", summary(report))
     files["outliers.json"] = folder / "outliers.json"
     rows = [[s.layer, s.site, d, float(s.minimum[d]), float(s.maximum[d]), int(s.counts[d]), int(s.at_sep[d]),
              int(s.at_cls[d])] for s in report.sites for d in range(len(s.minimum))]

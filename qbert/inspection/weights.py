@@ -107,10 +107,6 @@ def select(sites: list[str], patterns: list[str], last_layer: int) -> list[str]:
     return [s for s in sites if any(fnmatch.fnmatchcase(s, p) for p in expanded)]
 
 
-DEFAULT_HISTOGRAMS = ("layer.0.attn.query.weight", "layer.{last}.ffn.output.weight", "embeddings.word.weight")
-"""Matrices whose histograms are drawn by default: GOBO Figure 1's kind of layers, first and last."""
-
-
 def save(matrices: dict[str, np.ndarray], stats: list[MatrixStats], histograms: list[str],
          errors: dict[str, dict[str, list[float]]] | None, error_site: str | None, folder: Path, title: str,
          figures: bool = True, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Path]:
