@@ -26,50 +26,29 @@ def plot(
     as a family x layer heat map. Writes accuracy_size.png, points.csv (and sensitivity.png/csv).
     """
     with user_errors():
-        import numpy as np
         from rich.console import Console
         from rich.table import Table
 
         from qbert.errors import QbertError
-        from qbert.inspection import plots
-        from qbert.inspection.outliers import csv_text
-        from qbert.inspection.results import collect_points, leave_out_grid
-        from qbert.runs import atomic_write_text, runs_root
+        from qbert.inspection.results import save_plots
+        from qbert.runs import runs_root
         from qbert.tasks import TASKS, get_task
 
         if task not in TASKS:
             raise QbertError(f"unknown task {task!r} (one of {', '.join(TASKS)})", key="--task")
         root = runs_root(runs_dir)
-        found = get_task(task)
         metrics = [m.strip() for m in metric.split(",") if m.strip()] if metric else None
-        points = collect_points(root, found, model, metrics)
-        if not points:
+        folder = out or root / "plots" / f"{task}-{model.replace('/', '_')}"
+        done = save_plots(root, get_task(task), model, metrics, folder)
+        if not done["points"]:
             raise QbertError(f"no finished {task} run of {model} with a size under {root}: run some first, e.g. "
                              f"qbert sweep configs/default.sweep.yaml", key="--task")
-        folder = out or root / "plots" / f"{task}-{model.replace('/', '_')}"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = " and ".join(metrics) if metrics else found.headline
-        label = f"{name} (x100)" if not metrics or len(metrics) == 1 else f"mean of {name} (x100)"
-        front = plots.pareto_front(points)
-        keys = ["label", "recipe", "hash", "mb", "size_source", "median", "min", "max", "n", "simulated"]
-        atomic_write_text(folder / "points.csv", csv_text(keys + ["pareto"], [
-            [p[k] for k in keys] + [p in front] for p in points]))
-        plots.accuracy_size(points, folder / "accuracy_size.png", f"{task} on {model}: {label} against size", label)
-        console = Console()
-        table = Table("run", "recipe", "MB", name, "n", "Pareto", box=None, pad_edge=False)
-        for p in points:
+        table = Table("run", "recipe", "MB", done["metric"], "n", "Pareto", box=None, pad_edge=False)
+        for p in done["points"]:
             table.add_row(p["label"], p["recipe"], f"{p['mb']:.2f}",
                           f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f})", str(p["n"]),
-                          "yes" if p in front else "")
+                          "yes" if p in done["front"] else "")
+        console = Console()
         console.print(table)
-        written = ["accuracy_size.png", "points.csv"]
-        grid = leave_out_grid(root, found, model, metrics)
-        if grid is not None:
-            values, families, layers = grid
-            plots.sensitivity(values, families, layers, folder / "sensitivity.png",
-                              f"{task} on {model}: {name} gain when a site family stays FP32 (Bondarenko Table 2)")
-            atomic_write_text(folder / "sensitivity.csv", csv_text(["family", *layers], [
-                [f, *("" if np.isnan(v) else round(float(v), 4) for v in row)] for f, row in zip(families, values,
-                                                                                                   strict=True)]))
-            written += ["sensitivity.png", "sensitivity.csv"]
+        written = done["files"]
         console.print(f"wrote {', '.join(written)} to {folder}", soft_wrap=True)

@@ -187,18 +187,6 @@ def summary(report: OutlierReport) -> dict[str, Any]:
     }
 
 
-def csv_text(header: list[str], rows: list[list[Any]]) -> str:
-    """Rows as CSV text (numbers as Python prints them)."""
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def widest_layer(report: OutlierReport) -> int:
     """The layer whose residual sum reaches the largest magnitude (the one Figure 2a draws)."""
     sums = [s for s in report.sites if s.site == "ffn.residual_sum"]
@@ -208,6 +196,7 @@ def widest_layer(report: OutlierReport) -> int:
 def save(report: OutlierReport, folder: Path, title: str, figures: bool = True) -> dict[str, Path]:
     """Write ``outliers.json``, ``dimension_ranges.csv``, ``token_ranges.csv``, ``attention.csv`` and (unless
     ``figures`` is false) the three figures into ``folder``; returns the files by name."""
+    from qbert.inspection import csv_text
     from qbert.runs import atomic_write_json, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def _per_seed(records: list[dict[str, Any]], metric: list[str] | None) -> list[f
     return values
 
 
-def _configs(root: Path, task: str, model: str) -> list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]:
+def finished_configs(root: Path, task: str, model: str) -> Configs:
     """(name, hash, resolved config, finished seed records) of every config of ``task`` and ``model``, one
     per config hash (a hash finished under several run names is listed once, under its newest name)."""
     found, seen = [], set()
@@ -67,12 +67,19 @@ def _configs(root: Path, task: str, model: str) -> list[tuple[str, str, dict[str
     return found
 
 
-def collect_points(root: Path, task: Any, model: str, metric: list[str] | None = None) -> list[dict[str, Any]]:
+Configs = list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]
+
+
+def collect_points(root: Path, task: Any, model: str, metric: list[str] | None = None,
+                   configs: Configs | None = None) -> list[dict[str, Any]]:
     """One point per finished config of ``task`` on ``model``: label, recipe, hash, size (MB and its source),
-    median / min / max / n of the metric (per-seed mean of ``metric``; None: the headline) over seeds."""
+    median / min / max / n of the metric (per-seed mean of ``metric``; None: the headline) over seeds.
+    ``configs``: the runs already read (``finished_configs``)."""
     fp32_mb = fp32_megabytes(model, task)
+    if configs is None:
+        configs = finished_configs(root, task.name, model)
     points = []
-    for name, config_hash, config, records in _configs(root, task.name, model):
+    for name, config_hash, config, records in configs:
         values = _per_seed(records, metric)
         mb, source = model_megabytes(records[0], fp32_mb)
         if not values or mb is None:
@@ -97,14 +104,15 @@ def collect_points(root: Path, task: Any, model: str, metric: list[str] | None =
     return sorted(points, key=lambda p: p["mb"])
 
 
-def leave_out_grid(root: Path, task: Any, model: str, metric: list[str] | None = None
-                   ) -> tuple[np.ndarray, list[str], list[str]] | None:
+def leave_out_grid(root: Path, task: Any, model: str, metric: list[str] | None = None,
+                   configs: Configs | None = None) -> tuple[np.ndarray, list[str], list[str]] | None:
     """Table 2's leave-one-out as a grid: rows = site families, columns = layers (``all``: every layer), cells =
     median over seeds of the metric with that family kept in floating point minus the same config with nothing
     left out. Built from every finished config with ``recipe.leave_out`` naming one family (``ffn.residual_sum``)
     or one site of one layer (``layer.3.ffn.residual_sum``) whose all-quantized twin (``leave_out: []``) exists;
     None when there is none."""
-    configs = _configs(root, task.name, model)
+    if configs is None:
+        configs = finished_configs(root, task.name, model)
 
     def twin_key(config: dict[str, Any]) -> str:
         recipe = {k: v for k, v in config.get("recipe", {}).items() if k != "leave_out"}
@@ -141,3 +149,35 @@ def leave_out_grid(root: Path, task: Any, model: str, metric: list[str] | None =
     for (family, layer), value in cells.items():
         grid[families.index(family), layers.index(layer)] = value
     return grid, families, layers
+
+
+def save_plots(root: Path, task: Any, model: str, metric: list[str] | None, folder: Path) -> dict[str, Any]:
+    """``qbert plot``: ``points.csv`` and ``accuracy_size.png`` (and, with leave-one-out runs, ``sensitivity.csv``
+    and ``.png``) in ``folder``. Returns the points, the Pareto front, the metric's name and the files written;
+    no points (nothing finished with a size) writes nothing."""
+    from qbert.inspection import csv_text, plots
+    from qbert.runs import atomic_write_text
+
+    configs = finished_configs(root, task.name, model)
+    points = collect_points(root, task, model, metric, configs)
+    name = " and ".join(metric) if metric else task.headline
+    done: dict[str, Any] = {"points": points, "front": plots.pareto_front(points), "metric": name, "files": []}
+    if not points:
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    label = f"{name} (x100)" if not metric or len(metric) == 1 else f"mean of {name} (x100)"
+    keys = ["label", "recipe", "hash", "mb", "size_source", "median", "min", "max", "n", "simulated"]
+    atomic_write_text(folder / "points.csv", csv_text(keys + ["pareto"], [
+        [p[k] for k in keys] + [p in done["front"]] for p in points]))
+    plots.accuracy_size(points, folder / "accuracy_size.png", f"{task.name} on {model}: {label} against size", label)
+    done["files"] = ["accuracy_size.png", "points.csv"]
+    grid = leave_out_grid(root, task, model, metric, configs)
+    if grid is not None:
+        values, families, layers = grid
+        plots.sensitivity(values, families, layers, folder / "sensitivity.png",
+                          f"{task.name} on {model}: {name} gain when a site family stays FP32 (Bondarenko Table 2)")
+        atomic_write_text(folder / "sensitivity.csv", csv_text(["family", *layers], [
+            [f, *("" if np.isnan(v) else round(float(v), 4) for v in row)]
+            for f, row in zip(families, values, strict=True)]))
+        done["files"] += ["sensitivity.png", "sensitivity.csv"]
+    return done

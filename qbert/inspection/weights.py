@@ -111,8 +111,7 @@ def save(matrices: dict[str, np.ndarray], stats: list[MatrixStats], histograms: 
          errors: dict[str, dict[str, list[float]]] | None, error_site: str | None, folder: Path, title: str,
          figures: bool = True, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Path]:
     """Write ``weights.csv``, ``weights.json`` (and the error traces), and the figures into ``folder``."""
-    from qbert.inspection import plots
-    from qbert.inspection.outliers import csv_text
+    from qbert.inspection import csv_text, plots
     from qbert.runs import atomic_write_json, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
