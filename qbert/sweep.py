@@ -556,13 +556,15 @@ class SweepProgress:
         self.seconds: dict[str, list[float]] = {}
         """Run times of the seeds that ran, by cell hash."""
         self.finished: set[tuple[str, str, int]] = set()
+        self._lock = threading.Lock()  # finish() runs in the sweep's thread, line() also in the heartbeat's
 
     def finish(self, job: Job, outcome: TaskOutcome) -> None:
         """Count ``job``'s outcome."""
-        self.finished.add(job.key)
-        self.counts[outcome.state] = self.counts.get(outcome.state, 0) + 1
-        if outcome.state in ("done", "failed") and outcome.seconds:
-            self.seconds.setdefault(job.cell.hash, []).append(outcome.seconds)
+        with self._lock:
+            self.finished.add(job.key)
+            self.counts[outcome.state] = self.counts.get(outcome.state, 0) + 1
+            if outcome.state in ("done", "failed") and outcome.seconds:
+                self.seconds.setdefault(job.cell.hash, []).append(outcome.seconds)
 
     def running(self) -> list[tuple[Job, float, str]]:
         """Unfinished jobs whose seed folder says running: the job, seconds since it started, its last log line."""
@@ -573,12 +575,19 @@ class SweepProgress:
             folder = seed_dir(self.root, *job.key)
             if read_status(folder).get("state") != "running":
                 continue
-            started = (folder / "status.json").stat().st_mtime
+            try:
+                started = (folder / "status.json").stat().st_mtime
+            except OSError:  # the folder was cleared for a restart just now: not running at this moment
+                continue
             found.append((job, max(0.0, self.clock() - started), last_log_line(folder / "run.log")))
         return found
 
     def line(self) -> str:
         """One line: counts, the running seeds with their current step, and the estimated time left."""
+        with self._lock:
+            return self._line()
+
+    def _line(self) -> str:
         c = self.counts
         finished = sum(c.values())
         busy = f", {c['busy']} busy" if c["busy"] else ""
