@@ -1,14 +1,18 @@
 """QAT training-step cost: one MiniLM-L6 training step (batch 8 x 64 tokens, bf16 autocast) in FP32,
 with every W8A8 site fake-quantized at fixed ranges, and with learned ranges; and the fake-quantize
-kernel alone (hand-written backward vs autograd through the elementwise ops), side by side in one run.
+kernel alone (the fused kernels of qbert.quant.fused, the eager hand-written backward, autograd through the
+elementwise ops), side by side in one run. The three steps are timed in --rounds interleaved rounds (FP32, fixed,
+learned, FP32, ...) and the median round counts, so a machine that slows down mid-run does not favour one.
 --model bert-base-random: BERT-base's shape (random weights). Prints JSON.
-Usage: python bench/qat_step.py [--steps 10] [--threads N] [--model minilm-l6|bert-base-random]
+Usage: python bench/qat_step.py [--steps 10] [--rounds 3] [--threads N] [--model minilm-l6|bert-base-random]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import time
 
 import torch
@@ -16,6 +20,7 @@ import torch
 from qbert.config import EstimatorConfig
 from qbert.models import load_model, resolve_model
 from qbert.pipeline.quantize import quantizer_factory, range_weights
+from qbert.quant import fused
 from qbert.quant.functional import fake_quantize, fake_quantize_autograd
 from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
 from qbert.quant.spec import QuantSpec
@@ -33,6 +38,7 @@ def seconds_per_call(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", default="minilm-l6", help="minilm-l6 or bert-base-random (BERT-base's shape)")
     args = parser.parse_args()
@@ -48,40 +54,55 @@ def main() -> None:
     def kernel(fn):
         return lambda: fn(x, scale, zero, 0, 255).sum().backward()
 
-    ours, reference = seconds_per_call(kernel(fake_quantize), 30), seconds_per_call(kernel(fake_quantize_autograd), 30)
+    kernel_ms = {}
+    for name, on, fn in (("fused", True, fake_quantize), ("eager", False, fake_quantize),
+                         ("autograd", False, fake_quantize_autograd)):
+        fused.set_enabled(on)
+        kernel_ms[name] = seconds_per_call(kernel(fn), 30) * 1e3
+    fused.set_enabled(True)
 
-    # the training step
+    # the training step: the FP32 model and an instrumented copy, one with fixed and one with learned ranges
     model = load_model(resolve_model(args.model), "classification", 2)
     ids = torch.randint(1000, 2000, (8, 64))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,))}
-    model.train()
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-
-    fp32 = seconds_per_call(step, args.steps)
     weight, activation = QuantSpec(bits=8, symmetric=True), QuantSpec(bits=8)
-    plan = resolve_plan(enumerate_sites(model), weights=weight, activations=activation, weight_base=weight,
-                        activation_base=activation)
-    inst = instrument(model, plan, quantizer_factory(EstimatorConfig()))
-    range_weights(inst)
-    for q in inst.activations().values():
-        q.set_range(torch.tensor([-4.0]), torch.tensor([4.0]))
-        q.set_state("fixed")
-    fixed = seconds_per_call(step, args.steps)
-    inst.set_state("learn")
-    learned = seconds_per_call(step, args.steps)
+    models = {"fp32": model}
+    for state in ("fixed", "learn"):
+        quantized = copy.deepcopy(model)
+        plan = resolve_plan(enumerate_sites(quantized), weights=weight, activations=activation, weight_base=weight,
+                            activation_base=activation)
+        inst = instrument(quantized, plan, quantizer_factory(EstimatorConfig()))
+        range_weights(inst)
+        for q in inst.activations().values():
+            q.set_range(torch.tensor([-4.0]), torch.tensor([4.0]))
+            q.set_state("fixed")
+        inst.set_state(state)
+        models[state] = quantized
+    for m in models.values():
+        m.train()
+
+    def step(m):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(**batch).loss
+            loss.backward()
+        return run
+
+    rounds = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, m in models.items():
+            rounds[name].append(seconds_per_call(step(m), args.steps))
+    fp32, fixed, learned = (statistics.median(rounds[name]) for name in ("fp32", "fixed", "learn"))
     print(json.dumps({
         "model": args.model,
         "threads": torch.get_num_threads(),
-        "fake_quantize_ms": {"hand_written_backward": round(ours * 1e3, 2), "autograd": round(reference * 1e3, 2),
-                             "speedup": round(reference / ours, 2)},
+        "fake_quantize_ms": {name: round(ms, 2) for name, ms in kernel_ms.items()},
+        "rounds": args.rounds,
         "train_step_seconds": {"fp32": round(fp32, 3), "w8a8_fixed_ranges": round(fixed, 3),
                                "w8a8_learned_ranges": round(learned, 3)},
         "qat_slowdown": {"fixed": round(fixed / fp32, 2), "learned": round(learned / fp32, 2)},
         "sites": {"weights": len(inst.weights()), "activations": len(inst.activations())},
+        "fused_kernels": fused.enabled(),
     }, indent=1))
 
 

@@ -30,6 +30,20 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernels(monkeypatch):
+    """Tests run the eager fake-quantize kernels (compiling the fused ones costs each process 15-40 s); the tests
+    of the fused kernels (tests/quant/test_fused.py) and of every recipe's outputs on the fast paths
+    (tests/pipeline/test_simulation_unchanged.py) switch them on."""
+    from qbert.quant import fused
+
+    monkeypatch.setenv("QBERT_COMPILE", "0")  # CLI subprocesses too
+    before = fused.enabled()
+    fused.set_enabled(False)
+    yield
+    fused.set_enabled(before)
+
+
 def tiny_config(real_data: Path, recipe: dict, name: str | None = None, **extra):
     """The tiny end-to-end experiment: tiny-random on 64 real MRPC training and 32 dev examples, 1 epoch."""
     from qbert.config import parse_config

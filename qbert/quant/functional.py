@@ -8,9 +8,13 @@ unsigned ``[0, 2^b - 1]`` with an integer zero point; symmetric grids are signed
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from qbert.quant import fused
 
 EPS = 1e-8
 """Smallest scale: a range of width zero still gives a valid (if useless) grid."""
@@ -87,11 +91,34 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero_point, None, None, None
 
 
+class _FusedFakeQuantize(torch.autograd.Function):
+    """``fake_quantize`` on the fused kernels of :mod:`qbert.quant.fused` (``x`` in its own dtype, computed in
+    the scale's; the backward pass recomputes the grid from ``x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                qmax: int, clipped_ste: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.grid = qmin, qmax, clipped_ste
+        return fused.call(0, x, scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        needs_x, needs_scale, needs_zero_point = ctx.needs_input_grad[:3]
+        qmin, qmax, clipped_ste = ctx.grid
+        if needs_x and not clipped_ste and not (needs_scale or needs_zero_point):
+            return grad, None, None, None, None, None  # the plain straight-through estimator
+        grads = fused.call(1, grad, *ctx.saved_tensors, qmin, qmax, clipped_ste, needs_x, needs_scale,
+                           needs_zero_point)
+        return (*grads, None, None, None)
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
     clipped_ste: bool = True,
 ) -> torch.Tensor:
-    """Quantize and de-quantize ``x`` (scale and zero point broadcast against it; same dtype).
+    """Quantize and de-quantize ``x`` (scale and zero point broadcast against it), computed in the scale's dtype
+    and returned in ``x``'s (bf16 activations are quantized in float32 and cast back).
 
     ``(clip(round(x / s) + z, qmin, qmax) - z) * s``. Gradients: identity for ``x`` inside the
     grid, zero where it is clipped (straight-through estimator; ``clipped_ste=False`` passes the
@@ -99,19 +126,46 @@ def fake_quantize(
     LSQ gradients (Esser et al. 2019) when they require grad.
 
     Without any gradient to compute (evaluation, calibration) it is the same arithmetic in place on one buffer,
-    outside autograd: identical values, about a third of the memory passes.
+    outside autograd: identical values, about a third of the memory passes. With gradients it runs on the fused
+    kernels of :mod:`qbert.quant.fused` where they compile, else on :class:`_FakeQuantize`.
     """
+    if REFERENCE["on"]:
+        return fake_quantize_autograd(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(x.dtype)
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
-        return torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste)
+        wide = torch.round(x.to(scale.dtype) / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        return wide.to(x.dtype)
+    if fused.enabled():
+        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste)
+    return _FakeQuantize.apply(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(x.dtype)
 
 
 def fake_quantize_autograd(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, clipped_ste: bool = True,
 ) -> torch.Tensor:
     """The same function through autograd of its elementwise ops (the reference for tests)."""
-    x_int = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (x_int - zero_point) * scale
+    q = round_ste(x / scale) + zero_point
+    x_int = torch.clamp(q, qmin, qmax)
+    out = (x_int - zero_point) * scale
+    if clipped_ste:
+        return out
+    # x's gradient also passes where the clamp cut (adds 0 to the value: x - x is exactly 0)
+    return out + (x - x.detach()) * (x_int != q).to(x.dtype)
+
+
+REFERENCE = {"on": False}
+"""While on (:func:`reference_arithmetic`), every fake quantization goes through :func:`fake_quantize_autograd`
+and the word table is quantized whole: the textbook computation the fast paths are tested against."""
+
+
+@contextlib.contextmanager
+def reference_arithmetic() -> Iterator[None]:
+    """Within: the textbook computation instead of the fast paths (in-place, fused, looked-up rows)."""
+    before = REFERENCE["on"]
+    REFERENCE["on"] = True
+    try:
+        yield
+    finally:
+        REFERENCE["on"] = before
 
 
 INT32_LIMITS = (-(2**31), 2**31 - 1)

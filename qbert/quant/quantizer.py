@@ -203,9 +203,8 @@ class Quantizer(nn.Module):
             if not self.spec.symmetric:
                 zero_point = torch.clamp(zero_point + (torch.round(zero_point) - zero_point).detach(),
                                          self.qmin, self.qmax)
-        out = fake_quantize(x.float(), scale.float(), zero_point.float(), self.qmin, self.qmax,
-                            clipped_ste=self.spec.ste == "clipped")
-        return out.to(x.dtype)
+        return fake_quantize(x, scale.float(), zero_point.float(), self.qmin, self.qmax,
+                             clipped_ste=self.spec.ste == "clipped")
 
     def permutes(self) -> bool:
         """Whether the permutation moves any dimension (False without one, or for the identity)."""

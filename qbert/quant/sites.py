@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qbert.errors import QbertError
+from qbert.quant import functional
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec, SiteOverride
 
@@ -389,7 +390,8 @@ def linear_inputs(model: nn.Module) -> dict[str, str]:
 
 def _lookup_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
     quantizer = self.__dict__["_qbert_rows"]
-    if torch.is_grad_enabled() and quantizer.state in ("fixed", "learn") and self.max_norm is None:
+    if (torch.is_grad_enabled() and quantizer.state in ("fixed", "learn") and self.max_norm is None
+            and not functional.REFERENCE["on"]):
         rows = nn.functional.embedding(input, self.parametrizations.weight.original, self.padding_idx, None,
                                        self.norm_type, self.scale_grad_by_freq, self.sparse)
         return quantizer(rows)

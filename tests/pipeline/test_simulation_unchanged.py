@@ -1,22 +1,30 @@
-"""The speed work keeps what every recipe computes: the tiny STS-B run's metrics and per-example predictions
-(hashed) against the outputs recorded before it (tests/data/simulated_outputs.json). One thread, so the sums of
-the CPU kernels run in one order; on another kind of CPU (other vector units) the recorded hashes may not hold."""
+"""The speed work keeps what every recipe computes: the tiny STS-B run of every recipe on the fast paths (fake
+quantization in place without gradients, the fused training kernels, the word table quantized by looked-up rows)
+against the same run with the textbook computation (``reference_arithmetic``: every fake quantization through
+autograd of its elementwise ops, the whole table quantized), in one process on one machine: the same metrics and
+the same per-example predictions, bit for bit.
+
+Recipes that learn ranges are the exception, and why is measured: their scale's and zero point's gradients are
+sums, which the fused kernel adds in its own order (last-bit differences, tests/quant/test_fused.py), and the
+tiny model's 12 QAT steps amplify a last-bit difference in a range into a different end metric (the recorded
+hashes this test used before differed on two machines of the same kind by their GEMM kernels alone:
+w8a8_qat 19.22 vs 1.20). For them the forward pass is held to identity instead: the first QAT step's loss."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+import pytest
 from qbert.recipes import available
 
 from qbert.config import parse_config
 from qbert.pipeline.run import run_experiment
+from qbert.quant import fused
+from qbert.quant.functional import reference_arithmetic
 
-RECORDED = json.loads((Path(__file__).resolve().parents[1] / "data" / "simulated_outputs.json").read_text())
 PARAMS = {"peg": {"groups": 4}}  # tiny-random's 64 dimensions: 4 groups, not 6
-CHANGED = {"w8a8_qat"}
-"""Recipes whose outputs changed, with the reason in the file's _about."""
+LEARNED_RANGES = {"w8a8_qat", "w4a8_qat", "w4a32_qat"}
 
 
 def golden_config(data: Path, name: str):
@@ -27,23 +35,32 @@ def golden_config(data: Path, name: str):
         "recipe": {"name": name, **PARAMS.get(name, {})}, "calibrate": {"batches": 2, "batch_size": 4}})
 
 
-def test_the_record_covers_every_recipe_and_names_what_changed():
-    assert set(RECORDED["now"]) == set(RECORDED["before"]) == set(available())
-    assert {name for name in available() if RECORDED["now"][name] != RECORDED["before"][name]} == CHANGED
+def outputs(config, root: Path) -> dict:
+    seed = run_experiment(config, root=root).seeds[0]
+    log = (seed.folder / "run.log").read_text()
+    first_qat_step = next((line.split(" loss ")[1].split()[0] for line in log.splitlines() if "qat step 1/" in line),
+                          None)
+    return {"metrics": seed.metrics, "first_qat_loss": first_qat_step,
+            "predictions_sha256": hashlib.sha256((seed.folder / "predictions.jsonl").read_bytes()).hexdigest()}
 
 
-def test_every_recipe_computes_what_it_did(real_data, tmp_path):
+@pytest.mark.parametrize("name", sorted(available()))
+def test_the_fast_paths_compute_what_the_textbook_does(real_data, tmp_path_factory, tmp_path, monkeypatch, name):
     import torch
 
+    # one fine-tuned checkpoint for every recipe; each run in a root of its own (a finished run of the same
+    # config would be found and reused under any name)
+    monkeypatch.setenv("QBERT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "golden_cache"))
     threads = torch.get_num_threads()
+    fused.set_enabled(True)  # the product's default (the suite runs the eager kernels); conftest restores it
     try:
-        found = {}
-        for name in available():
-            seed = run_experiment(golden_config(real_data, name), root=tmp_path).seeds[0]
-            found[name] = {"metrics": seed.metrics, "predictions_sha256": hashlib.sha256(
-                (seed.folder / "predictions.jsonl").read_bytes()).hexdigest()}
+        fast = outputs(golden_config(real_data, name), tmp_path / "fast")
+        with reference_arithmetic():
+            reference = outputs(golden_config(real_data, name), tmp_path / "reference")
     finally:
         torch.set_num_threads(threads)
-    differ = [name for name in available() if found[name] != RECORDED["now"][name]]
-    assert not differ, {name: (found[name], RECORDED["now"][name]) for name in differ}
-    assert len({v["predictions_sha256"] for v in found.values()}) >= len(found) - 2  # the outputs do tell recipes apart
+    if name in LEARNED_RANGES:
+        assert fast["first_qat_loss"] is not None
+        assert fast["first_qat_loss"] == reference["first_qat_loss"]
+    else:
+        assert fast == reference

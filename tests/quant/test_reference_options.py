@@ -84,7 +84,10 @@ def test_upstream_quantized_calibration_equals_calibrating_layer_by_layer() -> N
 
     for name in order:
         ours, theirs = upstream.instrumented.quantizers[name], activations[name]
-        assert torch.equal(ours.scale, theirs.scale) and torch.equal(ours.zero_point, theirs.zero_point), name
+        # bit for bit on some machines of this kind; on others the same commit gives head.output's scale 1 ulp
+        # apart (0.00020391849 vs 0.00020391848): float32 kernels below qbert, so the scales to float32 rounding
+        torch.testing.assert_close(ours.scale, theirs.scale, rtol=1e-6, atol=0, msg=name)
+        assert torch.equal(ours.zero_point, theirs.zero_point), name
     moved = [n for n in order if not torch.equal(floating.instrumented.quantizers[n].scale,
                                                  upstream.instrumented.quantizers[n].scale)]
     assert len(moved) > len(order) // 2  # the option changes most downstream ranges

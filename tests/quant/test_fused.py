@@ -1,0 +1,108 @@
+"""The fused training kernels against the eager ones and the textbook autograd computation: the output bit for bit,
+the input's gradient bit for bit against the eager kernel (the textbook's passes through 1/s and s), the learned
+scale's and zero point's gradients up to the order of their sums; the fallback when compiling fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qbert.quant import fused
+from qbert.quant.functional import fake_quantize, fake_quantize_autograd
+
+
+@pytest.fixture
+def kernels():
+    """The fused kernels on (the suite runs the eager ones); conftest restores the switch."""
+    fused.set_enabled(True)
+
+
+def _case(layout: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    if layout == "per_tensor":  # an activation: [batch, tokens, hidden]
+        x = torch.randn(4, 33, 96, generator=gen) * 3
+        scale, zero = torch.tensor([0.05]), torch.tensor([128.0])
+    elif layout == "per_dimension":  # per-embedding-group scales, broadcast over the hidden dimension
+        x = torch.randn(4, 33, 96, generator=gen) * 3
+        scale = torch.rand(96, generator=gen) * 0.05 + 0.01
+        zero = torch.randint(0, 256, (96,), generator=gen).float()
+    else:  # per output channel of a weight
+        x = torch.randn(96, 40, generator=gen) * 0.1
+        scale, zero = torch.rand(96, 1, generator=gen) * 0.002 + 0.0005, torch.zeros(96, 1)
+    return x.to(dtype), scale, zero
+
+
+def _run(x, scale, zero, clipped_ste, learn_scale, learn_zero, path):
+    xs = x.clone().requires_grad_(True)
+    ss, zs = scale.clone().requires_grad_(learn_scale), zero.clone().requires_grad_(learn_zero)
+    if path == "textbook":
+        out = fake_quantize_autograd(xs.to(ss.dtype), ss, zs, 0, 255, clipped_ste).to(x.dtype)
+    else:
+        fused.set_enabled(path == "fused")
+        out = fake_quantize(xs, ss, zs, 0, 255, clipped_ste)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    (out * weights).sum().backward()
+    return out.detach(), xs.grad, ss.grad, zs.grad
+
+
+CASES = [  # layout, dtype, clipped STE, learned scale, learned zero point
+    ("per_tensor", torch.float32, True, False, False),
+    ("per_tensor", torch.float32, False, False, False),
+    ("per_tensor", torch.float32, True, True, True),
+    ("per_tensor", torch.bfloat16, True, True, True),
+    ("per_tensor", torch.bfloat16, True, False, False),
+    ("per_dimension", torch.float32, True, True, True),
+    ("per_channel", torch.float32, True, True, False),
+]
+
+
+@pytest.mark.parametrize(("layout", "dtype", "clipped_ste", "learn_scale", "learn_zero"), CASES)
+def test_fused_kernels_compute_what_the_eager_and_textbook_paths_do(kernels, layout, dtype, clipped_ste, learn_scale,
+                                                                   learn_zero):
+    x, scale, zero = _case(layout, dtype)
+    fast, eager, textbook = (_run(x, scale, zero, clipped_ste, learn_scale, learn_zero, path)
+                             for path in ("fused", "eager", "textbook"))
+    for other in (eager, textbook):
+        assert fast[0].dtype == x.dtype and torch.equal(fast[0], other[0])  # the output
+    assert torch.equal(fast[1], eager[1])  # the input's gradient
+    # autograd of the textbook ops scales the gradient by 1/s and back by s: float32 rounding of that product
+    torch.testing.assert_close(fast[1], textbook[1], rtol=2 ** -22, atol=0)
+    if clipped_ste:  # the case is one where the clamp cuts somewhere, and not everywhere
+        assert 0 < int((fast[1] == 0).sum()) < x.numel()
+    for index, learned in ((2, learn_scale), (3, learn_zero)):
+        if not learned:
+            assert fast[index] is None
+            continue
+        # sums of the same float32 terms in another order: within float32 rounding of the sum of magnitudes
+        for other in (eager, textbook):
+            tolerance = 1e-5 * float(other[index].abs().max()) + 1e-6
+            assert float((fast[index] - other[index]).abs().max()) <= tolerance
+
+
+def test_fused_kernels_match_a_float64_hand_formula(kernels):
+    x = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 1.5
+    w = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    xs, s, z = x.clone().requires_grad_(True), torch.tensor([0.21], dtype=torch.float64, requires_grad=True), \
+        torch.tensor([7.0], dtype=torch.float64, requires_grad=True)
+    (w * fake_quantize(xs, s, z, 0, 15)).sum().backward()
+    v = torch.round(x / 0.21) + 7.0
+    inside = (v >= 0) & (v <= 15)
+    q = v.clamp(0, 15)
+    torch.testing.assert_close(xs.grad, w * inside, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, (w * torch.where(inside, (q - 7.0) - x / 0.21, q - 7.0)).sum().reshape(1))
+    torch.testing.assert_close(z.grad, (w * torch.where(inside, 0.0, -0.21)).sum().reshape(1))
+
+
+def test_a_failed_compile_warns_once_and_runs_the_eager_kernels(kernels, monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(*args):
+        raise BackendCompilerFailed(broken, RuntimeError("no working C++ compiler found"), None)
+
+    monkeypatch.setitem(fused._state, "compiled", (broken, broken))
+    x, scale, zero = _case("per_tensor", torch.float32)
+    with pytest.warns(UserWarning, match="kernels unavailable.*RuntimeError: no working C.. compiler"):
+        out = _run(x, scale, zero, True, True, True, "fused")
+    assert not fused.enabled()
+    reference = _run(x, scale, zero, True, True, True, "eager")
+    assert torch.equal(out[0], reference[0]) and torch.equal(out[1], reference[1])
