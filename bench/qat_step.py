@@ -1,10 +1,12 @@
-"""QAT training-step cost: one MiniLM-L6 training step (batch 8 x 64 tokens, bf16 autocast) in FP32,
+"""QAT training-step cost: one MiniLM-L6 training step (batch 8 x 64 tokens by default, bf16 autocast) in FP32,
 with every W8A8 site fake-quantized at fixed ranges, and with learned ranges; and the fake-quantize
 kernel alone (the fused kernels of qbert.quant.fused, the eager hand-written backward, autograd through the
-elementwise ops), side by side in one run. The three steps are timed in --rounds interleaved rounds (FP32, fixed,
-learned, FP32, ...) and the median round counts, so a machine that slows down mid-run does not favour one.
+elementwise ops), side by side in one run. The kernels, then the three steps, are timed in --rounds interleaved
+rounds (FP32, fixed, learned, FP32, ...) and the median round counts, so a machine that slows down mid-run does
+not favour one (round_seconds shows the spread).
 --model bert-base-random: BERT-base's shape (random weights). Prints JSON.
-Usage: python bench/qat_step.py [--steps 10] [--rounds 3] [--threads N] [--model minilm-l6|bert-base-random]
+Usage: python bench/qat_step.py [--steps 10] [--rounds 3] [--batch 8] [--seq 64] [--threads N]
+       [--model minilm-l6|bert-base-random]
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (the QAT configs use 8 to 32)")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", default="minilm-l6", help="minilm-l6 or bert-base-random (BERT-base's shape)")
     args = parser.parse_args()
@@ -54,17 +58,20 @@ def main() -> None:
     def kernel(fn):
         return lambda: fn(x, scale, zero, 0, 255).sum().backward()
 
-    kernel_ms = {}
-    for name, on, fn in (("fused", True, fake_quantize), ("eager", False, fake_quantize),
-                         ("autograd", False, fake_quantize_autograd)):
-        fused.set_enabled(on)
-        kernel_ms[name] = seconds_per_call(kernel(fn), 30) * 1e3
+    kernels = {"fused": (True, fake_quantize), "eager": (False, fake_quantize),
+               "autograd": (False, fake_quantize_autograd)}
+    kernel_rounds = {name: [] for name in kernels}
+    for _ in range(args.rounds):
+        for name, (on, fn) in kernels.items():
+            fused.set_enabled(on)
+            kernel_rounds[name].append(seconds_per_call(kernel(fn), 30) * 1e3)
     fused.set_enabled(True)
+    kernel_ms = {name: statistics.median(times) for name, times in kernel_rounds.items()}
 
     # the training step: the FP32 model and an instrumented copy, one with fixed and one with learned ranges
     model = load_model(resolve_model(args.model), "classification", 2)
-    ids = torch.randint(1000, 2000, (8, 64))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (8,))}
+    ids = torch.randint(1000, 2000, (args.batch, args.seq))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (args.batch,))}
     weight, activation = QuantSpec(bits=8, symmetric=True), QuantSpec(bits=8)
     models = {"fp32": model}
     for state in ("fixed", "learn"):
@@ -88,6 +95,8 @@ def main() -> None:
             loss.backward()
         return run
 
+    for m in models.values():  # the first steps compile the fused kernels for bf16 activations: not timed
+        step(m)()
     rounds = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, m in models.items():
@@ -95,12 +104,14 @@ def main() -> None:
     fp32, fixed, learned = (statistics.median(rounds[name]) for name in ("fp32", "fixed", "learn"))
     print(json.dumps({
         "model": args.model,
+        "batch": [args.batch, args.seq],
         "threads": torch.get_num_threads(),
         "fake_quantize_ms": {name: round(ms, 2) for name, ms in kernel_ms.items()},
         "rounds": args.rounds,
         "train_step_seconds": {"fp32": round(fp32, 3), "w8a8_fixed_ranges": round(fixed, 3),
                                "w8a8_learned_ranges": round(learned, 3)},
         "qat_slowdown": {"fixed": round(fixed / fp32, 2), "learned": round(learned / fp32, 2)},
+        "round_seconds": {name: [round(t, 3) for t in times] for name, times in rounds.items()},
         "sites": {"weights": len(inst.weights()), "activations": len(inst.activations())},
         "fused_kernels": fused.enabled(),
     }, indent=1))
