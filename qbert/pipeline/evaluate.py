@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from qbert.pipeline.batching import model_inputs, pad_batch, sorted_batches
 from qbert.pipeline.finetune import autocast
 from qbert.progress import SILENT, Reporter
 from qbert.tasks import EvalOutput, Task
+from qbert.tasks.features import encode_cached
 
 
 def predict(
@@ -49,26 +51,29 @@ def predict(
 def evaluate(
     model: torch.nn.Module, task: Task, tokenizer: Any, examples: list[Any], *, batch_size: int,
     max_len: int, device: torch.device, precision: str = "fp32", clamp: bool = False, reporter: Reporter = SILENT,
+    features: Path | None = None, split: str = "dev",
 ) -> tuple[EvalOutput, dict[str, Any]]:
     """Score ``model`` on ``examples``; returns the task's output and timing facts. ``clamp``: regression
-    predictions are clamped to the task's label range first."""
-    features = task.encode_eval(tokenizer, examples, max_len)
+    predictions are clamped to the task's label range first. ``features``: the tokenized-features cache
+    (:mod:`qbert.tasks.features`; ``split`` names its file), None tokenizes every time."""
+    encoded = encode_cached(task.encode_eval, tokenizer, examples, max_len, features, f"{task.name}-{split}")
     start = time.perf_counter()
     outputs = predict(
-        model, features, question_answering=task.head == "question_answering", batch_size=batch_size,
+        model, encoded, question_answering=task.head == "question_answering", batch_size=batch_size,
         pad_token_id=tokenizer.pad_token_id, device=device, precision=precision, reporter=reporter,
     )
     seconds = time.perf_counter() - start
     if clamp and task.label_range is not None:
         outputs = np.clip(outputs, *task.label_range)
-    result = task.score(examples, features, outputs)
+    result = task.score(examples, encoded, outputs)
     result.outputs = outputs
-    return result, {"examples": len(examples), "features": len(features), "seconds": round(seconds, 3)}
+    return result, {"examples": len(examples), "features": len(encoded), "seconds": round(seconds, 3)}
 
 
 def evaluate_splits(
     model: torch.nn.Module, task: Task, tokenizer: Any, data: Any, *, batch_size: int, max_len: int,
     device: torch.device, precision: str = "fp32", clamp: bool = False, reporter: Reporter = SILENT,
+    features: Path | None = None,
 ) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, EvalOutput]]:
     """Every evaluation split of ``task`` that the data has and that has examples (``data``: the config's
     data section): the metrics (x100, 4 decimals; later splits' names carry the split as a suffix), the
@@ -85,7 +90,8 @@ def evaluate_splits(
         if not examples:
             continue
         output, info = evaluate(model, task, tokenizer, examples, batch_size=batch_size, max_len=max_len,
-                                device=device, precision=precision, clamp=clamp, reporter=reporter)
+                                device=device, precision=precision, clamp=clamp, reporter=reporter,
+                                features=features, split=split)
         suffix = "" if i == 0 else f"_{split}"
         metrics.update({f"{name}{suffix}": round(value, 4) for name, value in output.metrics.items()})
         facts[split], outputs[split] = info, output

@@ -47,6 +47,7 @@ from qbert.runs import (
     write_status,
 )
 from qbert.tasks import Task, get_task
+from qbert.tasks.features import encode_cached, features_root
 
 log = logging.getLogger("qbert")
 
@@ -105,9 +106,10 @@ def check_site_plan(config: ExperimentConfig, skeleton: torch.nn.Module | None =
 
 
 def stage_context(config: ExperimentConfig, seed: int, task: Task, tokenizer: Any, device: torch.device,
-                  reporter: Reporter = SILENT) -> StageContext:
+                  reporter: Reporter = SILENT, features: Path | None = None) -> StageContext:
     """The stages' view of one seed: the task's training features (calibration, QAT) and first
-    evaluation split (methods that time inference), tokenized on first use."""
+    evaluation split (methods that time inference), tokenized on first use (cached in ``features`` when
+    given: :mod:`qbert.tasks.features`)."""
     split = task.eval_splits[0]
     max_len = config.finetune.max_seq_len
 
@@ -116,9 +118,9 @@ def stage_context(config: ExperimentConfig, seed: int, task: Task, tokenizer: An
             examples = task.load(which, config.data)
             log.info("tokenizing %d %s examples", len(examples), which)
             with reporter.bar(f"tokenize {which}", 1) as advance:
-                features = encoder(tokenizer, examples, max_len)
-                advance(1, info=f"{len(features)} features")
-            return features
+                encoded = encode_cached(encoder, tokenizer, examples, max_len, features, f"{config.task}-{which}")
+                advance(1, info=f"{len(encoded)} features")
+            return encoded
 
         return load
 
@@ -226,17 +228,19 @@ def _run_one(config: ExperimentConfig, seed: int, sfolder: Path, source: Any, ta
     return SeedOutcome(seed, "done", sfolder, record["metrics"])
 
 
-def split_evaluator(config: ExperimentConfig, task: Task, tokenizer: Any, device: torch.device, folder: Path,
-                    reporter: Reporter = SILENT) -> Callable[..., tuple[dict, dict, dict]]:
+def split_evaluator(
+    config: ExperimentConfig, task: Task, tokenizer: Any, device: torch.device, folder: Path,
+    reporter: Reporter = SILENT, features: Path | None = None,
+) -> Callable[..., tuple[dict, dict, dict]]:
     """``evaluate_all(model, tag="")``: every evaluation split of the config's task (metrics, timing facts,
     outputs by split), writing ``predictions<tag>[-<split>].jsonl`` into ``folder`` when the config saves
-    predictions."""
+    predictions; tokenized features cached in ``features`` when given."""
 
     def evaluate_all(model: torch.nn.Module, tag: str = "") -> tuple[dict, dict, dict]:
         metrics, evaluation, outputs = evaluate_splits(
             model, task, tokenizer, config.data, batch_size=config.evaluate.batch_size,
             max_len=config.finetune.max_seq_len, device=device, precision=config.evaluate.precision,
-            clamp=config.evaluate.clamp_regression, reporter=reporter,
+            clamp=config.evaluate.clamp_regression, reporter=reporter, features=features,
         )
         if config.evaluate.save_predictions:
             for i, (split, output) in enumerate(outputs.items()):
@@ -290,7 +294,8 @@ def run_seed(
                  "missing_splits", config.task, split, why)
         tokenizer = load_tokenizer(source)
         recipe = get_recipe(config.recipe.name)(config.recipe, config)
-        ctx = stage_context(config, seed, task, tokenizer, device, reporter)
+        features = features_root(root)
+        ctx = stage_context(config, seed, task, tokenizer, device, reporter, features)
         timings: dict[str, float] = {}
 
         def train(model: torch.nn.Module, cfg: Any = None, name: str = "finetune", watch: Any = None,
@@ -350,7 +355,7 @@ def run_seed(
         eval_device = q.device or device
 
         # evaluate every evaluation split; metrics of later splits carry the split name
-        evaluate_all = split_evaluator(config, task, tokenizer, eval_device, folder, reporter)
+        evaluate_all = split_evaluator(config, task, tokenizer, eval_device, folder, reporter, features)
         metrics, evaluation, outputs = evaluate_all(q.model)
         timings["evaluate"] = round(sum(v["seconds"] for v in evaluation.values()), 2)
         trivial = baseline_check(config, task, metrics) if recipe.name == "fp32" else None

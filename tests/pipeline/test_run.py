@@ -148,6 +148,19 @@ def test_checkpoint_is_shared_by_configs_that_differ_after_finetuning(real_data,
     assert read_json(changed.folder / "seed=0" / "metrics.json")["finetune"]["cached"] is False
 
 
+def test_tokenized_features_are_cached_beside_the_checkpoints(real_data, tmp_path):
+    first = run_experiment(tiny(real_data), root=tmp_path)
+    cache = tmp_path / ".cache" / "features"
+    files = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert sorted(name.rsplit("-", 1)[0] for name in files) == ["mrpc-dev", "mrpc-train"]
+    other = run_experiment(tiny(real_data, evaluate__batch_size=8), root=tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == files  # read, not written again
+    assert "tokenized features from the cache" in (other.folder / "seed=0" / "run.log").read_text()
+    assert other.seeds[0].metrics == first.seeds[0].metrics
+    run_experiment(tiny(real_data, data__max_train_samples=48), root=tmp_path)  # other examples: another file
+    assert len(list(cache.iterdir())) == 3
+
+
 def test_median_over_seeds(real_data, tmp_path):
     result = run_experiment(tiny(real_data, seeds=[0, 1, 2]), root=tmp_path)
     values = sorted(read_json(result.folder / f"seed={s}" / "metrics.json")["metrics"]["accuracy"]
