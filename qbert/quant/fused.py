@@ -89,8 +89,11 @@ def call(which: int, *args: Any) -> Any:
     eager = (forward, backward)[which]
     if compiled is None:
         return eager(*args)
+    device = args[0].device.type
     try:
-        with torch.autocast(args[0].device.type, enabled=False):
+        if not torch.is_autocast_enabled(device):  # the backward pass: no context to leave (a hot path)
+            return compiled[which](*args)
+        with torch.autocast(device, enabled=False):
             return compiled[which](*args)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         _state["enabled"] = False

@@ -51,9 +51,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     state = json.loads(backend.to_str())
     state.pop("truncation", None)
     state.pop("padding", None)
+    # the backend writes its state in a fixed order: hashed as it comes (sorting 30k vocabulary keys costs 50 ms)
+    backend_digest = hashlib.sha256(json.dumps(state, separators=(",", ":")).encode()).hexdigest()
     special = {name: str(getattr(tokenizer, name, None)) for name in ("cls_token", "sep_token", "pad_token",
                                                                         "unk_token", "mask_token")}
-    return stable_hash({"class": type(tokenizer).__name__, "backend": state, "special": special,
+    return stable_hash({"class": type(tokenizer).__name__, "backend": backend_digest, "special": special,
                         "padding_side": getattr(tokenizer, "padding_side", None)}, length=32)
 
 
@@ -70,7 +72,7 @@ def _encoder_identity(encoder: Encoder) -> dict[str, Any]:
         code = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
     except (OSError, TypeError):
         code = None
-    settings = {k: v for k, v in vars(owner).items()} if owner is not None else {}
+    settings = dict(vars(owner)) if owner is not None else {}
     return {"task": type(owner).__name__ if owner is not None else None, "function": function.__qualname__,
             "code": code, "settings": settings}
 
