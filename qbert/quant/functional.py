@@ -97,28 +97,28 @@ class _FusedFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                qmax: int, clipped_ste: bool) -> torch.Tensor:
+                qmax: int, clipped_ste: bool, out_dtype: torch.dtype) -> torch.Tensor:
         ctx.save_for_backward(x, scale, zero_point)
         ctx.grid = qmin, qmax, clipped_ste
-        return fused.call(0, x, scale, zero_point, qmin, qmax)
+        return fused.call(0, x, scale, zero_point, qmin, qmax, out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         needs_x, needs_scale, needs_zero_point = ctx.needs_input_grad[:3]
         qmin, qmax, clipped_ste = ctx.grid
         if needs_x and not clipped_ste and not (needs_scale or needs_zero_point):
-            return grad, None, None, None, None, None  # the plain straight-through estimator
+            return grad.to(ctx.saved_tensors[0].dtype), None, None, None, None, None, None  # the plain STE
         grads = fused.call(1, grad, *ctx.saved_tensors, qmin, qmax, clipped_ste, needs_x, needs_scale,
                            needs_zero_point)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-    clipped_ste: bool = True,
+    clipped_ste: bool = True, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Quantize and de-quantize ``x`` (scale and zero point broadcast against it), computed in the scale's dtype
-    and returned in ``x``'s (bf16 activations are quantized in float32 and cast back).
+    and returned in ``out_dtype``, by default ``x``'s (bf16 activations are quantized in float32 and cast back).
 
     ``(clip(round(x / s) + z, qmin, qmax) - z) * s``. Gradients: identity for ``x`` inside the
     grid, zero where it is clipped (straight-through estimator; ``clipped_ste=False`` passes the
@@ -129,14 +129,15 @@ def fake_quantize(
     outside autograd: identical values, about a third of the memory passes. With gradients it runs on the fused
     kernels of :mod:`qbert.quant.fused` where they compile, else on :class:`_FakeQuantize`.
     """
+    out_dtype = out_dtype or x.dtype
     if REFERENCE["on"]:
-        return fake_quantize_autograd(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(x.dtype)
+        return fake_quantize_autograd(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(out_dtype)
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
         wide = torch.round(x.to(scale.dtype) / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
-        return wide.to(x.dtype)
+        return wide.to(out_dtype)
     if fused.enabled():
-        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste)
-    return _FakeQuantize.apply(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(x.dtype)
+        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste, out_dtype)
+    return _FakeQuantize.apply(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(out_dtype)
 
 
 def fake_quantize_autograd(

@@ -45,10 +45,11 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin:
     return q, torch.clamp(q, qmin, qmax)
 
 
-def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """``fake_quantize(x)`` in ``x``'s dtype, computed in the scale's."""
+def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``fake_quantize(x)`` in ``out_dtype`` (default: ``x``'s), computed in the scale's."""
     _, clamped = _codes(x, scale, zero_point, qmin, qmax)
-    return ((clamped - zero_point) * scale).to(x.dtype)
+    return ((clamped - zero_point) * scale).to(out_dtype or x.dtype)
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,

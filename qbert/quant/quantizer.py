@@ -67,6 +67,9 @@ class Quantizer(nn.Module):
                 if channels % groups:
                     raise ValueError(f"{site}: {groups} groups do not divide {channels} embedding dimensions")
         self.groups = groups
+        # a linear layer's weight under autocast: returned in the autocast dtype, the cast F.linear would make
+        # (same values; one pass over the weight instead of two, each way)
+        self.autocast_output = False
         self.scale = nn.Parameter(torch.ones(groups), requires_grad=False)
         self.zero_point = nn.Parameter(torch.zeros(groups), requires_grad=False)
         if spec.granularity == "per_embedding_group":
@@ -203,8 +206,11 @@ class Quantizer(nn.Module):
             if not self.spec.symmetric:
                 zero_point = torch.clamp(zero_point + (torch.round(zero_point) - zero_point).detach(),
                                          self.qmin, self.qmax)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if self.autocast_output and torch.is_autocast_enabled(device) \
+            else None
         return fake_quantize(x, scale.float(), zero_point.float(), self.qmin, self.qmax,
-                             clipped_ste=self.spec.ste == "clipped")
+                             clipped_ste=self.spec.ste == "clipped", out_dtype=out_dtype)
 
     def permutes(self) -> bool:
         """Whether the permutation moves any dimension (False without one, or for the identity)."""

@@ -456,6 +456,7 @@ def instrument(
         if q is not None:
             parametrize.register_parametrization(module, "weight", q, unsafe=True)
             inst.weight_tensors[site] = module.parametrizations.weight.original
+            q.autocast_output = isinstance(module, nn.Linear)
             if isinstance(module, nn.Embedding) and q.spec.granularity == "per_tensor":
                 _quantize_looked_up_rows(module, q)
 

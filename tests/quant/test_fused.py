@@ -106,3 +106,50 @@ def test_a_failed_compile_warns_once_and_runs_the_eager_kernels(kernels, monkeyp
     assert not fused.enabled()
     reference = _run(x, scale, zero, True, True, True, "eager")
     assert torch.equal(out[0], reference[0]) and torch.equal(out[1], reference[1])
+
+
+@pytest.mark.parametrize("fused_on", [True, False])
+def test_linear_weights_come_out_in_the_autocast_dtype_with_the_same_step(fused_on):
+    """Under bf16 autocast a linear layer's quantized weight is returned in bf16 (the cast F.linear makes anyway):
+    with fixed ranges the training step's loss and every gradient are those of the fp32 weight cast by autocast,
+    bit for bit; embedding tables stay fp32 (a lookup is no autocast op)."""
+    from qbert.config import EstimatorConfig
+    from qbert.pipeline.quantize import quantizer_factory, range_weights
+    from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
+    from qbert.quant.spec import QuantSpec
+    from tests.conftest import tiny_model
+
+    fused.set_enabled(fused_on)
+    model, tokenizer = tiny_model()
+    batch = dict(tokenizer(["the cat sat on the mat", "one two three"], ["a dog ran", "four five six"],
+                           padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([0, 1])
+    spec = QuantSpec(bits=8, symmetric=True)
+    inst = instrument(model, resolve_plan(enumerate_sites(model), weights=spec, activations=QuantSpec(bits=8),
+                                          weight_base=spec, activation_base=QuantSpec(bits=8)),
+                      quantizer_factory(EstimatorConfig()))
+    range_weights(inst)
+    for q in inst.activations().values():
+        q.set_range(torch.tensor([-4.0]), torch.tensor([4.0]))
+    inst.set_state("fixed")
+    linear = {site for site, q in inst.weights().items() if q.autocast_output}
+    assert linear and "embeddings.word" not in linear and len(linear) < len(inst.weights())
+
+    def step() -> tuple[float, list[torch.Tensor], dict[str, torch.dtype]]:
+        model.zero_grad(set_to_none=True)
+        dtypes = {}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for site, q in inst.weights().items():
+                dtypes[site] = q(inst.weight_tensors[site]).dtype
+            loss = model(**batch).loss
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters() if p.grad is not None], dtypes
+
+    cast = step()
+    for q in inst.weights().values():
+        q.autocast_output = False
+    plain = step()
+    assert {site for site, dtype in cast[2].items() if dtype == torch.bfloat16} == linear
+    assert set(plain[2].values()) == {torch.float32}
+    assert cast[0] == plain[0] and len(cast[1]) == len(plain[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(cast[1], plain[1], strict=True))
