@@ -18,7 +18,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench lint tables figures clean
+.PHONY: setup run test bench bench-sweep lint tables figures clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,10 @@ run: setup
 	$(BIN)/qbert sweep $(SWEEP)
 	$(BIN)/qbert table $(TABLE)
 
+# one pytest-xdist worker per core (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # the paper tables of docs/tables from the runs under runs/ (MiniLM-L6; MNLI: configs/mnli_minilm_*.yaml)
 tables: setup
@@ -71,10 +73,14 @@ figures: setup
 	cp $(FIGURE_RUNS)/plot/accuracy_size.png $(FIGURES)/stsb_accuracy_size.png
 
 bench: setup
-	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+	@for f in $(filter-out bench/ptq_sweep.py,$(wildcard bench/*.py)); do echo "== $$f"; $(BIN)/python $$f; done
 	@echo "== bench/qat_step.py --model bert-base-random"; $(BIN)/python bench/qat_step.py --model bert-base-random --steps 5
 	@echo "== bench/quantized_inference.py --model bert-base-random"; \
 		$(BIN)/python bench/quantized_inference.py --model bert-base-random --repeats 1
+
+# the Table 6 PTQ sweep before and after issue 19 (hours on 2 cores the first time: 15 FP32 fine-tunes)
+bench-sweep: setup
+	$(BIN)/python bench/ptq_sweep.py
 
 lint: setup
 	$(BIN)/ruff check cli qbert recipes tests bench

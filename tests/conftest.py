@@ -14,6 +14,16 @@ SHARED_DATA = Path(os.environ.get("QBERT_DATA_DIR") or ROOT.parent / "shared" / 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker takes its share of the cores:
+    two workers of two torch threads each on two cores wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The real GLUE/SQuAD folder beside the project (../shared/data or $QBERT_DATA_DIR)."""
