@@ -1,12 +1,16 @@
-"""QAT training-step cost: one MiniLM-L6 training step (batch 8 x 64 tokens by default, bf16 autocast) in FP32,
-with every W8A8 site fake-quantized at fixed ranges, and with learned ranges; and the fake-quantize
-kernel alone (the fused kernels of qbert.quant.fused, the eager hand-written backward, autograd through the
-elementwise ops), side by side in one run. The kernels, then the three steps, are timed in --rounds interleaved
-rounds (FP32, fixed, learned, FP32, ...) and the median round counts, so a machine that slows down mid-run does
-not favour one (round_seconds shows the spread).
+"""QAT training-step cost: one MiniLM-L6 training step (bf16 autocast) in FP32, with every W8A8 site
+fake-quantized at fixed ranges, and with learned ranges; and the fake-quantize kernel alone (the fused kernels of
+qbert.quant.fused, the eager hand-written backward, autograd through the elementwise ops), side by side in one
+run. The kernels, then the three steps, are timed in --rounds interleaved rounds (FP32, fixed, learned, FP32, ...)
+and the median round counts, so a machine that slows down mid-run does not favour one (round_seconds shows the
+spread).
+
+The steps are timed at the batch shapes QAT trains with in the pipeline: for each of --tasks, Table 10's QAT
+batch size for the task (recipes/qat.py) and the median padded length of one epoch of its length-grouped training
+batches (the real training split, MiniLM's tokenizer, max length 128); --batch and --seq time one shape instead.
 --model bert-base-random: BERT-base's shape (random weights). Prints JSON.
-Usage: python bench/qat_step.py [--steps 10] [--rounds 3] [--batch 8] [--seq 64] [--threads N]
-       [--model minilm-l6|bert-base-random]
+Usage: python bench/qat_step.py [--steps 10] [--rounds 3] [--tasks mrpc,stsb,rte,cola,mnli] [--batch 8 --seq 64]
+       [--threads N] [--model minilm-l6|bert-base-random]
 """
 
 from __future__ import annotations
@@ -14,18 +18,40 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from qbert.recipes.qat import TABLE_10
 
-from qbert.config import EstimatorConfig
-from qbert.models import load_model, resolve_model
+from qbert.config import DataConfig, EstimatorConfig
+from qbert.models import load_model, load_tokenizer, resolve_model
+from qbert.pipeline.batching import length_grouped_batches
 from qbert.pipeline.quantize import quantizer_factory, range_weights
 from qbert.quant import fused
 from qbert.quant.functional import fake_quantize, fake_quantize_autograd
 from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
 from qbert.quant.spec import QuantSpec
+from qbert.tasks import get_task
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pipeline_shapes(tasks: list[str]) -> dict[str, tuple[int, int]]:
+    """Each task's QAT batch shape: Table 10's batch size, and the median padded length over one epoch of
+    length-grouped batches of its training split (max length 128, as the configs)."""
+    data = DataConfig(dir=os.environ.get("QBERT_DATA_DIR") or str(DEFAULT_DATA))
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    shapes = {}
+    for name in tasks:
+        task = get_task(name)
+        lengths = [len(f["input_ids"]) for f in task.encode_train(tokenizer, task.load("train", data), 128)]
+        size = TABLE_10[name]["batch_size"]
+        batches = length_grouped_batches(lengths, size, torch.Generator().manual_seed(0))
+        shapes[name] = (size, int(statistics.median(max(lengths[i] for i in b) for b in batches)))
+    return shapes
 
 
 def seconds_per_call(fn, repeats: int) -> float:
@@ -41,8 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (the QAT configs use 8 to 32)")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--tasks", default="mrpc,stsb,rte,cola,mnli", help="time the QAT batch shapes of these tasks")
+    parser.add_argument("--batch", type=int, help="sequences per step (with --seq: this one shape instead)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", default="minilm-l6", help="minilm-l6 or bert-base-random (BERT-base's shape)")
     args = parser.parse_args()
@@ -69,9 +96,9 @@ def main() -> None:
     kernel_ms = {name: statistics.median(times) for name, times in kernel_rounds.items()}
 
     # the training step: the FP32 model and an instrumented copy, one with fixed and one with learned ranges
+    shapes = {"custom": (args.batch or 8, args.seq or 64)} if args.batch or args.seq else \
+        pipeline_shapes(args.tasks.split(","))
     model = load_model(resolve_model(args.model), "classification", 2)
-    ids = torch.randint(1000, 2000, (args.batch, args.seq))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (args.batch,))}
     weight, activation = QuantSpec(bits=8, symmetric=True), QuantSpec(bits=8)
     models = {"fp32": model}
     for state in ("fixed", "learn"):
@@ -88,30 +115,37 @@ def main() -> None:
     for m in models.values():
         m.train()
 
-    def step(m):
+    def step(m, batch):
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = m(**batch).loss
             loss.backward()
         return run
 
-    for m in models.values():  # the first steps compile the fused kernels for bf16 activations: not timed
-        step(m)()
-    rounds = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, m in models.items():
-            rounds[name].append(seconds_per_call(step(m), args.steps))
-    fp32, fixed, learned = (statistics.median(rounds[name]) for name in ("fp32", "fixed", "learn"))
+    results = {}
+    for name, (size, length) in shapes.items():
+        ids = torch.randint(1000, 2000, (size, length))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (size,))}
+        for m in models.values():  # the first steps compile the fused kernels for this shape: not timed
+            step(m, batch)()
+        rounds = {variant: [] for variant in models}
+        for _ in range(args.rounds):
+            for variant, m in models.items():
+                rounds[variant].append(seconds_per_call(step(m, batch), args.steps))
+        fp32, fixed, learned = (statistics.median(rounds[v]) for v in ("fp32", "fixed", "learn"))
+        results[name] = {
+            "batch": [size, length],
+            "train_step_seconds": {"fp32": round(fp32, 3), "w8a8_fixed_ranges": round(fixed, 3),
+                                   "w8a8_learned_ranges": round(learned, 3)},
+            "qat_slowdown": {"fixed": round(fixed / fp32, 2), "learned": round(learned / fp32, 2)},
+            "round_seconds": {v: [round(t, 3) for t in times] for v, times in rounds.items()},
+        }
     print(json.dumps({
         "model": args.model,
-        "batch": [args.batch, args.seq],
         "threads": torch.get_num_threads(),
         "fake_quantize_ms": {name: round(ms, 2) for name, ms in kernel_ms.items()},
         "rounds": args.rounds,
-        "train_step_seconds": {"fp32": round(fp32, 3), "w8a8_fixed_ranges": round(fixed, 3),
-                               "w8a8_learned_ranges": round(learned, 3)},
-        "qat_slowdown": {"fixed": round(fixed / fp32, 2), "learned": round(learned / fp32, 2)},
-        "round_seconds": {name: [round(t, 3) for t in times] for name, times in rounds.items()},
+        "shapes": results,
         "sites": {"weights": len(inst.weights()), "activations": len(inst.activations())},
         "fused_kernels": fused.enabled(),
     }, indent=1))
