@@ -1,5 +1,5 @@
-"""The training path of fake quantization as fused kernels (``torch.compile``: one vectorized C++ loop on CPU, a
-Triton kernel on GPU): QAT pays one pass over an activation forward and one backward instead of about ten.
+"""The training path of fake quantization as fused kernels (inductor: one vectorized C++ loop on CPU, a Triton
+kernel on GPU): QAT pays one pass over an activation forward and one backward instead of about ten.
 
 The forward pass keeps nothing but its inputs: the backward kernel recomputes the grid codes from ``x`` (cheaper
 than writing and reading back an in-grid mask and a float32 copy of the output).
@@ -11,9 +11,12 @@ learned scale's and zero point's gradients are sums, and the kernel sums in its 
 threads): they differ from the eager sums in the last bits (float32 rounding, about 1e-7 relative), so runs that
 learn ranges move in the last digits; fixed-range QAT and evaluation do not.
 
-The kernels are used when ``torch.compile`` works here. The first call compiles (about 15 s on 2 cores with a warm
-inductor cache, 40 s without; each further dtype or layout a few seconds); if compiling fails (no C++ compiler,
-no Triton) one warning says so and the eager operations carry on. ``QBERT_COMPILE=0`` turns them off.
+Each kernel is traced with symbolic sizes and compiled once per rank, pattern of sizes 1, dtypes, grid and
+gradient pattern (a dozen or two in a run), then called directly: a QAT step makes about 250 of these calls on
+small tensors, and dynamo's guards and wrappers (``torch.compile``) cost 90 us each against 20. Compiling takes
+about 15 s on 2 cores with a warm inductor cache, 40 s without, then a few seconds per new kernel; if compiling
+fails (no C++ compiler, no Triton) one warning says so and the eager operations carry on. ``QBERT_COMPILE=0``
+turns them off.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-_state: dict[str, Any] = {"enabled": os.environ.get("QBERT_COMPILE", "1") != "0", "compiled": None}
+_state: dict[str, Any] = {"enabled": os.environ.get("QBERT_COMPILE", "1") != "0", "kernels": {}}
 
 
 def enabled() -> bool:
@@ -71,35 +74,66 @@ def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_poin
     return grad_x, grad_scale, grad_zero_point
 
 
-def _compiled() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    if not _state["enabled"]:
-        return None
-    if _state["compiled"] is None:
-        import torch._dynamo
+PRIMES = (5, 7, 11, 13, 17, 19, 23, 29)
 
-        # one graph per dtype, broadcast layout and gradient pattern (sizes are symbolic): a dozen in a run
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _state["compiled"] = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in (forward, backward))
-    return _state["compiled"]
+
+def _example(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A tracing stand-in for ``t`` (``x``, its gradient, a scale or a zero point, which broadcast against ``x``):
+    ``x``'s sizes of 1 stay 1, the others become distinct primes, so that every free size is a symbol of its own
+    and a scale's size that must equal ``x``'s is the same symbol."""
+    full = [1 if n == 1 else PRIMES[i] for i, n in enumerate(x.shape)]
+    shape = (1,) * (x.dim() - t.dim()) + tuple(t.shape)
+    sizes = [1 if n == 1 else full[i] for i, n in enumerate(shape)][x.dim() - t.dim():]
+    return torch.zeros(sizes, dtype=t.dtype, device=t.device)
+
+
+def _compile(which: int, tensors: tuple[torch.Tensor, ...], options: tuple, x: torch.Tensor) -> Callable[..., Any]:
+    """Kernel ``which`` for these ranks, sizes of 1, dtypes, grid and gradient pattern, every other size symbolic:
+    traced (``make_fx``) and compiled by inductor once (``standalone_compile``), then called directly, without
+    dynamo's guards and wrappers (about 20 us a call instead of 90). Loops are split between threads whatever
+    the traced sizes (``cpp.min_chunk_size`` 1: the stand-ins are tiny, the tensors are not)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    examples = [_example(t, x) for t in tensors]
+
+    def kernel(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        out = (forward, backward)[which](*inputs, *options)
+        return [out] if which == 0 else [t for t in out if t is not None]
+
+    with torch.autocast(x.device.type, enabled=False), torch._inductor.config.patch({"cpp.min_chunk_size": 1}):
+        graph = make_fx(kernel, tracing_mode="symbolic")(*examples)
+        return torch._inductor.standalone_compile(graph, examples, dynamic_shapes="from_graph")
+
+
+def _run(which: int, args: tuple) -> Any:
+    count = 3 if which == 0 else 4
+    tensors, options = tuple(t.contiguous() for t in args[:count]), args[count:]
+    x = tensors[0] if which == 0 else tensors[1]
+    if x.numel() == 0:
+        return (forward, backward)[which](*args)
+    key = (which, x.device.type, options, *((t.dtype, tuple(n == 1 for n in t.shape)) for t in tensors),
+           tuple(n == 1 for n in x.shape))
+    kernel = _state["kernels"].get(key)
+    if kernel is None:
+        kernel = _state["kernels"][key] = _compile(which, tensors, options, x)
+    outputs = iter(kernel(*tensors))
+    if which == 0:
+        return next(outputs)
+    return tuple(next(outputs) if need else None for need in options[3:])
 
 
 def call(which: int, *args: Any) -> Any:
-    """Kernel ``which`` (0 :func:`forward`, 1 :func:`backward`) compiled; where compiling fails, one warning, the
-    kernels switch off for the process and the eager definition runs."""
-    compiled = _compiled()
+    """Kernel ``which`` (0 :func:`forward`, 1 :func:`backward`), compiled for the arguments' ranks and dtypes
+    on first use; where compiling fails, one warning, the kernels switch off for the process and the eager
+    definition runs."""
     eager = (forward, backward)[which]
-    if compiled is None:
+    if not _state["enabled"]:
         return eager(*args)
-    device = args[0].device.type
     try:
-        if not torch.is_autocast_enabled(device):  # the backward pass: no context to leave (a hot path)
-            return compiled[which](*args)
-        with torch.autocast(device, enabled=False):
-            return compiled[which](*args)
-    except torch._dynamo.exc.BackendCompilerFailed as error:
+        return _run(which, args)
+    except Exception as error:  # noqa: BLE001 -- whatever the compiler raises: the same numbers, eagerly
         _state["enabled"] = False
-        cause = getattr(error, "inner_exception", error)
-        reason = (str(cause).strip().splitlines() or [""])[0]
+        reason = (str(error).strip().splitlines() or [""])[0]
         warnings.warn("fused fake-quantize kernels unavailable, QAT runs the eager kernels (slower, same numbers): "
-                      f"{type(cause).__name__}: {reason}", stacklevel=3)
+                      f"{type(error).__name__}: {reason}", stacklevel=3)
         return eager(*args)
