@@ -92,6 +92,7 @@ def _compile(which: int, tensors: tuple[torch.Tensor, ...], options: tuple, x: t
     traced (``make_fx``) and compiled by inductor once (``standalone_compile``), then called directly, without
     dynamo's guards and wrappers (about 20 us a call instead of 90). Loops are split between threads whatever
     the traced sizes (``cpp.min_chunk_size`` 1: the stand-ins are tiny, the tensors are not)."""
+    import torch._inductor.config
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = [_example(t, x) for t in tensors]
