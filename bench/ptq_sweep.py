@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from qbert.records import read_record
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = Path("bench") / "table6_ptq.sweep.yaml"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
@@ -44,8 +46,9 @@ def metrics_by_seed(runs: Path) -> dict[str, dict]:
     """Every finished seed's metrics (the evaluation splits' scores), by run name and seed folder."""
     out = {}
     for path in sorted(runs.glob("*/*/seed=*/metrics.json")):
-        record = json.loads(path.read_text())
-        out[f"{path.parts[-4]}/{path.parts[-2]}"] = record.get("metrics", record)
+        record = read_record(path.parent)
+        if record is not None:
+            out[f"{path.parts[-4]}/{path.parts[-2]}"] = record["metrics"]
     return out
 
 

@@ -112,8 +112,8 @@ def _run(which: int, args: tuple) -> Any:
     x = tensors[0] if which == 0 else tensors[1]
     if x.numel() == 0:
         return (forward, backward)[which](*args)
-    key = (which, x.device.type, options, *((t.dtype, tuple(n == 1 for n in t.shape)) for t in tensors),
-           tuple(n == 1 for n in x.shape))
+    # every tensor's dtype and rank with where its sizes are 1 (x's among them): what the traced graph fixed
+    key = (which, x.device.type, options, *((t.dtype, tuple(n == 1 for n in t.shape)) for t in tensors))
     kernel = _state["kernels"].get(key)
     if kernel is None:
         kernel = _state["kernels"][key] = _compile(which, tensors, options, x)
