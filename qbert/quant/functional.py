@@ -48,6 +48,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def learned_grid(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learned scale and zero point as the grid uses them: the scale at least :data:`EPS`, the zero point rounded
+    (straight-through) and clamped to the grid. Gradients: clamp's (zero where the clamp cut), round's identity."""
+    return scale.clamp(min=EPS), torch.clamp(round_ste(zero_point), qmin, qmax)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """``fake_quantize`` with its gradients written out: the forward pass reuses one buffer and the
     backward pass needs only the output and the in-grid mask (about 2x faster than autograd through
@@ -97,28 +104,30 @@ class _FusedFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                qmax: int, clipped_ste: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                qmax: int, clipped_ste: bool, out_dtype: torch.dtype, learned: bool) -> torch.Tensor:
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.grid = qmin, qmax, clipped_ste
-        return fused.call(0, x, scale, zero_point, qmin, qmax, out_dtype)
+        ctx.grid = qmin, qmax, clipped_ste, learned
+        return fused.call(0, x, scale, zero_point, qmin, qmax, out_dtype, learned)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         needs_x, needs_scale, needs_zero_point = ctx.needs_input_grad[:3]
-        qmin, qmax, clipped_ste = ctx.grid
+        qmin, qmax, clipped_ste, learned = ctx.grid
         if needs_x and not clipped_ste and not (needs_scale or needs_zero_point):
-            return grad.to(ctx.saved_tensors[0].dtype), None, None, None, None, None, None  # the plain STE
-        grads = fused.call(1, grad, *ctx.saved_tensors, qmin, qmax, clipped_ste, needs_x, needs_scale,
+            return grad.to(ctx.saved_tensors[0].dtype), None, None, None, None, None, None, None  # the plain STE
+        grads = fused.call(1, grad, *ctx.saved_tensors, qmin, qmax, clipped_ste, learned, needs_x, needs_scale,
                            needs_zero_point)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-    clipped_ste: bool = True, out_dtype: torch.dtype | None = None,
+    clipped_ste: bool = True, out_dtype: torch.dtype | None = None, learned: bool = False,
 ) -> torch.Tensor:
     """Quantize and de-quantize ``x`` (scale and zero point broadcast against it), computed in the scale's dtype
     and returned in ``out_dtype``, by default ``x``'s (bf16 activations are quantized in float32 and cast back).
+    ``learned``: the scale and zero point are trained parameters, used through :func:`learned_grid` (in the fused
+    kernels, the same operations inside them).
 
     ``(clip(round(x / s) + z, qmin, qmax) - z) * s``. Gradients: identity for ``x`` inside the
     grid, zero where it is clipped (straight-through estimator; ``clipped_ste=False`` passes the
@@ -130,13 +139,17 @@ def fake_quantize(
     kernels of :mod:`qbert.quant.fused` where they compile, else on :class:`_FakeQuantize`.
     """
     out_dtype = out_dtype or x.dtype
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)
+    if learned and not (needs_grad and fused.enabled() and not REFERENCE["on"]):  # else the kernels do this
+        scale, zero_point = learned_grid(scale, zero_point, qmin, qmax)
+        learned = False
     if REFERENCE["on"]:
         return fake_quantize_autograd(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(out_dtype)
-    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+    if not needs_grad:
         wide = torch.round(x.to(scale.dtype) / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
         return wide.to(out_dtype)
     if fused.enabled():
-        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste, out_dtype)
+        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste, out_dtype, learned)
     return _FakeQuantize.apply(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(out_dtype)
 
 

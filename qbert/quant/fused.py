@@ -48,18 +48,34 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin:
     return q, torch.clamp(q, qmin, qmax)
 
 
+def _learned(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~qbert.quant.functional.learned_grid`'s values: the scale at least EPS, the zero point rounded and
+    clamped to the grid."""
+    from qbert.quant.functional import EPS
+
+    return scale.clamp(min=EPS), torch.clamp(torch.round(zero_point), qmin, qmax)
+
+
 def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``fake_quantize(x)`` in ``out_dtype`` (default: ``x``'s), computed in the scale's."""
+            out_dtype: torch.dtype | None = None, learned: bool = False) -> torch.Tensor:
+    """``fake_quantize(x)`` in ``out_dtype`` (default: ``x``'s), computed in the scale's; ``learned``: of the scale
+    and zero point as :func:`~qbert.quant.functional.learned_grid` makes them."""
+    if learned:
+        scale, zero_point = _learned(scale, zero_point, qmin, qmax)
     _, clamped = _codes(x, scale, zero_point, qmin, qmax)
     return ((clamped - zero_point) * scale).to(out_dtype or x.dtype)
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-             qmax: int, clipped_ste: bool, need_x: bool, need_scale: bool, need_zero_point: bool,
+             qmax: int, clipped_ste: bool, learned: bool, need_x: bool, need_scale: bool, need_zero_point: bool,
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The gradients of ``fake_quantize`` for ``x`` (in its dtype), the scale and the zero point (in theirs,
-    summed to their shapes): the formulas of ``_FakeQuantize.backward``."""
+    summed to their shapes): the formulas of ``_FakeQuantize.backward``, then, ``learned``, those of
+    ``learned_grid``'s clamps (``torch.clamp``'s: zero where the clamp cut) and round (identity)."""
+    raw_scale, raw_zero_point = scale, zero_point
+    if learned:
+        scale, zero_point = _learned(scale, zero_point, qmin, qmax)
     q, clamped = _codes(x, scale, zero_point, qmin, qmax)
     inside = (clamped == q).to(scale.dtype)
     wide = grad.to(scale.dtype)
@@ -69,8 +85,13 @@ def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_poin
     if need_scale:
         out = (clamped - zero_point) * scale
         grad_scale = ((out - x.to(scale.dtype) * inside) * wide).sum_to_size(scale.shape) / scale
+        if learned:
+            grad_scale = torch.where(raw_scale >= scale, grad_scale, 0.0)  # raw >= max(raw, EPS): raw >= EPS
     if need_zero_point:
         grad_zero_point = (inside_grad - wide).sum_to_size(scale.shape) * scale
+        if learned:
+            rounded = torch.round(raw_zero_point)
+            grad_zero_point = torch.where((rounded >= qmin) & (rounded <= qmax), grad_zero_point, 0.0)
     return grad_x, grad_scale, grad_zero_point
 
 
@@ -120,7 +141,7 @@ def _run(which: int, args: tuple) -> Any:
     outputs = iter(kernel(*tensors))
     if which == 0:
         return next(outputs)
-    return tuple(next(outputs) if need else None for need in options[3:])
+    return tuple(next(outputs) if need else None for need in options[4:])
 
 
 def call(which: int, *args: Any) -> Any:

@@ -199,18 +199,13 @@ class Quantizer(nn.Module):
         While ``torch.onnx.export`` traces, the same grid as ONNX QuantizeLinear -> DequantizeLinear."""
         if torch.onnx.is_in_onnx_export():
             return self._onnx_quantize(x)
-        scale = self._broadcast(self.scale, x)
-        zero_point = self._broadcast(self.zero_point, x)
-        if self.state == "learn":
-            scale = scale.clamp(min=EPS)
-            if not self.spec.symmetric:
-                zero_point = torch.clamp(zero_point + (torch.round(zero_point) - zero_point).detach(),
-                                         self.qmin, self.qmax)
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if self.autocast_output and torch.is_autocast_enabled(device) \
             else None
-        return fake_quantize(x, scale.float(), zero_point.float(), self.qmin, self.qmax,
-                             clipped_ste=self.spec.ste == "clipped", out_dtype=out_dtype)
+        # learned: the scale clamped to EPS, the zero point rounded (straight-through) and clamped to the grid
+        return fake_quantize(x, self._broadcast(self.scale, x).float(), self._broadcast(self.zero_point, x).float(),
+                             self.qmin, self.qmax, clipped_ste=self.spec.ste == "clipped", out_dtype=out_dtype,
+                             learned=self.state == "learn")
 
     def permutes(self) -> bool:
         """Whether the permutation moves any dimension (False without one, or for the identity)."""

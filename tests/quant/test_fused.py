@@ -178,3 +178,48 @@ def test_one_compiled_kernel_serves_every_size_of_its_rank(kernels):
             torch.testing.assert_close(fast[2], eager[2], rtol=1e-5, atol=1e-6)
     # forward and backward for each rank and pattern of sizes 1 (per tensor and per channel), not one per shape
     assert 0 < len(fused._state["kernels"]) < 4 * len(shapes)
+
+
+def test_learned_ranges_clamp_and_round_inside_the_kernels_as_the_eager_ops_do(kernels):
+    """In the ``learn`` state the kernels take the raw parameters and apply ``learned_grid`` themselves: the scale
+    clamped to EPS, the zero point rounded (ties to even) and clamped to the grid, with clamp's gradients (zero where
+    it cut) and round's identity. Against the same operations run eagerly before the eager kernel and the textbook
+    autograd: output and input gradient bit for bit, parameter gradients up to sum order and exactly zero where a
+    clamp cut."""
+    from qbert.quant.functional import EPS, learned_grid, reference_arithmetic
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 33, 8, generator=gen) * 3
+    scale = torch.tensor([0.05, -0.01, 0.02, 0.5 * EPS, 0.03, 0.04, 0.01, 0.05])  # two below EPS
+    zero = torch.tensor([127.6, 3.5, -2.3, 100.0, 260.2, 2.5, 0.49, 255.4])  # ties, below and above the grid
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(path):
+        xs, ss, zs = x.clone().requires_grad_(True), scale.clone().requires_grad_(True), \
+            zero.clone().requires_grad_(True)
+        fused.set_enabled(path == "fused")
+        if path == "textbook":
+            with reference_arithmetic():
+                out = fake_quantize(xs, ss, zs, 0, 255, learned=True)
+        elif path == "eager":
+            out = fake_quantize(xs, *learned_grid(ss, zs, 0, 255), 0, 255)
+        else:
+            out = fake_quantize(xs, ss, zs, 0, 255, learned=True)
+        (out * weights).sum().backward()
+        return out.detach(), xs.grad, ss.grad, zs.grad
+
+    fused._state["kernels"].clear()
+    fast, eager, textbook = run("fused"), run("eager"), run("textbook")
+    assert sorted(key[0] for key in fused._state["kernels"] if key[2][3] is True) == [0, 1]  # learned kernels ran
+    assert torch.equal(fast[0], eager[0]) and torch.equal(fast[0], textbook[0])
+    assert torch.equal(fast[1], eager[1])
+    cut_scale = scale < EPS
+    cut_zero = (torch.round(zero) < 0) | (torch.round(zero) > 255)
+    assert cut_scale.sum() == 2 and cut_zero.sum() == 2  # -2.3 and 260.2 (255.4 rounds to 255, inside)
+    for index, cut in ((2, cut_scale), (3, cut_zero)):
+        for other in (eager, textbook):
+            assert torch.equal(fast[index][cut], torch.zeros(int(cut.sum())))
+            assert torch.equal(other[index][cut], torch.zeros(int(cut.sum())))
+            tolerance = 1e-5 * float(other[index].abs().max()) + 1e-6
+            assert float((fast[index] - other[index]).abs().max()) <= tolerance
+    assert bool((fast[2][~cut_scale] != 0).all())  # the cases are ones where the other entries learn
