@@ -1,10 +1,13 @@
-"""QAT training-step cost: one MiniLM-L6 training step (bf16 autocast) in FP32, with every W8A8 site
-fake-quantized at fixed ranges, and with learned ranges; and the fake-quantize kernel alone (the fused kernels of
+"""QAT training-step cost: one MiniLM-L6 training step in FP32, with every W8A8 site fake-quantized at fixed ranges,
+and with learned ranges; and the fake-quantize kernel alone (the fused kernels of
 qbert.quant.fused, the eager hand-written backward, autograd through the elementwise ops), side by side in one
 run. The kernels, then the three steps, are timed in --rounds interleaved rounds (FP32, fixed, learned, FP32, ...)
 and the median round counts, so a machine that slows down mid-run does not favour one (round_seconds shows the
 spread).
 
+A step is the pipeline's (qbert.pipeline.finetune.training_step): forward under bf16 autocast, backward, gradient
+clipping, AdamW (the learned ranges among its parameters), the schedule, gradients dropped (``train_step``); and
+forward and backward alone (``forward_backward``: simulation's share without the optimizer's fixed cost).
 The steps are timed at the batch shapes QAT trains with in the pipeline: for each of --tasks, Table 10's QAT
 batch size for the task (recipes/qat.py) and the median padded length of one epoch of its length-grouped training
 batches (the real training split, MiniLM's tokenizer, max length 128); --batch and --seq time one shape instead.
@@ -26,9 +29,10 @@ from pathlib import Path
 import torch
 from qbert.recipes.qat import TABLE_10
 
-from qbert.config import DataConfig, EstimatorConfig
+from qbert.config import DataConfig, EstimatorConfig, FinetuneConfig
 from qbert.models import load_model, load_tokenizer, resolve_model
 from qbert.pipeline.batching import length_grouped_batches
+from qbert.pipeline.finetune import linear_warmup_decay, parameter_groups, training_step
 from qbert.pipeline.quantize import quantizer_factory, range_weights
 from qbert.quant import fused
 from qbert.quant.functional import fake_quantize, fake_quantize_autograd
@@ -112,34 +116,44 @@ def main() -> None:
             q.set_state("fixed")
         inst.set_state(state)
         models[state] = quantized
-    for m in models.values():
+    cfg = FinetuneConfig(precision="bf16")  # gradient clipping at 1.0 and AdamW's decay, as the configs
+    device = torch.device("cpu")
+    trainers = {}
+    for variant, m in models.items():
         m.train()
+        optimizer = torch.optim.AdamW(parameter_groups(m, cfg.weight_decay), lr=2e-5)
+        trainers[variant] = optimizer, linear_warmup_decay(optimizer, 0, 10**9)
 
-    def step(m, batch):
+    def step(variant, batch):
+        return lambda: training_step(models[variant], batch, *trainers[variant], cfg, device)
+
+    def forward_backward(variant, batch):  # the step without clipping and the optimizer: simulation's own share
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = m(**batch).loss
+                loss = models[variant](**batch).loss
             loss.backward()
+            models[variant].zero_grad(set_to_none=True)
         return run
 
     results = {}
     for name, (size, length) in shapes.items():
         ids = torch.randint(1000, 2000, (size, length))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (size,))}
-        for m in models.values():  # the first steps compile the fused kernels for this shape: not timed
-            step(m, batch)()
-        rounds = {variant: [] for variant in models}
-        for _ in range(args.rounds):
-            for variant, m in models.items():
-                rounds[variant].append(seconds_per_call(step(m, batch), args.steps))
-        fp32, fixed, learned = (statistics.median(rounds[v]) for v in ("fp32", "fixed", "learn"))
-        results[name] = {
-            "batch": [size, length],
-            "train_step_seconds": {"fp32": round(fp32, 3), "w8a8_fixed_ranges": round(fixed, 3),
-                                   "w8a8_learned_ranges": round(learned, 3)},
-            "qat_slowdown": {"fixed": round(fixed / fp32, 2), "learned": round(learned / fp32, 2)},
-            "round_seconds": {v: [round(t, 3) for t in times] for v, times in rounds.items()},
-        }
+        for variant in models:  # the first steps compile the fused kernels for this shape: not timed
+            step(variant, batch)()
+        results[name] = {"batch": [size, length]}
+        for label, work in (("train_step", step), ("forward_backward", forward_backward)):
+            rounds = {variant: [] for variant in models}
+            for _ in range(args.rounds):
+                for variant in models:
+                    rounds[variant].append(seconds_per_call(work(variant, batch), args.steps))
+            fp32, fixed, learned = (statistics.median(rounds[v]) for v in ("fp32", "fixed", "learn"))
+            results[name][label] = {
+                "seconds": {"fp32": round(fp32, 3), "w8a8_fixed_ranges": round(fixed, 3),
+                            "w8a8_learned_ranges": round(learned, 3)},
+                "slowdown": {"fixed": round(fixed / fp32, 2), "learned": round(learned / fp32, 2)},
+                "round_seconds": {v: [round(t, 3) for t in times] for v, times in rounds.items()},
+            }
     print(json.dumps({
         "model": args.model,
         "threads": torch.get_num_threads(),

@@ -72,6 +72,21 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                  scheduler: Any, cfg: FinetuneConfig, device: torch.device) -> torch.Tensor:
+    """One optimisation step on a padded batch: forward (under autocast for bf16), backward, gradient clipping,
+    AdamW, the schedule, gradients dropped. Returns the loss. (What ``bench/qat_step.py`` times.)"""
+    with autocast(device, cfg.precision):
+        loss = model(**model_inputs(batch, device, with_targets=True)).loss
+    loss.backward()
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def finetune(
     model: torch.nn.Module,
     features: list[dict[str, Any]],
@@ -119,15 +134,8 @@ def finetune(
                     before_step(step)
                 batch = pad_batch([features[i] for i in indices], pad_token_id)
                 tokens += int(batch["attention_mask"].sum())
-                with autocast(device, cfg.precision):
-                    loss = model(**model_inputs(batch, device, with_targets=True)).loss
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss = training_step(model, batch, optimizer, scheduler, cfg, device)
                 losses.append(float(loss.detach()))
                 step += 1
                 if not math.isfinite(losses[-1]):
