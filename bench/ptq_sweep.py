@@ -9,7 +9,7 @@ tokenized-features cache (``after_cold``), then with the features it wrote (``af
 the first). Untimed preparation: the FP32 fine-tunes the cache lacks (about an hour per missing task and 3 seeds
 on 2 cores; ``--cache`` to keep them between runs) and the worktree's environment. The sweeps run with
 ``qbert sweep``'s defaults (one worker).
-Usage: python bench/ptq_sweep.py [--before 028487b] [--cache DIR] [--work DIR]
+Usage: python bench/ptq_sweep.py [--before 028487b] [--cache DIR] [--work DIR] [--grid task=mrpc]
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--before", default="028487b", help="the commit to compare against")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qbert-ptq-sweep"), help="scratch folder")
     parser.add_argument("--cache", type=Path, help="FP32 checkpoint cache (default: WORK/cache)")
+    parser.add_argument("--grid", action="append", default=[],
+                        help="a slice of the sweep for every side, e.g. task=mrpc (qbert sweep's --grid; repeatable)")
     args = parser.parse_args()
+    only = [option for axis in args.grid for option in ("--grid", axis)]
     work = args.work.resolve()
     cache = (args.cache or work / "cache").resolve()
     env = {**os.environ, "QBERT_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
@@ -76,19 +79,19 @@ def main() -> None:
     for old in work.glob("runs-*"):
         shutil.rmtree(old)
 
-    prepare = sweep(ROOT, work / "runs-prepare", env, "--grid", "method=fp32")
+    prepare = sweep(ROOT, work / "runs-prepare", env, *only, "--grid", "method=fp32")
     before_code = worktree(args.before, work / "before")
-    before = sweep(before_code, work / "runs-before", env)
+    before = sweep(before_code, work / "runs-before", env, *only)
     shutil.rmtree(cache / "features", ignore_errors=True)
-    after_cold = sweep(ROOT, work / "runs-after", env)
-    after_warm = sweep(ROOT, work / "runs-after-warm", env)
+    after_cold = sweep(ROOT, work / "runs-after", env, *only)
+    after_warm = sweep(ROOT, work / "runs-after-warm", env, *only)
 
     old, new = metrics_by_seed(work / "runs-before"), metrics_by_seed(work / "runs-after")
     differ = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     print(json.dumps({
-        "sweep": str(SWEEP), "seeds": len(new), "before_commit": args.before, "after_commit": head,
+        "sweep": str(SWEEP), "slice": args.grid, "seeds": len(new), "before_commit": args.before, "after_commit": head,
         "prepare_seconds": round(prepare, 1), "before_seconds": round(before, 1),
         "after_cold_seconds": round(after_cold, 1), "after_warm_seconds": round(after_warm, 1),
         "speedup_cold": round(before / after_cold, 2), "speedup_warm": round(before / after_warm, 2),
