@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from qbert.quant import fused
-
-EPS = 1e-8
-"""Smallest scale: a range of width zero still gives a valid (if useless) grid."""
+from qbert.quant.fused import EPS
 
 
 def grid_limits(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
@@ -52,7 +50,7 @@ def learned_grid(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A learned scale and zero point as the grid uses them: the scale at least :data:`EPS`, the zero point rounded
     (straight-through) and clamped to the grid. Gradients: clamp's (zero where the clamp cut), round's identity."""
-    return scale.clamp(min=EPS), torch.clamp(round_ste(zero_point), qmin, qmax)
+    return fused.learned_grid(scale, zero_point, qmin, qmax, rounding=round_ste)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -140,16 +138,15 @@ def fake_quantize(
     """
     out_dtype = out_dtype or x.dtype
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)
-    if learned and not (needs_grad and fused.enabled() and not REFERENCE["on"]):  # else the kernels do this
+    if needs_grad and fused.enabled() and not REFERENCE["on"]:  # the kernels apply a learned grid themselves
+        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste, out_dtype, learned)
+    if learned:
         scale, zero_point = learned_grid(scale, zero_point, qmin, qmax)
-        learned = False
     if REFERENCE["on"]:
         return fake_quantize_autograd(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(out_dtype)
     if not needs_grad:
         wide = torch.round(x.to(scale.dtype) / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
         return wide.to(out_dtype)
-    if fused.enabled():
-        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, clipped_ste, out_dtype, learned)
     return _FakeQuantize.apply(x.to(scale.dtype), scale, zero_point, qmin, qmax, clipped_ste).to(out_dtype)
 
 

@@ -28,6 +28,10 @@ from typing import Any
 
 import torch
 
+EPS = 1e-8
+"""Smallest scale: a range of width zero still gives a valid (if useless) grid (here, the lowest module that uses it;
+:mod:`qbert.quant.functional` re-exports it)."""
+
 _state: dict[str, Any] = {"enabled": os.environ.get("QBERT_COMPILE", "1") != "0", "kernels": {}}
 
 
@@ -48,13 +52,13 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin:
     return q, torch.clamp(q, qmin, qmax)
 
 
-def _learned(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~qbert.quant.functional.learned_grid`'s values: the scale at least EPS, the zero point rounded and
-    clamped to the grid."""
-    from qbert.quant.functional import EPS
-
-    return scale.clamp(min=EPS), torch.clamp(torch.round(zero_point), qmin, qmax)
+def learned_grid(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 rounding: Callable[[torch.Tensor], torch.Tensor] = torch.round,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learned scale and zero point as the grid uses them: the scale at least :data:`EPS`, the zero point rounded
+    (``rounding``: plain here, where :func:`backward` writes the gradients out; straight-through in
+    :func:`~qbert.quant.functional.learned_grid`) and clamped to the grid."""
+    return scale.clamp(min=EPS), torch.clamp(rounding(zero_point), qmin, qmax)
 
 
 def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
@@ -62,7 +66,7 @@ def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin
     """``fake_quantize(x)`` in ``out_dtype`` (default: ``x``'s), computed in the scale's; ``learned``: of the scale
     and zero point as :func:`~qbert.quant.functional.learned_grid` makes them."""
     if learned:
-        scale, zero_point = _learned(scale, zero_point, qmin, qmax)
+        scale, zero_point = learned_grid(scale, zero_point, qmin, qmax)
     _, clamped = _codes(x, scale, zero_point, qmin, qmax)
     return ((clamped - zero_point) * scale).to(out_dtype or x.dtype)
 
@@ -75,7 +79,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_poin
     ``learned_grid``'s clamps (``torch.clamp``'s: zero where the clamp cut) and round (identity)."""
     raw_scale, raw_zero_point = scale, zero_point
     if learned:
-        scale, zero_point = _learned(scale, zero_point, qmin, qmax)
+        scale, zero_point = learned_grid(scale, zero_point, qmin, qmax)
     q, clamped = _codes(x, scale, zero_point, qmin, qmax)
     inside = (clamped == q).to(scale.dtype)
     wide = grad.to(scale.dtype)
