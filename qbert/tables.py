@@ -13,7 +13,7 @@ recomputed. Spec (YAML)::
       by: method                         # a sweep coordinate (var or grid key)
       items:
         - {value: fp32, label: FP32, paper: {cola: 57.27, mrpc: 88.36}}
-        - {value: q8bert_ptq, label: Q8BERT PTQ, missing: "no recipe: Q8BERT's dynamic PTQ"}
+        - {value: qbert_qat, label: Q-BERT QAT, missing: "no recipe: Q-BERT"}
     columns:
       by: task                           # or null: every column reads the row's one cell
       items:

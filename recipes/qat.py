@@ -275,20 +275,19 @@ class Q8BertParams(QatParams):
         "Q8BERT); clipped zeroes it outside the range, as the Bondarenko recipes.")
 
 
-class Q8Bert(QatRecipe):
-    """Q8BERT W8A8: symmetric 8-bit FC weights, FC inputs and embeddings; EMA activation ranges."""
-
-    name = "q8bert"
-    Params = Q8BertParams
-    source = "Zafrir et al. 2019 (Q8BERT); Bondarenko et al. 2021 Table 6 (Q8BERT W8A8 QAT row)"
-    starts_from = "pretrained"
-    reference_code = None  # NLP Architect's method, not the Bondarenko et al. code
+class Q8BertSites:
+    """Mixin: Q8BERT's sites and grids. Symmetric narrow 8-bit grids ``[-127, 127]``; weights of every fully
+    connected layer and embedding table ranged by their max |w|; the inputs of every fully connected layer (an
+    EMA of max |x| while training); every other activation in floating point."""
 
     def weight_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self.params.ste, estimator="minmax")
+        return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self._ste(), estimator="minmax")
 
     def activation_spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self.params.ste, estimator="running_absmax")
+        return QuantSpec(bits=bits, symmetric=True, narrow=True, ste=self._ste(), estimator="running_absmax")
+
+    def _ste(self) -> Literal["identity", "clipped"]:
+        return getattr(self.params, "ste", "identity")  # type: ignore[attr-defined]
 
     def recipe_rules(self, sites: list[Any]) -> list[Rule]:
         from qbert.quant.sites import pattern_matches
@@ -297,6 +296,16 @@ class Q8Bert(QatRecipe):
         if not any(s.name == "head.output.weight" for s in sites):
             others.append("pooler.output")  # pooled output feeds nothing quantized
         return [(f, None, "recipe") for f in others if any(pattern_matches(f, s) for s in sites)]
+
+
+class Q8Bert(Q8BertSites, QatRecipe):
+    """Q8BERT W8A8: symmetric 8-bit FC weights, FC inputs and embeddings; EMA activation ranges."""
+
+    name = "q8bert"
+    Params = Q8BertParams
+    source = "Zafrir et al. 2019 (Q8BERT); Bondarenko et al. 2021 Table 6 (Q8BERT W8A8 QAT row)"
+    starts_from = "pretrained"
+    reference_code = None  # NLP Architect's method, not the Bondarenko et al. code
 
     def prepare(self, model, ctx):
         from qbert.pipeline.quantize import quantizer_factory

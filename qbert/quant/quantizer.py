@@ -14,6 +14,9 @@ States (Bondarenko et al. 2021 sec. 2; Q8BERT):
 - ``estimate_train``: while the module is training, the estimator (an EMA) updates on every batch and
   the input is quantized with the current range; in eval mode the last range is used (Q8BERT).
 - ``disabled``: the input passes through untouched and unobserved (a quantization delay).
+- ``dynamic``: every input is quantized with its own range, taken from the input itself at each call (its valid
+  positions; Q8BERT's dynamic post-training quantization, NLP Architect's ``DYNAMIC`` mode); the stored scale and
+  zero point are not used.
 
 Fake quantization is computed in float32 whatever the input's dtype (under bf16 autocast a bf16
 ``x / s`` would misround near the grid's ends and a bf16 scale would move the grid), and the result
@@ -35,8 +38,8 @@ from qbert.quant.estimators import RangeEstimator
 from qbert.quant.functional import EPS, fake_quantize, grid_limits, integer_codes, params_from_range
 from qbert.quant.spec import QuantSpec
 
-QuantState = Literal["estimate", "estimate_quantized", "fixed", "learn", "estimate_train", "disabled"]
-STATES = ("estimate", "estimate_quantized", "fixed", "learn", "estimate_train", "disabled")
+QuantState = Literal["estimate", "estimate_quantized", "fixed", "learn", "estimate_train", "disabled", "dynamic"]
+STATES = ("estimate", "estimate_quantized", "fixed", "learn", "estimate_train", "disabled", "dynamic")
 
 
 class Quantizer(nn.Module):
@@ -61,12 +64,17 @@ class Quantizer(nn.Module):
             if channels is None:
                 raise ValueError(f"{site}: {spec.granularity} needs a channel dimension")
             if spec.granularity == "per_channel":
-                groups = channels
+                groups = channels  # a scale per row; with spec.groups, equal within each group of rows
+                if channels % (spec.groups or channels):
+                    raise ValueError(f"{site}: {spec.groups} groups do not divide {channels} output channels")
             else:
                 groups = spec.groups or channels
                 if channels % groups:
                     raise ValueError(f"{site}: {groups} groups do not divide {channels} embedding dimensions")
         self.groups = groups
+        self.range_groups = spec.groups if spec.granularity == "per_channel" and spec.groups else groups
+        """How many ranges the estimator computes: ``groups``, but for group-wise weights one per group of rows
+        (each row's scale is then its group's)."""
         # a linear layer's weight under autocast: returned in the autocast dtype, the cast F.linear would make
         # (same values; one pass over the weight instead of two, each way)
         self.autocast_output = False
@@ -119,8 +127,9 @@ class Quantizer(nn.Module):
             lo.to(self.scale.device).reshape(-1).float(), hi.to(self.scale.device).reshape(-1).float(),
             self.spec.bits, self.spec.symmetric,
         )
-        self.scale.copy_(scale.expand(self.groups))
-        self.zero_point.copy_(zero_point.expand(self.groups))
+        repeats = self.groups // scale.numel()  # one range for all groups, or per group of rows: to every row
+        self.scale.copy_(scale.repeat_interleave(repeats))
+        self.zero_point.copy_(zero_point.repeat_interleave(repeats))
 
     def quant_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The representable per-group range ``[s (qmin - z), s (qmax - z)]``."""
@@ -147,10 +156,10 @@ class Quantizer(nn.Module):
         x = _valid_positions(x.detach(), valid)
         if self.spec.granularity == "per_tensor":
             return x.reshape(1, -1)
-        if self.spec.granularity == "per_channel":
+        if self.spec.granularity == "per_channel":  # consecutive rows (channels) in range_groups groups
             if self.channel_dim == 0:
-                return x.reshape(self.groups, -1)
-            return x.reshape(-1, self.channels).t()
+                return x.reshape(self.range_groups, -1)
+            return x.reshape(-1, self.channels).t().reshape(self.range_groups, -1)
         rows = x.reshape(-1, self.channels)[:, self.permutation]
         return rows.reshape(rows.shape[0], self.groups, -1).transpose(0, 1).reshape(self.groups, -1)
 
@@ -199,13 +208,16 @@ class Quantizer(nn.Module):
         While ``torch.onnx.export`` traces, the same grid as ONNX QuantizeLinear -> DequantizeLinear."""
         if torch.onnx.is_in_onnx_export():
             return self._onnx_quantize(x)
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if self.autocast_output and torch.is_autocast_enabled(device) \
-            else None
         # learned: the scale clamped to EPS, the zero point rounded (straight-through) and clamped to the grid
         return fake_quantize(x, self._broadcast(self.scale, x).float(), self._broadcast(self.zero_point, x).float(),
-                             self.qmin, self.qmax, clipped_ste=self.spec.ste == "clipped", out_dtype=out_dtype,
+                             self.qmin, self.qmax, clipped_ste=self.spec.ste == "clipped", out_dtype=self._out_dtype(x),
                              learned=self.state == "learn")
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype a fake-quantized ``x`` leaves in: the autocast dtype for a linear layer's weight under
+        autocast (see ``autocast_output``), else ``x``'s own (None)."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if self.autocast_output and torch.is_autocast_enabled(device) else None
 
     def permutes(self) -> bool:
         """Whether the permutation moves any dimension (False without one, or for the identity)."""
@@ -249,14 +261,29 @@ class Quantizer(nn.Module):
         if self.state == "estimate":
             self.observe(x, valid)
             return x
+        if self.state == "dynamic":
+            return self.quantize_dynamic(x, valid)
         if self.state == "estimate_quantized" or (self.state == "estimate_train" and self.training):
             self.observe(x, valid)
             self.set_range(*self.estimator.range())
         return self.quantize(x)
 
+    def quantize_dynamic(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` on the grid of its own per-group range (``valid`` positions; on a symmetric grid the
+        scale is ``max |x| / qmax``), as dynamic quantization does at run time."""
+        rows = self.grouped(x, valid).float()
+        if rows.shape[1] == 0:  # nothing valid to range: the whole input
+            rows = self.grouped(x).float()
+        scale, zero_point = params_from_range(rows.amin(dim=1), rows.amax(dim=1), self.spec.bits, self.spec.symmetric)
+        if self.range_groups != self.groups:  # group-wise rows: each row takes its group's range
+            scale, zero_point = (t.repeat_interleave(self.groups // self.range_groups) for t in (scale, zero_point))
+        return fake_quantize(x, self._broadcast(scale, x), self._broadcast(zero_point, x), self.qmin, self.qmax,
+                             clipped_ste=self.spec.ste == "clipped", out_dtype=self._out_dtype(x))
+
     def extra_repr(self) -> str:
         lo, hi = self.quant_range()
-        span = f"[{lo.min().item():.4g}, {hi.max().item():.4g}]" if self.state != "estimate" else "unset"
+        span = {"estimate": "unset", "dynamic": "per input"}.get(self.state,
+                                                                  f"[{lo.min().item():.4g}, {hi.max().item():.4g}]")
         return (
             f"site={self.site!r}, {self.spec.describe()}, estimator={self.estimator.name}, "
             f"state={self.state}, range={span}"

@@ -224,6 +224,9 @@ def resolve_plan(
         if spec.granularity == "per_channel" and s.kind != "weight":
             raise PlanError(f"{s.name}: per_channel is for weights; activations use per_embedding_group",
                             "recipe")
+        if spec.granularity == "per_channel" and spec.groups and s.channels % spec.groups:  # type: ignore[operator]
+            raise PlanError(f"{s.name}: {spec.groups} groups do not divide its {s.channels} output rows; pick a "
+                            "divisor", "recipe.groups")
         if spec.granularity == "per_embedding_group":
             if s.kind != "activation":
                 raise PlanError(f"{s.name}: per_embedding_group is for activations", "recipe")

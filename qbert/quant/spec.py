@@ -24,11 +24,13 @@ class QuantSpec(BaseModel):
     symmetric: bool = Field(False, description="Symmetric signed grid (weights) or asymmetric with a zero point.")
     granularity: GranularityName = Field(
         "per_tensor",
-        description="per_tensor; per_channel (weights: one range per output row); per_embedding_group "
-        "(activations: K groups along the hidden dimension).",
+        description="per_tensor; per_channel (weights: one range per output row, or per group of rows with "
+        "`groups`); per_embedding_group (activations: K groups along the hidden dimension).",
     )
     groups: int | None = Field(
-        None, gt=0, description="per_embedding_group: K groups; null = one group per embedding dimension."
+        None, gt=0, description="per_embedding_group: K groups (null = one per embedding dimension); per_channel: "
+        "that many groups of consecutive output rows share a range (Q-BERT's group-wise quantization; null = one "
+        "range per row).",
     )
     permute: bool = Field(False, description="per_embedding_group: sort dimensions by calibrated range first.")
     estimator: EstimatorName = Field("minmax", description="Range estimator.")
@@ -39,8 +41,10 @@ class QuantSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantSpec:
-        if self.granularity != "per_embedding_group" and (self.groups is not None or self.permute):
-            raise ValueError("groups and permute apply only to granularity per_embedding_group")
+        if self.granularity == "per_tensor" and self.groups is not None:
+            raise ValueError("groups apply only to granularity per_channel or per_embedding_group")
+        if self.granularity != "per_embedding_group" and self.permute:
+            raise ValueError("permute applies only to granularity per_embedding_group")
         if self.narrow and not self.symmetric:
             raise ValueError("narrow applies only to symmetric grids")
         return self
@@ -51,7 +55,7 @@ class QuantSpec(BaseModel):
         if self.granularity == "per_tensor":
             gran = "per-tensor"
         elif self.granularity == "per_channel":
-            gran = "per-channel"
+            gran = f"group-wise G={self.groups}" if self.groups else "per-channel"
         else:
             gran = f"PEG K={self.groups if self.groups else 'd'}{'+P' if self.permute else ''}"
         return f"{self.bits}b {kind} {gran}"
@@ -65,14 +69,16 @@ class SiteOverride(BaseModel):
     bits: int | None = Field(None, ge=2, le=16, description="Bits of the integer grid.")
     symmetric: bool | None = Field(None, description="Symmetric (signed) or asymmetric grid.")
     granularity: GranularityName | None = Field(None, description="per_tensor, per_channel or per_embedding_group.")
-    groups: int | None = Field(None, gt=0, description="per_embedding_group: number of groups K.")
+    groups: int | None = Field(None, gt=0, description="per_embedding_group: number of groups K; per_channel: "
+                               "groups of output rows sharing a range.")
     permute: bool | None = Field(None, description="per_embedding_group: range-based permutation.")
     estimator: EstimatorName | None = Field(None, description="Range estimator for these sites.")
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
         """``spec`` with this rule's fields replaced (validated again)."""
         changes = self.model_dump(exclude_none=True)
+        if "granularity" in changes and changes["granularity"] != spec.granularity:
+            changes.setdefault("groups", None)  # a new granularity does not inherit the old one's groups
         if changes.get("granularity", "per_embedding_group") != "per_embedding_group":
-            changes.setdefault("groups", None)
             changes.setdefault("permute", False)
         return QuantSpec.model_validate({**spec.model_dump(), **changes})

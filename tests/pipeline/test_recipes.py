@@ -26,6 +26,9 @@ RECIPES = {
     "dynamic_int8": {"name": "dynamic_int8"},
     "gobo": {"name": "gobo", "bits": 3, "embeddings": True},
     "q8bert": {"name": "q8bert", "start_step": 1},  # with export.formats [integer], below
+    "q8bert_ptq": {"name": "q8bert_ptq"},  # with export.formats [hf], below
+    "q_bert": {"name": "q_bert", "groups": 4, "mixed": {"bits": [2, 4], "average": 3},
+               "hessian": {"batches": 2, "batch_size": 4, "iterations": 5}, "epochs": 1},
     "w8a8_qat": {"name": "w8a8_qat", "range_lr": 1e-3},
     "w4a8_qat": {"name": "w4a8_qat", "embedding_bits": 2},
     "w4a32_qat": {"name": "w4a32_qat"},
@@ -53,7 +56,9 @@ def tiny(real_data: Path, recipe: dict, **extra) -> object:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_end_to_end(real_data, tmp_path, name):
-    extra = {"export": {"formats": ["integer"]}} if name in ("q8bert", "w4a8_qat") else {}
+    extra = {"export": {"formats": ["integer"]}} if name in ("q8bert", "w4a8_qat", "q_bert") else {}
+    if name == "q8bert_ptq":
+        extra = {"export": {"formats": ["hf"]}}
     result = run_experiment(tiny(real_data, RECIPES[name], **extra), root=tmp_path)
     record = read_json(result.folder / "seed=0" / "metrics.json")
     assert set(record["metrics"]) == {"f1", "accuracy"}
@@ -80,6 +85,28 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
         export = record["exports"]["integer"]
         assert export["bit_exact"] and export["entries"]["bias_int32"] == 2 * 6 + 2
         assert 3.5 < export["compression"] < 4
+    elif name == "q8bert_ptq":  # the fine-tuned checkpoint, no calibration, activations ranged per input
+        assert record["finetune"]["cached"] in (True, False) and "calibration" not in report
+        assert report["activation_ranges"].startswith("dynamic") and report["padding_in_ranges"] is False
+        plan = report["plan"]
+        # the inputs of every FC layer: the embeddings output, per layer the attention context, FFN input, GELU
+        # output and layer output (the next Q/K/V input, the last one the pooler input), and the pooled output
+        assert plan["weight"]["fp"] == 0 and plan["activation"]["quantized"] == 1 + 2 * 4 + 1
+        quantizers = read_json(result.folder / "seed=0" / "export" / "hf" / "quantizers.json")["quantizers"]
+        assert {q["state"] for q in quantizers if q["kind"] == "activation"} == {"dynamic"}
+        assert {q["state"] for q in quantizers if q["kind"] == "weight"} == {"fixed"}
+    elif name == "q_bert":  # Hessian-allocated bits, group-wise weights, QAT from the FP32 checkpoint
+        assert record["simulated"] is True and record["qat"]["steps"] == 4
+        layers = report["sensitivity"]["layers"]
+        assert sorted(layers) == ["0", "1"] and all(len(layer["eigenvalues"]) == 2 for layer in layers.values())
+        # two equal layers, 3 bits on average of [2, 4]: the more sensitive one gets 4
+        top = report["sensitivity"]["ranking"][0]
+        assert {layer: v["bits"] for layer, v in layers.items()} == {str(top): 4, str(1 - top): 2}
+        assert layers[str(top)]["omega"] >= layers[str(1 - top)]["omega"]
+        assert report["sensitivity"]["average_bits"] == 3
+        weights = report["plan"]["weight"]
+        assert weights["fp"] == 1 and weights["by_bits"] == {"2": 6, "4": 6, "8": 3 + 1}  # + pooler at 8
+        assert record["exports"]["integer"]["bit_exact"]
     elif name in ("w8a8_qat", "w4a8_qat", "w4a32_qat"):  # from the cached FP32 checkpoint
         assert record["simulated"] is True and record["finetune"]["cached"] in (True, False)
         # Table 10 / 11 settings for MRPC: batch size 8, 3 epochs -> 64 / 8 * 3 steps

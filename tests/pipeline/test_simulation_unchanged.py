@@ -23,7 +23,7 @@ from qbert.pipeline.run import run_experiment
 from qbert.quant import fused
 from qbert.quant.functional import reference_arithmetic
 
-PARAMS = {"peg": {"groups": 4}}  # tiny-random's 64 dimensions: 4 groups, not 6
+PARAMS = {"peg": {"groups": 4}, "q_bert": {"groups": 4}}  # tiny-random's 64 dimensions: 4 groups, not 6 or 128
 LEARNED_RANGES = {"w8a8_qat", "w4a8_qat", "w4a32_qat"}
 
 

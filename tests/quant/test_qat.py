@@ -285,3 +285,56 @@ def test_integer_file_holds_grid_codes_and_int32_biases(tmp_path) -> None:
     np.testing.assert_array_equal(params[f"{name}.weight"], effective)
     bias = raw[f"{name}.bias"].astype(np.float64) * raw[f"{name}.bias.scale"].astype(np.float64)
     np.testing.assert_allclose(bias, model.base_model.encoder.layer[0].output.dense.bias.detach().numpy(), rtol=1e-6)
+
+
+def test_dynamic_quantizer_ranges_each_input_by_its_own_max_as_nlp_architect() -> None:
+    """NLP Architect's DYNAMIC mode: scale = 127 / max|x| of the input at hand, codes clip(round(x * scale),
+    -127, 127), de-quantized by / scale; here over the valid (non-padding) positions only."""
+    rng = np.random.default_rng(5)
+    x_np = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    valid = np.ones((2, 6), dtype=bool)
+    valid[1, 4:] = False
+    x_np[1, 4:] = 40.0  # padding far outside the real tokens' range: left out of the max, then clipped
+
+    def nlp_architect(values: np.ndarray, threshold: np.float32) -> np.ndarray:
+        scale = np.float32(127) / threshold
+        return np.clip(np.round(values * scale), -127, 127) / scale
+
+    q = Quantizer(QuantSpec(bits=8, symmetric=True, narrow=True, ste="identity", estimator="minmax"), RunningAbsMax())
+    q.set_state("dynamic")
+    out = q(torch.from_numpy(x_np), torch.from_numpy(valid)).numpy()
+    threshold = np.abs(x_np[valid]).max()
+    np.testing.assert_allclose(out, nlp_architect(x_np, threshold), rtol=0, atol=1e-6)
+    assert np.all(out[1, 4:] == pytest.approx(threshold, rel=1e-6))
+    # every call its own range: the first sequence alone is quantized more finely than in the batch
+    alone = q(torch.from_numpy(x_np[:1])).numpy()
+    np.testing.assert_allclose(alone, nlp_architect(x_np[:1], np.abs(x_np[0]).max()), rtol=0, atol=1e-6)
+    assert not np.array_equal(alone, out[:1])
+    assert float(q.scale) == 1.0  # the stored range is not used nor changed
+
+
+def test_q8bert_ptq_is_q8bert_sites_with_each_batch_quantized_by_its_own_ranges() -> None:
+    """The dynamic model on one batch equals the same sites calibrated on that batch alone (max |x| of each site
+    with the sites before it quantized: ``estimate_quantized``, another path through the quantizers)."""
+    from qbert.pipeline.quantize import quantizer_factory, range_weights
+    from qbert.quant.sites import enumerate_sites, instrument
+
+    dynamic_config, q8bert_config = _config({"name": "q8bert_ptq"}), _config({"name": "q8bert"})
+    dynamic = get_recipe("q8bert_ptq")(dynamic_config.recipe, dynamic_config)
+    q8bert = get_recipe("q8bert")(q8bert_config.recipe, q8bert_config)
+    sites = enumerate_sites(_tiny_model())
+    assert dynamic.plan(sites).totals() == q8bert.plan(sites).totals()
+
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    outputs = []
+    for state in ("dynamic", "estimate_quantized"):
+        model = _tiny_model().eval()
+        inst = instrument(model, dynamic.plan(enumerate_sites(model)), quantizer_factory(dynamic_config.estimator))
+        range_weights(inst)
+        inst.set_state(state, kind="activation")
+        with torch.no_grad():
+            outputs.append(model(**batch).logits)
+    assert torch.equal(outputs[0], outputs[1])
+    with torch.no_grad():
+        float_logits = _tiny_model().eval()(**batch).logits
+    assert not torch.equal(outputs[0], float_logits)
