@@ -178,6 +178,9 @@ class QBert(QatRecipe):
         omega = {layer: spectra[layer].omega for layer in layers}
         bits = allocate_bits(omega, sizes, settings.mixed.bits, settings.mixed.average)
         average = sum(bits[i] * sizes[i] for i in layers) / sum(sizes.values())
+        ctx.log.info("q_bert: Hessian spectra of %d layers on %d batches in %.1f s; Omega %s; bits %s (average %.3f)",
+                     len(layers), settings.hessian.batches, time.perf_counter() - start,
+                     ", ".join(f"{omega[i]:.4g}" for i in layers), ", ".join(str(bits[i]) for i in layers), average)
         return bits, {
             "layers": {str(layer): {**spectra[layer].as_dict(), "bits": bits[layer]} for layer in layers},
             "ranking": sorted(layers, key=lambda layer: (-omega[layer], layer)),
