@@ -51,6 +51,12 @@ class StaticQuantRecipe(Recipe):
     activation_bits: int | None = 8
     weight_granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
 
+    def __init__(self, params: Any, config: ExperimentConfig):
+        super().__init__(params, config)
+        # recipes whose parameters name the bit widths (ptq, the low-bit and Q-BERT recipes) take them from there
+        self.weight_bits = getattr(params, "weight_bits", type(self).weight_bits)
+        self.activation_bits = getattr(params, "activation_bits", type(self).activation_bits)
+
     def weight_spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, granularity=self.weight_granularity,
                          estimator=self.config.estimator.weights)
@@ -116,10 +122,6 @@ class LowBitWeights:
     weights on symmetric grids from the MSE estimator (Bondarenko et al. sec. 5 use MSE below 8 bits),
     the word embedding table at ``embedding_bits`` when set."""
 
-    def __init__(self, params: Any, config: ExperimentConfig):
-        super().__init__(params, config)  # type: ignore[call-arg]
-        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
-
     def weight_spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, estimator="mse")
 
@@ -148,7 +150,6 @@ class Ptq(StaticQuantRecipe):
 
     def __init__(self, params: PtqParams, config: ExperimentConfig):
         super().__init__(params, config)
-        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
         self.weight_granularity = params.weight_granularity
 
 

@@ -108,10 +108,6 @@ class QBert(QatRecipe):
     Params = QBertParams
     source = "Shen et al. 2020 (Q-BERT); Bondarenko et al. 2021 Table 6 (Q-BERT W8A8 QAT row); GOBO Table III"
 
-    def __init__(self, params: QBertParams, config: Any):
-        super().__init__(params, config)
-        self.weight_bits, self.activation_bits = params.weight_bits, params.activation_bits
-
     def weight_spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, granularity="per_channel", groups=self.params.groups,
                          estimator="minmax")
