@@ -291,6 +291,7 @@ HASH_NEUTRAL: dict[str, Any] = {
     "calibrate.permutation_ranges": "all",
     "recipe.pooler": False,
     "recipe.precision": None,
+    "recipe.quant_noise": None,
     "reference": None,
 }
 """Keys added to the schema after results were first hashed (dotted; ``recipe.<field>`` for any recipe's

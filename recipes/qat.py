@@ -24,12 +24,13 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from qbert.recipes.base import Quantized, Training
 from qbert.recipes.ptq import LowBitWeights, Rule, StaticQuantParams, StaticQuantRecipe
 
 from qbert.errors import QbertError
 from qbert.quant.spec import QuantSpec
+from qbert.schema import Section
 
 # Bondarenko et al. Appendix B.3-B.4: the best configuration per task (bold in the paper) and the
 # search space. Where the extracted table does not show which epoch count was bold (W8A8 STS-B,
@@ -80,6 +81,19 @@ if TYPE_CHECKING:
 TRAINING_KEYS = ("lr", "batch_size", "epochs", "attention_dropout")
 
 
+class QuantNoise(Section):
+    """Quant-Noise (Fan et al. 2020): at each training step only a random share of the weights (and activations) is
+    fake-quantized, the rest trains in floating point, as dropout; evaluation quantizes everything."""
+
+    p: float = Field(0.5, gt=0, le=1, description="Share of the blocks quantized at each training step; 1 = plain "
+                     "QAT. 0.5: Fan et al.'s scalar (int8) setting (fairseq --quant-noise-scalar 0.5).")
+    block_size: int = Field(1, ge=1, description="Consecutive entries along the last dimension (a weight's input "
+                            "features, an activation's hidden units) drawn together; 1 = each entry, as Fan et al.'s "
+                            "scalar quantization; 8 = their product-quantization block.")
+    activations: bool = Field(True, description="Also the activation quantizers (Fan et al.'s scalar Quant-Noise "
+                              "quantizes a share of both); false = weights only.")
+
+
 class QatParams(StaticQuantParams):
     """Training settings of the QAT stage (null: the paper's best for the task, else ``finetune``)."""
 
@@ -99,6 +113,16 @@ class QatParams(StaticQuantParams):
         "fake-quantized output back to bf16 (off the grid by up to ~1 step at 8 bits); fp32 keeps it on the grid, "
         "as the reference code trains.",
     )
+    quant_noise: QuantNoise | None = Field(
+        None, description="Quant-Noise (Fan et al. 2020): quantize a random share p of the blocks at each training "
+        "step; a number is p (`quant_noise: 0.5`); null = every site quantized at every step.")
+
+    @field_validator("quant_noise", mode="before")
+    @classmethod
+    def _share_alone(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"p": value}
+        return value
 
 
 def set_attention_dropout(model: Any, p: float) -> None:
@@ -135,6 +159,18 @@ class QatRecipe(StaticQuantRecipe):
         if config.skips_finetuning and config.recipe.epochs is None and "epochs" not in table:
             raise ValueError("recipe.epochs: the model is already fine-tuned (finetune.epochs 0), so the QAT loop "
                              "needs its own epochs; set recipe.epochs (e.g. 3)")
+
+    def quantized(self, model: Any, ctx: Any, arithmetic: Any = "float", **fields: Any) -> Quantized:
+        """The recipe's value, with Quant-Noise on its quantizers when the parameters ask for it."""
+        noise: QuantNoise | None = self.params.quant_noise  # type: ignore[attr-defined]
+        instrumented = fields.get("instrumented")
+        if noise is not None and instrumented is not None:
+            chosen = instrumented.quantizers if noise.activations else instrumented.weights()
+            for quantizer in chosen.values():
+                quantizer.noise = (noise.p, noise.block_size)
+            fields["report"] = {**fields.get("report", {}), "quant_noise": {**noise.model_dump(),
+                                                                            "quantizers": len(chosen)}}
+        return super().quantized(model, ctx, arithmetic, **fields)
 
     def training_settings(self) -> dict[str, Any]:
         """The resolved QAT settings and where each came from."""

@@ -95,6 +95,10 @@ class Quantizer(nn.Module):
         """How :meth:`range_permutation` ranks dimensions: by their range over every observed batch
         (``all``), an EMA of the per-batch ranges with this momentum (``ema``), or the last batch's."""
         self.dim_width: torch.Tensor | None = None
+        self.noise: tuple[float, int] | None = None
+        """Quant-Noise (Fan et al. 2020) as ``(p, block_size)``: while training (with gradients), each block of
+        ``block_size`` consecutive entries along the last dimension is fake-quantized with probability ``p`` and
+        passes in floating point otherwise; in eval mode everything is quantized. None: every entry, always."""
 
     # states -----------------------------------------------------------------------------------
     def set_state(self, state: QuantState) -> None:
@@ -266,7 +270,22 @@ class Quantizer(nn.Module):
         if self.state == "estimate_quantized" or (self.state == "estimate_train" and self.training):
             self.observe(x, valid)
             self.set_range(*self.estimator.range())
-        return self.quantize(x)
+        out = self.quantize(x)
+        if self.noise is not None and self.training and torch.is_grad_enabled():
+            out = self._quant_noise(x, out)
+        return out
+
+    def _quant_noise(self, x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        """``quantized`` on a random ``p`` share of the blocks of ``x`` (drawn anew at every call), ``x`` elsewhere;
+        the gradient of a quantized block is the quantizer's (straight-through), of the others the identity."""
+        p, block = self.noise  # type: ignore[misc]
+        if p >= 1:
+            return quantized
+        width = x.shape[-1]
+        chosen = torch.rand((*x.shape[:-1], -(-width // block)), device=x.device) < p
+        if block > 1:
+            chosen = chosen.repeat_interleave(block, dim=-1)[..., :width]
+        return torch.where(chosen, quantized, x.to(quantized.dtype))
 
     def quantize_dynamic(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize ``x`` on the grid of its own per-group range (``valid`` positions; on a symmetric grid the

@@ -31,7 +31,7 @@ RECIPES = {
                "hessian": {"batches": 2, "batch_size": 4, "iterations": 5}, "epochs": 1},
     "w8a8_qat": {"name": "w8a8_qat", "range_lr": 1e-3},
     "w4a8_qat": {"name": "w4a8_qat", "embedding_bits": 2},
-    "w4a32_qat": {"name": "w4a32_qat"},
+    "w4a32_qat": {"name": "w4a32_qat", "quant_noise": {"p": 0.5, "block_size": 8}},
     "adaround": {"name": "adaround", "sequences": 16, "iterations": 20},
 }
 
@@ -120,8 +120,10 @@ def test_recipe_runs_end_to_end(real_data, tmp_path, name):
             export = record["exports"]["integer"]
             assert export["bit_exact"] and "bias_int32" not in export["entries"]  # asymmetric inputs
             assert export["file_bytes"] < 1.05 * report["size"]["mb"] * 1e6 + 20_000  # + header
-        if name == "w4a32_qat":
+        if name == "w4a32_qat":  # with Quant-Noise on its weights
             assert init["plan"]["activation"]["quantized"] == 0
+            noise = {"p": 0.5, "block_size": 8, "activations": True, "quantizers": 3 + 6 * 2 + 2}
+            assert report["quant_noise"] == noise
     else:
         assert record["simulated"] is True
         assert report["calibration"]["sequences"] == 8 and report["calibration"]["batches"] == 2
