@@ -11,6 +11,7 @@ from qbert.cli import inspect as inspect_cmd
 from qbert.cli import ls as ls_cmd
 from qbert.cli import plot as plot_cmd
 from qbert.cli import run as run_cmd
+from qbert.cli import search as search_cmd
 from qbert.cli import sweep as sweep_cmd
 from qbert.cli import table as table_cmd
 from qbert.cli import validate as validate_cmd
@@ -56,6 +57,8 @@ app.command("table", epilog="Example: qbert table configs/papers/bondarenko2021/
 app.command(
     "validate", epilog="Example: qbert validate configs/*.yaml; qbert validate configs/mrpc_peg.yaml recipe.groups=3"
 )(validate_cmd.validate)
+app.command("search", epilog="Example: qbert search configs/stsb_w8a8_ptq.yaml --target 'loss<=1.0'")(
+    search_cmd.search)
 app.command("ls", epilog="Example: qbert ls --task mrpc --recipe peg --status done; qbert ls --sweeps")(ls_cmd.ls)
 app.command("export", epilog="Example: qbert export runs/mrpc_gobo/<hash>/seed=42 --format hf")(export_cmd.export)
 app.command("plot", epilog="Example: qbert plot --task stsb --model minilm-l6 --metric pearson,spearman")(

@@ -23,7 +23,7 @@ try:
 except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-_API = ("quantize", "prepare", "convert", "to_integer", "evaluate", "export", "load", "run")
+_API = ("quantize", "prepare", "convert", "to_integer", "evaluate", "export", "load", "run", "search")
 __all__ = [*_API, "Quantized", "__version__"]
 
 

@@ -294,13 +294,36 @@ def run(config: Any, overrides: list[str] | None = None, *, runs_dir: str | Path
     """Every seed of an experiment through the pipeline, as ``qbert run`` does: ``config`` is a YAML
     path, a mapping, or an :class:`~qbert.config.ExperimentConfig`; returns per-seed outcomes and the
     summary."""
-    from qbert.config import ExperimentConfig, apply_overrides, load_config, parse_config
     from qbert.pipeline.run import run_experiment
 
+    return run_experiment(_experiment(config, overrides, "qbert.run"), root=runs_dir, force=force)
+
+
+def search(config: Any, target: str = "loss<=1.0", overrides: list[str] | None = None, *, seed: int | None = None,
+           holdout: float = 0.5, probe: int = 256, sites: str = "activations", high_bits: int = 16,
+           runs_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """The fewest sites of a post-training config's plan to raise to ``high_bits`` so that its headline metric
+    stays within ``target`` of FP32, as ``qbert search`` does (:mod:`qbert.precision_search`): the chosen sites, the
+    sensitivity ranking, every evaluation, and the held-out scores. ``sites``: ``activations`` or ``all``."""
+    from qbert.precision_search import SearchSettings, check_searchable, parse_target, run_search
+
+    config = _experiment(config, overrides, "qbert.search")
+    check_searchable(config)
+    if sites not in ("activations", "all"):
+        raise QbertError(f"sites {sites!r}: activations or all", key="sites")
+    settings = SearchSettings(parse_target(target), config.seeds[0] if seed is None else seed, holdout=holdout,
+                              probe=probe, high_bits=high_bits,
+                              kinds=("activation",) if sites == "activations" else ("activation", "weight"))
+    return run_search(config, settings, root=runs_dir, force=force)
+
+
+def _experiment(config: Any, overrides: list[str] | None, source: str) -> Any:
+    from qbert.config import ExperimentConfig, apply_overrides, load_config, parse_config
+
     if isinstance(config, (str, Path)):
-        config = load_config(config, overrides or [])
-    elif isinstance(config, dict):
-        config = parse_config(apply_overrides(config, overrides or []), source="qbert.run")
-    elif not isinstance(config, ExperimentConfig):
+        return load_config(config, overrides or [])
+    if isinstance(config, dict):
+        return parse_config(apply_overrides(config, overrides or []), source=source)
+    if not isinstance(config, ExperimentConfig):
         raise QbertError("config must be a YAML path, a mapping or an ExperimentConfig", key="config")
-    return run_experiment(config, root=runs_dir, force=force)
+    return config

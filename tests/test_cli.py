@@ -17,8 +17,8 @@ def invoke(*args):
     return runner.invoke(app, list(args))
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "ls", "sweep", "table", "export", "plot", "inspect sites",
-                                     "inspect outliers", "inspect weights"])
+@pytest.mark.parametrize("command", ["run", "search", "validate", "ls", "sweep", "table", "export", "plot",
+                                     "inspect sites", "inspect outliers", "inspect weights"])
 def test_every_help_ends_with_an_example(command):
     result = invoke(*command.split(), "--help")
     assert result.exit_code == 0
