@@ -24,7 +24,8 @@ def search(
                      ] = 256,
     sites: Annotated[Literal["activations", "all"], typer.Option(
         help="Candidate sites: the quantized activations, or weights too.")] = "activations",
-    high_bits: Annotated[int, typer.Option(min=9, max=16, help="Bits of a raised site.")] = 16,
+    high_bits: Annotated[str, typer.Option(help="Bits of a raised site (9-16), or fp: left in floating point (no "
+                                           "range clips it).")] = "16",
     force: Annotated[bool, typer.Option("--force", help="Search again even if this search finished.")] = False,
     runs_dir: Annotated[Path | None, typer.Option(help=RUNS_DIR_HELP, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -40,15 +41,22 @@ def search(
         from rich.console import Console
 
         from qbert.config import load_config
-        from qbert.precision_search import SearchSettings, check_searchable, parse_target, run_search
+        from qbert.precision_search import (
+            SearchSettings,
+            check_searchable,
+            parse_high_bits,
+            parse_target,
+            run_search,
+        )
         from qbert.progress import Reporter
 
         goal = parse_target(target)
+        bits = parse_high_bits(high_bits)
         cfg = load_config(config, overrides or [])
         check_searchable(cfg)
         settings = SearchSettings(goal, cfg.seeds[0] if seed is None else seed, holdout=holdout, probe=probe,
                                   kinds=("activation",) if sites == "activations" else ("activation", "weight"),
-                                  high_bits=high_bits)
+                                  high_bits=bits)
         console = Console()
         console.print(f"[bold]{cfg.name}[/]: {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, seed "
                       f"{settings.seed}, target {goal}", soft_wrap=True)
@@ -66,8 +74,11 @@ def search(
             f"{result['recipe']} {held['start']:.2f}, chosen {held['chosen']:.2f}: loss {held['loss']:.2f} "
             f"{'%' if goal.relative else 'points'}, {verdict} {goal}", soft_wrap=True, highlight=False)
         if not result["reached"]:
+            hint = ("; 16-bit sites keep their calibrated ranges, so clipping, not the grid's resolution, may be what "
+                    "costs: try --high-bits fp" if settings.high_bits is not None else "; try --sites all")
             console.print(f"the target was not reached on the search part even with every candidate at "
-                          f"{settings.high_bits} bits", soft_wrap=True)
+                          f"{settings.raised} ({result['search']['chosen']:.2f}){hint}", soft_wrap=True,
+                          highlight=False)
         console.print(f"results: {result['folder']} (chosen.yaml: the config with these sites)", soft_wrap=True)
         if not result["reached"]:
             raise typer.Exit(1)
@@ -78,7 +89,8 @@ def search_table(result: dict) -> object:
     from rich.table import Table
 
     sensitivity = {row["site"]: row["sensitivity"] for row in result["sensitivity"]["ranking"]}
-    table = Table(title=f"{len(result['chosen'])} site(s) raised to {result['high_bits']} bits "
+    raised = "FP32" if result["high_bits"] is None else f"{result['high_bits']} bits"
+    table = Table(title=f"{len(result['chosen'])} site(s) raised to {raised} "
                   f"({result['evaluations']['total']} evaluations)")
     table.add_column("rank", justify="right")
     table.add_column("site")

@@ -1,5 +1,5 @@
-"""Mixed precision chosen for you (``qbert search``): the fewest sites of a post-training plan raised to 16 bits so
-that the dev metric stays within a target of FP32.
+"""Mixed precision chosen for you (``qbert search``): the fewest sites of a post-training plan raised to 16 bits (or
+left in floating point) so that the dev metric stays within a target of FP32.
 
 Intel ships int8 BERTs with a few FFN output layers left in FP32 "to meet the 1% relative accuracy loss";
 Bondarenko et al. 2021 (Table 4) pick the 16-bit sites by hand (the FFN's input, output and residual sum). The search
@@ -11,15 +11,20 @@ does it from data, for one seed of a config whose recipe is a post-training plan
    tuned on the numbers it reports). The FP32 model is the config's own fine-tuned checkpoint (the cache of
    ``qbert run``).
 2. **Sensitivity, leave-one-out.** For every quantized activation site (``--sites all``: weights too), the plan with
-   that site alone raised to 16 bits is calibrated as the recipe calibrates and run on ``probe`` examples of the
-   search part; its sensitivity is how much that lowers the mean squared difference between the quantized and FP32
-   outputs (logits, or the regression score). The output difference is used rather than the metric: it is
-   continuous, needs no labels and separates sites that a few hundred examples' accuracy would tie (Bondarenko et
+   that site alone raised to 16 bits (``--high-bits fp``: left in floating point) is calibrated as the recipe
+   calibrates and run on ``probe`` examples of the search part; its sensitivity is how much that lowers the mean
+   squared difference between the quantized and FP32 outputs (logits, or the regression score). The output
+   difference is used rather than the metric: it is continuous, needs no labels and separates sites that a few
+   hundred examples' accuracy would tie (Bondarenko et
    al.'s Table 2 leaves whole families out and reads the metric; this is the same experiment per site).
 3. **Fewest sites.** Sites are raised in the order of their sensitivity; the smallest prefix whose metric on the
    search part is within the target of FP32's is found by doubling the prefix, then bisecting (the metric is taken
    as monotone in the prefix; every evaluation is counted and listed).
 4. **Held out.** FP32, the starting plan and the chosen plan are scored on the held-out part.
+
+A 16-bit site keeps the range its estimator calibrated, so values beyond it are still clipped: where clipping and
+not resolution is what costs (MiniLM-L6's STS-B, below the target even with every activation at 16 bits), only
+floating point helps.
 
 Every evaluation is stored as it finishes (``evaluations.json`` beside ``search.json``), so an interrupted search
 resumes where it stopped and a search for another target reuses them; ``chosen.yaml`` is the config with the chosen
@@ -76,6 +81,20 @@ def parse_target(text: str) -> Target:
     return Target(float(match.group(1)), relative=bool(match.group(2)))
 
 
+def parse_high_bits(text: str | int | None) -> int | None:
+    """``16`` (9-16 bits) or ``fp`` (None: floating point)."""
+    if text is None or str(text).strip().lower() in ("fp", "fp32", "float"):
+        return None
+    try:
+        bits = int(str(text))
+    except ValueError:
+        bits = 0
+    if not 9 <= bits <= 16:
+        raise QbertError(f"{text!r}: the bits of a raised site, 9 to 16 (e.g. 16), or fp to leave it in floating "
+                         "point", key="--high-bits")
+    return bits
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """What a search does besides its config: the target and how it spends evaluations."""
@@ -88,7 +107,12 @@ class SearchSettings:
     """Examples of the search part that the sensitivities are measured on."""
     kinds: tuple[str, ...] = ("activation",)
     """Which quantized sites are candidates: activations, or also weights."""
-    high_bits: int = 16
+    high_bits: int | None = 16
+    """Bits of a raised site; None: floating point (the site is left unquantized, no range clips it)."""
+
+    @property
+    def raised(self) -> str:
+        return "FP32" if self.high_bits is None else f"{self.high_bits} bits"
 
     def data(self) -> dict[str, Any]:
         return {"target": str(self.target), "kinds": list(self.kinds), **self.evaluation_data()}
@@ -122,12 +146,12 @@ def search_folder(root: Path, config: ExperimentConfig, settings: SearchSettings
     return root / SEARCH_FOLDER / config.name / identity / f"{SEED_PREFIX}{settings.seed}"
 
 
-def with_raised(config: ExperimentConfig, sites: list[str], bits: int) -> ExperimentConfig:
-    """``config`` with ``sites`` raised to ``bits`` by site rules after its own."""
+def with_raised(config: ExperimentConfig, sites: list[str], bits: int | None) -> ExperimentConfig:
+    """``config`` with ``sites`` raised to ``bits`` (None: floating point) by site rules after its own."""
     data = config.resolved()
     rules = data["recipe"].get("sites") or []
     rules = [{k: v} for k, v in rules.items()] if isinstance(rules, dict) else list(rules)
-    data["recipe"]["sites"] = rules + [{site: {"bits": bits}} for site in sites]
+    data["recipe"]["sites"] = rules + [{site: None if bits is None else {"bits": bits}} for site in sites]
     return parse_config(data)
 
 
@@ -273,10 +297,10 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     # candidates: the quantized sites of the starting plan, below high_bits
     plan = get_recipe(config.recipe.name)(config.recipe, config).plan(enumerate_sites(fp32))
     candidates = [s.name for s in plan.quantized() if s.kind in settings.kinds
-                  and plan.specs[s.name].bits < settings.high_bits]
+                  and (settings.high_bits is None or plan.specs[s.name].bits < settings.high_bits)]
     if not candidates:
         raise QbertError(f"the plan of recipe {config.recipe.name} has no {' or '.join(settings.kinds)} site below "
-                         f"{settings.high_bits} bits to raise", key="recipe")
+                         f"{settings.raised} to raise", key="recipe")
     base_error = error([])
     with reporter.bar("sensitivity", len(candidates)) as advance:
         sensitivity = {}
@@ -295,7 +319,7 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
         ok = settings.target.met(fp32_search, value)
         trace.append({"sites": k, "metric": value, "loss": round(settings.target.loss(fp32_search, value), 4),
                       "within": ok})
-        say(f"  {k:3d} sites at {settings.high_bits} bits: {task.headline} {value:.2f} on the search part "
+        say(f"  {k:3d} sites at {settings.raised}: {task.headline} {value:.2f} on the search part "
             f"({'within' if ok else 'outside'} {settings.target})")
         return ok
 

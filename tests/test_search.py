@@ -11,7 +11,15 @@ from typer.testing import CliRunner
 from qbert.config import load_config, parse_config
 from qbert.errors import QbertError
 from qbert.pipeline.run import check_site_plan
-from qbert.precision_search import SearchSettings, Target, parse_target, run_search, smallest_prefix, with_raised
+from qbert.precision_search import (
+    SearchSettings,
+    Target,
+    parse_high_bits,
+    parse_target,
+    run_search,
+    smallest_prefix,
+    with_raised,
+)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -58,6 +66,17 @@ def test_raised_sites_get_high_bits_after_the_configs_own_rules():
     assert changed == {"layer.1.ffn.residual_sum", "layer.1.attn.scores"}
     assert after.specs["layer.1.ffn.residual_sum"].bits == 16 and after.specs["layer.1.attn.scores"].bits == 16
     assert after.specs["layer.0.ffn.residual_sum"] is None  # the config's own rule still applies
+    floating = check_site_plan(with_raised(config, ["layer.1.ffn.residual_sum"], None))
+    assert floating.specs["layer.1.ffn.residual_sum"] is None
+    assert {n for n in before.specs if before.specs[n] != floating.specs[n]} == {"layer.1.ffn.residual_sum"}
+
+
+def test_high_bits():
+    assert parse_high_bits("16") == 16 and parse_high_bits(12) == 12
+    assert parse_high_bits("fp") is None and parse_high_bits("FP32") is None and parse_high_bits(None) is None
+    for bad in ("8", "17", "half"):
+        with pytest.raises(QbertError, match="--high-bits.*9 to 16.*fp"):
+            parse_high_bits(bad)
 
 
 def _config(real_data, **recipe):
