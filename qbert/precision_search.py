@@ -15,8 +15,8 @@ does it from data, for one seed of a config whose recipe is a post-training plan
    calibrates and run on ``probe`` examples of the search part; its sensitivity is how much that lowers the mean
    squared difference between the quantized and FP32 outputs (logits, or the regression score). The output
    difference is used rather than the metric: it is continuous, needs no labels and separates sites that a few
-   hundred examples' accuracy would tie (Bondarenko et
-   al.'s Table 2 leaves whole families out and reads the metric; this is the same experiment per site).
+   hundred examples' accuracy would tie (Bondarenko et al.'s Table 2 leaves whole families out and reads the
+   metric; this is the same experiment per site).
 3. **Fewest sites.** Sites are raised in the order of their sensitivity; the smallest prefix whose metric on the
    search part is within the target of FP32's is found by doubling the prefix, then bisecting (the metric is taken
    as monotone in the prefix; every evaluation is counted and listed).
