@@ -19,6 +19,8 @@ def search(
                                         "(relative to FP32).")] = "loss<=1.0",
     seed: Annotated[int | None, typer.Option(help="The seed searched (default: the config's first).",
                                              show_default=False)] = None,
+    margin: Annotated[float, typer.Option(min=0, help="How far inside the target the search part must be (points, "
+                                          "or percent for a relative target): room for the held-out part.")] = 0.0,
     holdout: Annotated[float, typer.Option(help="Share of the evaluation split held out for the final score.")] = 0.5,
     probe: Annotated[int, typer.Option(min=1, help="Examples of the search part the sensitivities are measured on.")
                      ] = 256,
@@ -55,6 +57,7 @@ def search(
         cfg = load_config(config, overrides or [])
         check_searchable(cfg)
         settings = SearchSettings(goal, cfg.seeds[0] if seed is None else seed, holdout=holdout, probe=probe,
+                                  margin=margin,
                                   kinds=("activation",) if sites == "activations" else ("activation", "weight"),
                                   high_bits=bits)
         console = Console()
@@ -79,6 +82,10 @@ def search(
             console.print(f"the target was not reached on the search part even with every candidate at "
                           f"{settings.raised} ({result['search']['chosen']:.2f}){hint}", soft_wrap=True,
                           highlight=False)
+        if result["reached"] and not held["within"]:
+            console.print(f"the search part ({result['examples']['search']} examples) was within the target and the "
+                          "held-out part is not: its metric is noisier than the target; --margin asks the search part "
+                          "for more", soft_wrap=True)
         console.print(f"results: {result['folder']} (chosen.yaml: the config with these sites)", soft_wrap=True)
         if not result["reached"]:
             raise typer.Exit(1)

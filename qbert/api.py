@@ -300,7 +300,8 @@ def run(config: Any, overrides: list[str] | None = None, *, runs_dir: str | Path
 
 
 def search(config: Any, target: str = "loss<=1.0", overrides: list[str] | None = None, *, seed: int | None = None,
-           holdout: float = 0.5, probe: int = 256, sites: str = "activations", high_bits: int | str | None = 16,
+           holdout: float = 0.5, probe: int = 256, margin: float = 0.0, sites: str = "activations",
+           high_bits: int | str | None = 16,
            runs_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """The fewest sites of a post-training config's plan to raise to ``high_bits`` so that its headline metric
     stays within ``target`` of FP32, as ``qbert search`` does (:mod:`qbert.precision_search`): the chosen sites, the
@@ -313,7 +314,7 @@ def search(config: Any, target: str = "loss<=1.0", overrides: list[str] | None =
     if sites not in ("activations", "all"):
         raise QbertError(f"sites {sites!r}: activations or all", key="sites")
     settings = SearchSettings(parse_target(target), config.seeds[0] if seed is None else seed, holdout=holdout,
-                              probe=probe, high_bits=parse_high_bits(high_bits),
+                              probe=probe, margin=margin, high_bits=parse_high_bits(high_bits),
                               kinds=("activation",) if sites == "activations" else ("activation", "weight"))
     return run_search(config, settings, root=runs_dir, force=force)
 

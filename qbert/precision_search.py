@@ -61,8 +61,9 @@ class Target:
         points = fp32 - value
         return 100 * points / abs(fp32) if self.relative else points
 
-    def met(self, fp32: float, value: float) -> bool:
-        return self.loss(fp32, value) <= self.limit + 1e-9
+    def met(self, fp32: float, value: float, margin: float = 0.0) -> bool:
+        """Whether ``value`` is within the target, ``margin`` (same unit) inside it."""
+        return self.loss(fp32, value) <= self.limit - margin + 1e-9
 
     def __str__(self) -> str:
         return f"loss<={self.limit:g}{'%' if self.relative else ''}"
@@ -107,6 +108,9 @@ class SearchSettings:
     """Examples of the search part that the sensitivities are measured on."""
     kinds: tuple[str, ...] = ("activation",)
     """Which quantized sites are candidates: activations, or also weights."""
+    margin: float = 0.0
+    """How far inside the target the search part must be (the target's unit): room for the difference between the
+    search part and the held-out part."""
     high_bits: int | None = 16
     """Bits of a raised site; None: floating point (the site is left unquantized, no range clips it)."""
 
@@ -115,7 +119,8 @@ class SearchSettings:
         return "FP32" if self.high_bits is None else f"{self.high_bits} bits"
 
     def data(self) -> dict[str, Any]:
-        return {"target": str(self.target), "kinds": list(self.kinds), **self.evaluation_data()}
+        return {"target": str(self.target), "margin": self.margin, "kinds": list(self.kinds),
+                **self.evaluation_data()}
 
     def evaluation_data(self) -> dict[str, Any]:
         """What every evaluation depends on: the target and the candidate kinds only decide which are made."""
@@ -316,11 +321,12 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
 
     def within(k: int) -> bool:
         value = scored(ranking[:k])
-        ok = settings.target.met(fp32_search, value)
+        ok = settings.target.met(fp32_search, value, settings.margin)
         trace.append({"sites": k, "metric": value, "loss": round(settings.target.loss(fp32_search, value), 4),
                       "within": ok})
         say(f"  {k:3d} sites at {settings.raised}: {task.headline} {value:.2f} on the search part "
-            f"({'within' if ok else 'outside'} {settings.target})")
+            f"({'within' if ok else 'outside'} {settings.target}"
+            f"{f' with a margin of {settings.margin:g}' if settings.margin else ''})")
         return ok
 
     chosen = smallest_prefix(len(ranking), within)

@@ -41,6 +41,7 @@ def test_target_loss_in_points_and_percent():
     assert not Target(1.0).met(84.5, 83.4)
     assert Target(1.0, relative=True).loss(80.0, 79.2) == pytest.approx(1.0)
     assert Target(1.0, relative=True).met(80.0, 79.2) and not Target(1.0, relative=True).met(80.0, 79.1)
+    assert Target(1.0).met(84.5, 84.0, margin=0.5) and not Target(1.0).met(84.5, 83.9, margin=0.5)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 20, 75])
