@@ -225,9 +225,11 @@ class LearnedRangeQat(QatRecipe):
         ptq = StaticQuantRecipe.convert(self, StaticQuantRecipe.calibrate(self, ptq, ctx), ctx)
         initial = quantizer_ranges(ptq)
         ptq.instrumented.set_state("learn")
+        # the PTQ initialisation went through self.quantized too: its report carries Quant-Noise once more
+        initialisation = {key: value for key, value in ptq.report.items() if key != "quant_noise"}
         return self.quantized(model, ctx, "simulated", instrumented=ptq.instrumented,
-                         report={"training": self.training_settings(), "initialisation": ptq.report,
-                                 "ranges": {name: {"initial": r} for name, r in initial.items()}})
+                              report={"training": self.training_settings(), "initialisation": initialisation,
+                                      "ranges": {name: {"initial": r} for name, r in initial.items()}})
 
     def convert(self, q, ctx):
         from qbert.quant.size import instrumented_size

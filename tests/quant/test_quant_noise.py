@@ -9,11 +9,13 @@ import pytest
 import torch
 from qbert.recipes import get_recipe
 
+import qbert
 from qbert.config import parse_config
 from qbert.errors import QbertError
 from qbert.quant.estimators import CurrentMinMax
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec
+from tests.conftest import PAIRS, tiny_model
 from tests.quant.test_qat import _batch, _instrumented
 
 
@@ -114,6 +116,18 @@ def test_the_recipe_puts_noise_on_its_quantizers(activations):
     noisy = {name for name, quantizer in inst.quantizers.items() if quantizer.noise == (0.4, 8)}
     assert noisy == set(inst.quantizers if activations else inst.weights())
     assert q.report["quant_noise"]["quantizers"] == len(noisy)
+
+
+def test_learned_range_prepare_reports_quant_noise_once():
+    """w8a8_qat initialises its ranges with a PTQ pass through the same recipe: the noise is reported on the
+    QAT value, not again inside its initialisation report."""
+    model, tokenizer = tiny_model()
+    q = qbert.prepare(model, {"name": "w8a8_qat", "quant_noise": 0.5}, calibration=PAIRS[:4], tokenizer=tokenizer,
+                      calibrate={"batches": 1, "batch_size": 4}, max_seq_len=32)
+    assert q.report["quant_noise"]["p"] == 0.5
+    assert q.report["quant_noise"]["quantizers"] == len(q.instrumented.quantizers)
+    assert "quant_noise" not in q.report["initialisation"]
+    assert all(quantizer.noise == (0.5, 1) for quantizer in q.instrumented.quantizers.values())
 
 
 def _train(noise: tuple[float, int] | None) -> torch.Tensor:
