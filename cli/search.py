@@ -21,6 +21,9 @@ def search(
                                              show_default=False)] = None,
     margin: Annotated[float, typer.Option(min=0, help="How far inside the target the search part must be (points, "
                                           "or percent for a relative target): room for the held-out part.")] = 0.0,
+    confidence: Annotated[float, typer.Option(
+        help="The search part's loss must be within the target at this one-sided confidence (a paired bootstrap over "
+             "its examples); 0: the point estimate.")] = 0.9,
     holdout: Annotated[float, typer.Option(help="Share of the evaluation split held out for the final score.")] = 0.5,
     probe: Annotated[int, typer.Option(min=1, help="Examples of the search part the sensitivities are measured on.")
                      ] = 256,
@@ -36,8 +39,9 @@ def search(
 
     One seed: the evaluation split is cut into a search part (every decision) and a held-out part (the final
     score). Sites are ranked by leave-one-out sensitivity on probe examples of the search part, then raised in that
-    order until the search part is within the target. Writes search.json, evaluations.json (an interrupted search
-    resumes) and chosen.yaml (the config with the chosen site rules) under <runs>/search/.
+    order until the search part's loss is within the target at --confidence (a paired bootstrap). Writes
+    search.json, evaluations.json (an interrupted search resumes) and chosen.yaml (the config with the chosen site
+    rules) under <runs>/search/.
     """
     with user_errors(source=config):
         from rich.console import Console
@@ -46,6 +50,7 @@ def search(
         from qbert.precision_search import (
             SearchSettings,
             check_searchable,
+            parse_confidence,
             parse_high_bits,
             parse_target,
             run_search,
@@ -54,12 +59,13 @@ def search(
 
         goal = parse_target(target)
         bits = parse_high_bits(high_bits)
+        bound = parse_confidence(confidence)
         cfg = load_config(config, overrides or [])
         check_searchable(cfg)
         settings = SearchSettings(goal, cfg.seeds[0] if seed is None else seed, holdout=holdout, probe=probe,
                                   margin=margin,
                                   kinds=("activation",) if sites == "activations" else ("activation", "weight"),
-                                  high_bits=bits)
+                                  high_bits=bits, confidence=bound)
         console = Console()
         console.print(f"[bold]{cfg.name}[/]: {cfg.model} on {cfg.task}, recipe {cfg.recipe.name}, seed "
                       f"{settings.seed}, target {goal}", soft_wrap=True)
@@ -84,8 +90,8 @@ def search(
                           highlight=False)
         if result["reached"] and not held["within"]:
             console.print(f"the search part ({result['examples']['search']} examples) was within the target and the "
-                          "held-out part is not: its metric is noisier than the target; --margin asks the search part "
-                          "for more", soft_wrap=True)
+                          "held-out part is not: its metric is noisier than the target; a higher --confidence or a "
+                          "--margin asks the search part for more", soft_wrap=True)
         console.print(f"results: {result['folder']} (chosen.yaml: the config with these sites)", soft_wrap=True)
         if not result["reached"]:
             raise typer.Exit(1)

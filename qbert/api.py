@@ -300,14 +300,22 @@ def run(config: Any, overrides: list[str] | None = None, *, runs_dir: str | Path
 
 
 def search(config: Any, target: str = "loss<=1.0", overrides: list[str] | None = None, *, seed: int | None = None,
-           holdout: float = 0.5, probe: int = 256, margin: float = 0.0, sites: str = "activations",
-           high_bits: int | str | None = 16,
+           holdout: float = 0.5, probe: int = 256, margin: float = 0.0, confidence: float | None = 0.9,
+           sites: str = "activations", high_bits: int | str | None = 16,
            runs_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """The fewest sites of a post-training config's plan to raise to ``high_bits`` so that its headline metric
     stays within ``target`` of FP32, as ``qbert search`` does (:mod:`qbert.precision_search`): the chosen sites, the
     sensitivity ranking, every evaluation, and the held-out scores. ``sites``: ``activations`` or ``all``;
-    ``high_bits``: 9-16, or ``"fp"`` (None) to leave the chosen sites in floating point."""
-    from qbert.precision_search import SearchSettings, check_searchable, parse_high_bits, parse_target, run_search
+    ``high_bits``: 9-16, or ``"fp"`` (None) to leave the chosen sites in floating point; ``confidence``: of the
+    search part's bootstrap loss bound (0 or None: the point estimate)."""
+    from qbert.precision_search import (
+        SearchSettings,
+        check_searchable,
+        parse_confidence,
+        parse_high_bits,
+        parse_target,
+        run_search,
+    )
 
     config = _experiment(config, overrides, "qbert.search")
     check_searchable(config)
@@ -315,6 +323,7 @@ def search(config: Any, target: str = "loss<=1.0", overrides: list[str] | None =
         raise QbertError(f"sites {sites!r}: activations or all", key="sites")
     settings = SearchSettings(parse_target(target), config.seeds[0] if seed is None else seed, holdout=holdout,
                               probe=probe, margin=margin, high_bits=parse_high_bits(high_bits),
+                              confidence=parse_confidence(confidence),
                               kinds=("activation",) if sites == "activations" else ("activation", "weight"))
     return run_search(config, settings, root=runs_dir, force=force)
 

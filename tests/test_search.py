@@ -14,6 +14,9 @@ from qbert.pipeline.run import check_site_plan
 from qbert.precision_search import (
     SearchSettings,
     Target,
+    bootstrap_draws,
+    loss_bound,
+    parse_confidence,
     parse_high_bits,
     parse_target,
     run_search,
@@ -42,6 +45,40 @@ def test_target_loss_in_points_and_percent():
     assert Target(1.0, relative=True).loss(80.0, 79.2) == pytest.approx(1.0)
     assert Target(1.0, relative=True).met(80.0, 79.2) and not Target(1.0, relative=True).met(80.0, 79.1)
     assert Target(1.0).met(84.5, 84.0, margin=0.5) and not Target(1.0).met(84.5, 83.9, margin=0.5)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_the_bootstrap_bound_matches_the_normal_approximation(relative):
+    """Accuracy of two classifiers on the same 2,000 examples: the paired bootstrap's 90% quantile of the loss
+    is the mean loss plus 1.2816 standard errors of the per-example difference (the central limit theorem)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    n = 2000
+    labels = rng.integers(0, 3, n)
+    fp32 = np.where(rng.random(n) < 0.8, labels, (labels + 1) % 3)
+    candidate = np.where(rng.random(n) < 0.9, fp32, (fp32 + 1) % 3)  # disagrees with FP32 on about 10%
+    draws = bootstrap_draws(n, seed=3)
+    assert draws.shape == (1000, n) and (bootstrap_draws(n, seed=3) == draws).all()
+
+    def accuracy(predicted, rows):
+        return 100 * float((predicted[rows] == labels[rows]).mean())
+
+    target = Target(1.0, relative=relative)
+    bound = loss_bound(target, [accuracy(fp32, r) for r in draws], [accuracy(candidate, r) for r in draws], 0.9)
+    difference = 100 * ((fp32 == labels).astype(float) - (candidate == labels))
+    scale = 100 / accuracy(fp32, slice(None)) if relative else 1.0  # percent of FP32's accuracy
+    expected = scale * (difference.mean() + 1.2816 * difference.std() / math.sqrt(n))
+    standard_error = scale * difference.std() / math.sqrt(n)
+    assert bound == pytest.approx(expected, abs=0.25 * standard_error)
+    assert loss_bound(target, [80.0] * 3, [79.0, 80.0, 81.0], 0.5) == pytest.approx(target.loss(80.0, 80.0))
+
+
+def test_confidence():
+    assert parse_confidence(0.9) == 0.9 and parse_confidence(0) is None and parse_confidence(None) is None
+    for bad in (0.3, 1.0, 1.5, -0.1):
+        with pytest.raises(QbertError, match="--confidence"):
+            parse_confidence(bad)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 20, 75])
@@ -100,10 +137,13 @@ def test_a_whole_search_is_consistent_and_resumes(real_data, tmp_path):
     assert sorted(ranking) == sorted(s.name for s in plan.quantized("activation"))
     assert values == sorted(values, reverse=True)
     assert result["chosen"] == ranking[: len(result["chosen"])]
-    # every step of the trace is judged against FP32 on the search part, and the choice is the smallest within
+    # every step of the trace is judged by its loss bound against FP32 on the search part, and the choice is the
+    # smallest within
     fp32 = result["search"]["fp32"]
+    assert result["confidence"] == 0.9
     for step in result["trace"]:
-        assert step["within"] == (fp32 - step["metric"] <= 0.0 + 1e-9)
+        assert step["loss"] == pytest.approx(fp32 - step["metric"], abs=1e-3)
+        assert step["within"] == (step["bound"] <= 0.0 + 1e-9)
     within = {step["sites"] for step in result["trace"] if step["within"]}
     if result["reached"]:
         k = len(result["chosen"])
@@ -139,6 +179,9 @@ def test_search_errors_are_one_line(real_data, tmp_path):
     ptq.write_text("model: tiny-random\ntask: mrpc\nrecipe: {name: w8a8_ptq}\n")
     result = runner.invoke(app, ["search", str(ptq), "--target", "accuracy>=80"])
     assert result.exit_code == 2 and "--target" in result.output and "loss<=POINTS" in result.output
+    result = runner.invoke(app, ["search", str(ptq), "--confidence", "1.5"])
+    assert result.exit_code == 2 and "--confidence" in result.output and "0.9" in result.output
+    assert len(result.output.strip().splitlines()) == 1
     squad = tmp_path / "squad.yaml"
     squad.write_text("model: tiny-random\ntask: squad\nfinetune: {max_seq_len: 384}\nrecipe: {name: w8a8_ptq}\n")
     result = runner.invoke(app, ["search", str(squad)])
