@@ -242,7 +242,9 @@ def expand(spec: SweepSpec, base_dir: Path, *, grid: dict[str, list[Any]] | None
     ``seeds`` if given.
 
     ``grid`` (from the command line) replaces the values of a part's var or grid key of the same
-    name, or adds an axis.
+    name, or adds an axis. A var the part's config path does not use (a label, like the MNLI part's
+    ``task: [mnli]`` beside ``mnli_minilm_{method}.yaml``) cannot be replaced: the grid selects among
+    its values instead, and a part with none of the grid's values is left out.
     """
     cells, seen = [], set()
     for part in spec.resolved_parts():
@@ -257,9 +259,12 @@ def _expand_part(spec: SweepSpec, part: SweepPart, base_dir: Path, grid: dict[st
                  overrides: list[str], seeds: list[int] | None) -> list[Cell]:
     variables = dict(part.vars)
     axes = dict(part.grid)
-    for key, values in grid.items():
-        (variables if key in variables else axes)[key] = values
     needed = _placeholders(part.config, spec.name)
+    for key, values in grid.items():
+        if key in variables and key not in needed:  # a label: select, do not re-target
+            variables[key] = [value for value in variables[key] if value in values]
+        else:
+            (variables if key in variables else axes)[key] = values
     cells_here = math.prod(len(v) for v in variables.values()) * math.prod(len(v) for v in axes.values())
     if cells_here > MAX_CELLS:
         raise QbertError(f"the grid has {cells_here:,} cells, more than {MAX_CELLS:,}; split it into smaller sweeps",

@@ -74,6 +74,24 @@ def test_grid_is_the_product_of_vars_and_keys_with_overrides_and_seeds(tmp_path)
         ("rte", "a", 5e-5, [7]), ("rte", "b", 5e-5, [7])]
 
 
+def test_a_grid_selects_among_the_values_of_a_var_the_config_path_does_not_use(tmp_path):
+    """Table 6's MNLI part names its task in a label var beside a path without {task}: --grid task=... keeps it
+    only when the grid names its task (re-targeting it would run the MNLI configs under every task)."""
+    for name in ("rte_a", "rte_b", "mnli_minilm_a", "mnli_minilm_b"):
+        task = name.split("_")[0]
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"model": "tiny-random", "task": task, "recipe": {"name": "fp32"}, "finetune": {"epochs": 1}}))
+    path = write_sweep(tmp_path, {"parts": [
+        {"config": "{task}_{method}.yaml", "vars": {"task": ["rte"], "method": ["a", "b"]}},
+        {"config": "mnli_minilm_{method}.yaml", "vars": {"task": ["mnli"], "method": ["a", "b"]}},
+    ]})
+    spec, base = load_sweep(path)
+    assert [c.config.name for c in expand(spec, base)] == ["rte_a", "rte_b", "mnli_minilm_a", "mnli_minilm_b"]
+    assert [c.config.name for c in expand(spec, base, grid={"task": ["rte"]})] == ["rte_a", "rte_b"]
+    assert [c.config.name for c in expand(spec, base, grid={"task": ["rte"], "method": ["b"]})] == ["rte_b"]
+    assert [c.config.name for c in expand(spec, base, grid={"method": ["b"]})] == ["rte_b", "mnli_minilm_b"]
+
+
 def test_parts_and_plain_configs_and_option_parsing(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": "tiny-random", "recipe": {"name": "fp32"}}))
     path = write_sweep(tmp_path, {"parts": [
