@@ -22,7 +22,8 @@ recomputed. Spec (YAML)::
     glue: true                           # a GLUE score column (macro average, WNLI excluded)
     notes: ["..."]
 
-A metric with a dot is a path into ``metrics.json`` (``recipe_report.size.mb``, ``timings.evaluate``).
+A metric with a dot is a path into ``metrics.json`` (``recipe_report.size.mb``, ``timings.evaluate``);
+``a|b`` is the first of them a run has (GOBO's packed file or the integer file's compression).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class Item(Section):
     value: Any = Field(None, description="The coordinate value this item selects (the axis' `by`).")
     label: str = Field(description="Row or column heading.")
     where: dict[str, Any] | None = Field(None, description="Coordinates to match instead of the axis' by=value.")
-    metric: str | list[str] | None = Field(None, description="Metric name, dotted path into metrics.json, or a "
-                                           "list (per-seed mean); null: the task's headline.")
+    metric: str | list[str] | None = Field(None, description="Metric name, dotted path into metrics.json (a|b: "
+                                           "the first a run has), or a list (per-seed mean); null: the task's "
+                                           "headline.")
     digits: int = Field(2, description="Decimals shown.")
     scale: float = Field(1.0, description="Multiplies our values (e.g. bytes -> MiB); the paper's are as given.")
     paper: dict[str, float | None] = Field(default_factory=dict, description="Row: column value -> number.")
@@ -142,7 +144,10 @@ class Value:
 
 
 def lookup_metric(record: dict[str, Any], metric: str) -> float | None:
-    """A metric name, or a dotted path into ``metrics.json`` (keys may hold dots: the longest match wins)."""
+    """A metric name, or a dotted path into ``metrics.json`` (keys may hold dots: the longest match wins);
+    ``a|b``: the first alternative the record has."""
+    if "|" in metric:
+        return next((v for v in (lookup_metric(record, m) for m in metric.split("|")) if v is not None), None)
     node: Any = record if "." in metric else record.get("metrics", {})
     parts = metric.split(".")
     while parts:
