@@ -3,8 +3,9 @@
 Entries, by the model's parameter names:
 
 - quantized weights: the grid values ``q - qmin`` as unsigned ``bits``-bit integers, bit-packed
-  (:func:`qbert.quant.packing.pack_bits`), with ``<name>.scale`` (FP32, one per tensor or per
-  output channel) and, for asymmetric grids, ``<name>.zero_point``;
+  (:func:`qbert.quant.packing.pack_bits`), with ``<name>.scale`` (FP32, one per tensor, per
+  output channel, or per group of consecutive output channels: the entry's ``row_groups``) and,
+  for asymmetric grids, ``<name>.zero_point``;
 - integer biases (Q8BERT): ``<bias name>`` as int32 codes with ``<bias name>.scale`` =
   ``s_input * s_weight``, the scale of the int32 accumulator the bias is added to;
 - activation quantizers: ``activation.<site>.scale`` / ``.zero_point`` (and ``.permutation`` for
@@ -30,7 +31,9 @@ from qbert.quant.fileformat import build_model, check_checksum, metadata_json, s
 from qbert.quant.functional import bias_codes
 from qbert.quant.packing import pack_bits, unpack_bits
 
-FORMAT = "qbert-integer/1"
+FORMAT = "qbert-integer/2"
+READABLE = ("qbert-integer/1", FORMAT)
+"""Version 2 added ``row_groups`` (group-wise weights store one scale per group of rows); version 1 files read."""
 _ORIGINAL = ".parametrizations.weight.original"
 
 
@@ -54,11 +57,13 @@ def integer_tensors(inst: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         codes = q.integer_codes(original)
         unsigned = (codes.cpu().numpy().astype(np.int64) - q.qmin).astype(np.uint64)
         tensors[name] = pack_bits(unsigned, q.spec.bits)
-        tensors[f"{name}.scale"] = q.scale.detach().cpu().numpy().astype(np.float32)
-        if not q.spec.symmetric:
-            tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().numpy().astype(np.float32)
+        scale, zero_point, row_groups = q.stored_grid()
+        tensors[f"{name}.scale"] = scale.cpu().numpy().astype(np.float32)
+        if zero_point is not None:
+            tensors[f"{name}.zero_point"] = zero_point.cpu().numpy().astype(np.float32)
         entries[name] = {"kind": "weight", "site": site, "bits": q.spec.bits, "qmin": q.qmin, "qmax": q.qmax,
-                         "shape": list(original.shape), "channel_axis": 0 if q.groups > 1 else None}
+                         "shape": list(original.shape), "channel_axis": 0 if q.groups > 1 else None,
+                         **({"row_groups": row_groups} if row_groups else {})}
         covered.add(name)
 
     modules = weight_modules(model)
@@ -114,7 +119,7 @@ def _read(path: str | Path) -> tuple[dict[str, str], dict[str, Any], dict[str, n
     try:
         with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
+            if metadata.get("format") not in READABLE:
                 raise QbertError(f"not a qbert integer file (format {metadata.get('format')!r})", source=str(path))
             raw = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError) as exc:
@@ -135,8 +140,7 @@ def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
             count = int(np.prod(entry["shape"]))
             codes = unpack_bits(raw[name], entry["bits"], count).astype(np.float32) + np.float32(entry["qmin"])
             codes = codes.reshape(entry["shape"])
-            scale = raw[f"{name}.scale"]
-            zero = raw.get(f"{name}.zero_point", np.zeros_like(scale))
+            scale, zero = _per_row(entry, raw, name)
             if entry["channel_axis"] == 0:
                 scale = scale.reshape(-1, *([1] * (codes.ndim - 1)))
                 zero = zero.reshape(scale.shape)
@@ -146,14 +150,26 @@ def read_integer(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     return params, entries
 
 
+def _per_row(entry: dict[str, Any], raw: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A weight entry's scales and zero points, one per output channel when the file stores one per group."""
+    scale = raw[f"{name}.scale"]
+    zero = raw.get(f"{name}.zero_point", np.zeros_like(scale))
+    if entry.get("row_groups"):
+        rows = entry["shape"][0] // entry["row_groups"]
+        scale, zero = np.repeat(scale, rows), np.repeat(zero, rows)
+    return scale, zero
+
+
 def _spec(entry: dict[str, Any], groups: int, permuted: bool) -> Any:
     from qbert.quant.spec import QuantSpec
 
     bits, qmin = entry["bits"], entry["qmin"]
     symmetric = qmin < 0
     granularity = entry.get("granularity") or ("per_channel" if entry.get("channel_axis") == 0 else "per_tensor")
+    groups = entry.get("row_groups") if granularity == "per_channel" else groups
     return QuantSpec(bits=bits, symmetric=symmetric, narrow=symmetric and qmin == -(2 ** (bits - 1)) + 1,
-                     granularity=granularity, groups=groups if granularity == "per_embedding_group" else None,
+                     granularity=granularity,
+                     groups=groups if granularity in ("per_embedding_group", "per_channel") else None,
                      permute=permuted and granularity == "per_embedding_group")
 
 
@@ -180,8 +196,7 @@ def instrumented_from_integer(path: str | Path) -> tuple[Any, dict[str, str]]:
     stored: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray | None]] = {}
     for name, entry in entries.items():
         if entry["kind"] == "weight":
-            scale = raw[f"{name}.scale"]
-            stored[entry["site"]] = (entry, scale, raw.get(f"{name}.zero_point", np.zeros_like(scale)), None)
+            stored[entry["site"]] = (entry, *_per_row(entry, raw, name), None)
         elif entry["kind"] == "activation":
             site = name.removeprefix("activation.")
             stored[site] = (entry, raw[f"{name}.scale"], raw[f"{name}.zero_point"], raw.get(f"{name}.permutation"))

@@ -141,6 +141,19 @@ class Quantizer(nn.Module):
         return s * (self.qmin - z), s * (self.qmax - z)
 
     @torch.no_grad()
+    def stored_grid(self) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """What a file has to store of the grid: the scales, the zero points (None for a symmetric grid, whose
+        zero point is 0) and, for group-wise weights whose rows share their group's scale and zero point, the
+        number of row groups (the scales are then one per group; None: one per entry of ``scale``)."""
+        scale, zero = self.scale.detach(), self.zero_point.detach()
+        row_groups = None
+        if self.range_groups < self.groups:
+            blocks = (scale.reshape(self.range_groups, -1), zero.reshape(self.range_groups, -1))
+            if all(bool((b == b[:, :1]).all()) for b in blocks):
+                scale, zero, row_groups = blocks[0][:, 0], blocks[1][:, 0], self.range_groups
+        return scale, None if self.spec.symmetric else zero, row_groups
+
+    @torch.no_grad()
     def set_permutation(self, permutation: torch.Tensor) -> None:
         """Range-based permutation: ``permutation[j]`` is the dimension placed at position ``j``."""
         if self.permutation is None:

@@ -1,8 +1,9 @@
 """Model size of a uniformly quantized model: what its weights take when stored as integers.
 
-Each quantized weight site costs ``bits`` per element plus its scale (and zero point) in FP32; every
-other parameter (biases, LayerNorm, weights kept in floating point) costs 32 bits; activation
-quantizers add their scale and zero point. Bondarenko et al. Table 7's "memory reduction" is
+Each quantized weight site costs ``bits`` per element plus its scales (and, on an asymmetric grid, zero
+points) in FP32, as the integer file stores them (one per tensor, output channel, or group of output
+channels); every other parameter (biases, LayerNorm, weights kept in floating point) costs 32 bits;
+activation quantizers add their scale and zero point. Bondarenko et al. Table 7's "memory reduction" is
 this ratio against the FP32 model. (GOBO's packed files have their own byte ledger in
 :mod:`qbert.quant.packing`.)
 """
@@ -22,15 +23,17 @@ MB = 1e6
 
 def model_size(model: nn.Module, weight_bits: dict[str, int]) -> dict[str, Any]:
     """Sizes in MB (10^6 bytes) of ``model`` with the parameters named in ``weight_bits`` stored at
-    that many bits (parameter names as in ``model.named_parameters()``); quantizer parameters count
-    as metadata."""
-    quantizer_params = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
-    quantized_bits = other_bits = metadata_bits = 0
+    that many bits (parameter names as in ``model.named_parameters()``); what each quantizer stores of
+    its grid (:meth:`Quantizer.stored_grid`) counts as metadata."""
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    quantizer_params = {id(p) for m in quantizers for p in m.parameters()}
+    quantized_bits = other_bits = 0
+    metadata_bits = 32 * sum(sum(t.numel() for t in m.stored_grid()[:2] if t is not None) for m in quantizers)
     elements = {"quantized": 0, "other": 0}
     for name, param in model.named_parameters():
         if id(param) in quantizer_params:
-            metadata_bits += 32 * param.numel()
-        elif name in weight_bits:
+            continue
+        if name in weight_bits:
             quantized_bits += weight_bits[name] * param.numel()
             elements["quantized"] += param.numel()
         else:

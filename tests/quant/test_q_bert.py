@@ -79,3 +79,39 @@ def test_groups_that_do_not_divide_the_rows_fail_at_planning() -> None:
     with pytest.raises(PlanError, match="128 groups do not divide its 64 output rows") as error:
         recipe.plan(enumerate_sites(load_model(resolve_model("tiny-random"), "classification", 2)))
     assert error.value.key == "recipe.groups"
+
+
+def test_the_integer_file_stores_one_scale_per_group_of_rows(tmp_path) -> None:
+    """Group-wise weights in the integer file: ``groups`` scales per matrix (not one per row), the weights read back
+    bit for bit, the file's metadata ledger equal to a count from the plan's specs."""
+    import qbert
+    from qbert.quant.integer import instrumented_from_integer, read_integer
+    from tests.conftest import PAIRS, tiny_model
+
+    model, tokenizer = tiny_model()
+    q = qbert.prepare(model, {"name": "q_bert", "groups": 4, "weight_bits": 3, "epochs": 1}, calibration=PAIRS[:4],
+                      tokenizer=tokenizer, calibrate={"batches": 1, "batch_size": 4}, max_seq_len=32)
+    q = qbert.convert(q)
+    written = qbert.export(q, "integer", tmp_path)  # the export stage compares the file with the model bit for bit
+    params, entries = read_integer(written["path"])
+    from safetensors.numpy import load_file
+
+    raw = load_file(written["path"])
+    inst = q.instrumented
+    grouped = [n for n, e in entries.items() if e["kind"] == "weight" and e.get("row_groups")]
+    assert grouped and all(entries[n]["row_groups"] == 4 and raw[f"{n}.scale"].shape == (4,) for n in grouped)
+    for name in grouped:  # the per-row scales the model used, expanded from the stored four
+        quantizer = inst.quantizers[entries[name]["site"]]
+        np.testing.assert_array_equal(np.repeat(raw[f"{name}.scale"], entries[name]["shape"][0] // 4),
+                                      quantizer.scale.detach().numpy())
+    rebuilt, _ = instrumented_from_integer(written["path"])
+    for site, quantizer in inst.quantizers.items():
+        assert torch.equal(rebuilt.quantizers[site].scale, quantizer.scale), site
+        assert rebuilt.quantizers[site].spec.groups == quantizer.spec.groups, site
+    # metadata: per quantizer, its spec's number of ranges, twice when asymmetric (a scale and a zero point)
+    expected = 0
+    for quantizer in inst.quantizers.values():
+        spec = quantizer.spec
+        ranges = (1 if spec.granularity == "per_tensor" else spec.groups or quantizer.channels)
+        expected += 4 * ranges * (1 if spec.symmetric else 2)
+    assert q.report["size"]["quantizer_metadata_bytes"] == expected

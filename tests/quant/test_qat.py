@@ -258,8 +258,19 @@ def test_model_size_counts_bits_per_quantized_weight() -> None:
     assert size["mb"] == pytest.approx(bits / 8 / 1e6, abs=1e-3)
     assert size["compression"] == pytest.approx(320 * 32 / bits, rel=1e-3)
     q = Quantizer(QuantSpec(bits=4, symmetric=True), RunningAbsMax())
-    model.add_module("q", q)  # quantizer parameters are metadata, not model weights
-    assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 2 * 4
+    model.add_module("q", q)  # quantizer parameters are metadata, not model weights: a symmetric grid stores its scale
+    assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 4
+    model.add_module("a", Quantizer(QuantSpec(bits=8, symmetric=False), RunningAbsMax()))  # scale and zero point
+    assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 4 + 2 * 4
+    # group-wise: one scale per group of rows while the rows share it, else one per row
+    grouped = Quantizer(QuantSpec(bits=4, symmetric=True, granularity="per_channel", groups=4), RunningAbsMax(),
+                        channels=20, channel_dim=0)
+    grouped.set_range(-torch.arange(1.0, 5.0), torch.arange(1.0, 5.0))
+    model.add_module("g", grouped)
+    assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 4 + 8 + 4 * 4
+    with torch.no_grad():
+        grouped.scale[1] *= 2  # a learned per-row scale: the rows no longer share their group's
+    assert model_size(model, {"0.weight": 4, "1.weight": 2})["quantizer_metadata_bytes"] == 4 + 8 + 20 * 4
 
 
 def test_integer_file_holds_grid_codes_and_int32_biases(tmp_path) -> None:
