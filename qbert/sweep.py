@@ -67,6 +67,7 @@ from qbert.runs import (
     read_json,
     runs_root,
     seed_dir,
+    seed_locked,
     summarize,
 )
 
@@ -572,13 +573,14 @@ class SweepProgress:
                 self.seconds.setdefault(job.cell.hash, []).append(outcome.seconds)
 
     def running(self) -> list[tuple[Job, float, str]]:
-        """Unfinished jobs whose seed folder says running: the job, seconds since it started, its last log line."""
+        """Unfinished jobs whose seed folder says running and whose lock a process holds (a seed left ``running``
+        by a killed process is not): the job, seconds since it started, its last log line."""
         found = []
         for job in self.jobs:
             if job.key in self.finished:
                 continue
             folder = seed_dir(self.root, *job.key)
-            if read_status(folder).get("state") != "running":
+            if read_status(folder).get("state") != "running" or not seed_locked(folder):
                 continue
             try:
                 started = (folder / "status.json").stat().st_mtime

@@ -184,7 +184,7 @@ def test_failures_are_isolated_and_finished_cells_skipped(real_data, tmp_path):
 
 
 def test_progress_counts_outcomes_names_running_seeds_and_estimates_the_time_left(real_data, tmp_path):
-    from qbert.runs import seed_dir, write_status
+    from qbert.runs import seed_dir, seed_lock, write_status
     from qbert.sweep import Job, SweepProgress, TaskOutcome
 
     spec, base = load_sweep(tiny_config(tmp_path, real_data))
@@ -199,9 +199,15 @@ def test_progress_counts_outcomes_names_running_seeds_and_estimates_the_time_lef
     write_status(running, "running")
     (running / "run.log").write_text("2026-12-02 10:00:00,000 INFO qbert: seed 2: start\n"
                                      "2026-12-02 10:00:05,000 INFO qbert: finetune step 50/230 loss 0.5123\n")
+    # seed 3 says running, but its process was killed (nobody holds its lock): not running, not counted as spent
+    orphaned = seed_dir(root, *jobs[3].key)
+    orphaned.mkdir(parents=True)
+    write_status(orphaned, "running")
     clock = (running / "status.json").stat().st_mtime + 40
     progress.clock = lambda: clock
-    line = progress.line()
+    with seed_lock(running) as holder:
+        assert holder is None
+        line = progress.line()
     # 2 left at a mean of 200 s each, 40 s of them spent, 2 workers: (400 - 40) / 2 = 180 s
     assert line == ("sweep: 4/6 seeds finished (1 ran, 2 skipped, 1 failed); running tiny seed 2 for 40s: "
                     "finetune step 50/230 loss 0.5123; about 3m00s left")
@@ -209,7 +215,11 @@ def test_progress_counts_outcomes_names_running_seeds_and_estimates_the_time_lef
     other = expand(spec, base, grid={"finetune.lr": [3e-4]}, seeds=[0])[0]
     progress.jobs.append(Job(other, 0))
     progress.total += 1
-    assert progress.line().endswith("about 4m40s left (1 in cells not timed yet, counted at 3m20s each)")
+    with seed_lock(running):
+        assert progress.line().endswith("about 4m40s left (1 in cells not timed yet, counted at 3m20s each)")
+    # the same seed once its process is gone: no longer listed, and its 40 s no longer taken off the time left
+    assert progress.line() == ("sweep: 4/7 seeds finished (1 ran, 2 skipped, 1 failed); "
+                               "about 5m00s left (1 in cells not timed yet, counted at 3m20s each)")
 
 
 def test_a_sweep_reports_progress_while_it_runs_and_after_each_seed(real_data, tmp_path):
