@@ -197,6 +197,21 @@ def with_raised(config: ExperimentConfig, sites: list[str], bits: int | None) ->
     return parse_config(data)
 
 
+def switchable(config: ExperimentConfig, settings: SearchSettings, plan: Any, candidates: list[str]) -> bool:
+    """Whether every evaluation can use one calibrated model with the raised sites' quantizers switched off, and
+    get what calibrating a model with those sites in floating point gives: raised sites go to floating point (not
+    to other bits, which an estimator may range differently), they are all activations (a weight in floating point
+    changes what the activation estimators downstream observe), the activation estimators observe floating-point
+    activations (not ``calibrate.upstream_quantized``, where each observes its upstream sites quantized), and no
+    candidate lends its permutation to another site (PEG's shared FFN permutation: without its source quantized,
+    each site sorts its own)."""
+    if settings.high_bits is not None or config.calibrate.upstream_quantized:
+        return False
+    kinds = {site.name: site.kind for site in plan.sites}
+    lent = {source for name, source in plan.permutation_sources.items() if source != name}
+    return all(kinds[name] == "activation" and name not in lent for name in candidates)
+
+
 def fp32_config(config: ExperimentConfig, seed: int) -> ExperimentConfig:
     """The FP32 run of ``config``'s model, task and fine-tuning (shares its cached checkpoint)."""
     data = config.resolved()
@@ -323,11 +338,27 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     def metric(model: torch.nn.Module, part: str) -> float:
         return round(headline(part, predictions(model, part)), 4)
 
-    def quantized(raised: list[str]) -> torch.nn.Module:
+    def build(raised: list[str]) -> Any:
         cfg = with_raised(config, raised, settings.high_bits)
         recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
         q = recipe.prepare(copy.deepcopy(fp32), ctx)
-        return recipe.convert(recipe.calibrate(q, ctx), ctx).model
+        built["calibrations"] += 1
+        return recipe.convert(recipe.calibrate(q, ctx), ctx)
+
+    built: dict[str, Any] = {"calibrations": 0}
+
+    def quantized(raised: list[str]) -> torch.nn.Module:
+        """The starting plan with ``raised`` at high bits: calibrated for these sites, or (``switchable``) the one
+        calibrated starting model with their quantizers switched off, which computes the same."""
+        if not built.get("switch"):
+            return build(raised).model
+        if "start" not in built:
+            built["start"] = build([])
+            built["states"] = {name: q.state for name, q in built["start"].instrumented.activations().items()}
+        off = set(raised)
+        for name, q in built["start"].instrumented.activations().items():
+            q.set_state("disabled" if name in off else built["states"][name])
+        return built["start"].model
 
     identity = {"checkpoint": str(checkpoint), "config": config.config_hash(), **settings.evaluation_data()}
     store = Evaluations(folder / "evaluations.json", identity)
@@ -363,6 +394,7 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     if not candidates:
         raise QbertError(f"the plan of recipe {config.recipe.name} has no {' or '.join(settings.kinds)} site below "
                          f"{settings.raised} to raise", key="recipe")
+    built["switch"] = switchable(config, settings, plan, candidates)
     base_error = error([])
     with reporter.bar("sensitivity", len(candidates)) as advance:
         sensitivity = {}
@@ -409,7 +441,8 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
                         "ranking": [{"site": s, "sensitivity": sensitivity[s]} for s in ranking]},
         "trace": trace,
         "evaluations": {"total": len(store.values), "now": store.spent, "reused": store.reused,
-                        "sensitivity": len(candidates) + 1, "selection": len(trace), "held_out": 2},
+                        "sensitivity": len(candidates) + 1, "selection": len(trace), "held_out": 2,
+                        "calibrations": built["calibrations"], "switched": built["switch"]},
         "seconds": round(time.perf_counter() - started, 1),
     }
     chosen_config = with_raised(config, picked, settings.high_bits)

@@ -186,3 +186,61 @@ def test_search_errors_are_one_line(real_data, tmp_path):
     squad.write_text("model: tiny-random\ntask: squad\nfinetune: {max_seq_len: 384}\nrecipe: {name: w8a8_ptq}\n")
     result = runner.invoke(app, ["search", str(squad)])
     assert result.exit_code == 2 and "question answering" in result.output
+
+
+def test_a_floating_point_search_switches_quantizers_off_and_gets_what_calibrating_each_plan_gets(
+        real_data, tmp_path, monkeypatch):
+    """Raising activation sites to floating point reuses one calibrated model (their quantizers switched off);
+    every stored evaluation equals the one made by calibrating a model per plan, the way other searches do."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from qbert import precision_search
+
+    config = _config(real_data)
+    settings = SearchSettings(Target(0.0), seed=0, probe=16, high_bits=None)
+    switched = run_search(config, settings, root=tmp_path)
+    assert switched["evaluations"]["switched"] and switched["evaluations"]["calibrations"] == 1
+    folder = Path(switched["folder"])
+    fast = json.loads((folder / "evaluations.json").read_text())["values"]
+    shutil.rmtree(folder)
+    monkeypatch.setattr(precision_search, "switchable", lambda *args: False)
+    calibrated = run_search(config, settings, root=tmp_path)
+    spent = calibrated["evaluations"]
+    assert not spent["switched"] and spent["calibrations"] == spent["now"] == len(fast)
+    slow = json.loads((folder / "evaluations.json").read_text())["values"]
+    assert slow == fast and len(fast) > len(switched["sensitivity"]["ranking"])
+    assert calibrated["chosen"] == switched["chosen"] and calibrated["held_out"] == switched["held_out"]
+
+
+def test_which_searches_switch_quantizers_off():
+    from qbert.recipes import get_recipe
+
+    from qbert.precision_search import switchable
+    from qbert.quant.sites import enumerate_sites
+    from tests.conftest import tiny_model
+
+    model, _ = tiny_model()
+
+    def plan_of(config):
+        return get_recipe(config.recipe.name)(config.recipe, config).plan(enumerate_sites(model))
+
+    fp = SearchSettings(Target(1.0), seed=0, high_bits=None)
+    base = {"model": "tiny-random", "task": "stsb", "recipe": {"name": "w8a8_ptq"}}
+    config = parse_config(base)
+    plan = plan_of(config)
+    activations = [s.name for s in plan.quantized("activation")]
+    weights = [s.name for s in plan.quantized("weight")]
+    assert switchable(config, fp, plan, activations)
+    assert not switchable(config, SearchSettings(Target(1.0), seed=0), plan, activations)  # 16 bits: re-ranged
+    assert not switchable(config, fp, plan, activations + weights[:1])  # a weight: calibration observes it
+    upstream = parse_config({**base, "calibrate": {"upstream_quantized": True}})
+    assert not switchable(upstream, fp, plan_of(upstream), activations)
+    # PEG with the FFN permutation shared from each layer's FFN output: that site is not switched, the others are
+    peg = parse_config({**base, "recipe": {"name": "peg", "scope": "ffn", "permute": True, "groups": 4}})
+    peg_plan = plan_of(peg)
+    lent = set(peg_plan.permutation_sources.values())
+    assert lent and all(name.endswith("ffn.output") for name in lent)
+    others = [s.name for s in peg_plan.quantized("activation") if s.name not in lent]
+    assert switchable(peg, fp, peg_plan, others) and not switchable(peg, fp, peg_plan, others + sorted(lent)[:1])
