@@ -333,7 +333,7 @@ def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | 
     return summary
 
 
-def _live_state(folder: Path) -> str:
+def live_state(folder: Path) -> str:
     """A seed's recorded state, with ``running`` told apart from ``orphaned`` (its process is gone: nobody
     holds the seed's lock; rerun the config to resume it) and ``done`` from ``damaged`` (its metrics record is
     unreadable: a rerun redoes the seed)."""
@@ -358,7 +358,7 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
         if not isinstance(config, dict):
             unreadable(cfg_path, "not a config mapping")
             continue
-        states = {p.name[len(SEED_PREFIX):]: _live_state(p) for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
+        states = {p.name[len(SEED_PREFIX):]: live_state(p) for p in folder.glob(f"{SEED_PREFIX}*") if p.is_dir()}
         for seed in finished_seeds(root, folder.name):  # the same config finished under another run name
             if states.get(str(seed)) != "done":
                 states[str(seed)] = "done"

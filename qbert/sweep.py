@@ -63,11 +63,11 @@ from qbert.runs import (
     atomic_write_text,
     config_dir,
     finished_seeds,
+    live_state,
     now,
     read_json,
     runs_root,
     seed_dir,
-    seed_locked,
     summarize,
 )
 
@@ -580,7 +580,7 @@ class SweepProgress:
             if job.key in self.finished:
                 continue
             folder = seed_dir(self.root, *job.key)
-            if read_status(folder).get("state") != "running" or not seed_locked(folder):
+            if live_state(folder) != "running":
                 continue
             try:
                 started = (folder / "status.json").stat().st_mtime
