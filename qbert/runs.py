@@ -235,11 +235,22 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+RESUME_DIR = "resume"
+"""The seed folder's training state (QAT saves it as it trains), kept when the folder is emptied for a rerun
+so that an interrupted training continues where it stopped; removed once the seed's results are written."""
+
+
 def reset_seed_dir(folder: Path) -> None:
-    """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly (but for the
+    training state an interrupted training saved, :data:`RESUME_DIR`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.name == RESUME_DIR and entry.is_dir():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def write_config(path: Path, resolved: dict[str, Any]) -> None:

@@ -2,25 +2,39 @@
 
 AdamW (no decay on biases and LayerNorm weights), linear warmup then linear decay to zero,
 gradient clipping, length-grouped dynamically padded batches, optional bf16 autocast.
+
+Given a ``resume`` file, the loop saves its whole state there every ``save_every`` seconds and when it ends
+(weights, optimiser, schedule, random generators, where it is in the epoch, what modules such as quantizers
+keep outside their state dict), and a later call with the same file continues from it: an interrupted
+training resumes at its last save and ends with the weights an uninterrupted one would have (on the same
+device and thread count).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from qbert.config import FinetuneConfig
-from qbert.errors import QbertError
+from qbert.config import FinetuneConfig, stable_hash
+from qbert.errors import QbertError, warn
 from qbert.pipeline.batching import length_grouped_batches, model_inputs, pad_batch
 from qbert.pipeline.trainlog import TrainingLog
 from qbert.progress import SILENT, Reporter
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY = 600.0
+"""Seconds of training between two saves of the training state (when the caller names a ``resume`` file)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -87,6 +101,66 @@ def training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimi
     return loss
 
 
+def _stateful(model: torch.nn.Module) -> dict[str, Any]:
+    """Modules that keep training state outside their state dict (``training_state``/``load_training_state``)."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "training_state")}
+
+
+def _random_states(device: torch.device) -> dict[str, Any]:
+    kind, keys, position, gauss, cached = np.random.get_state(legacy=True)
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, gauss, cached],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_random_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, position, gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, gauss, cached))
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def training_identity(model: torch.nn.Module, features: list[dict[str, Any]], cfg: FinetuneConfig, seed: int,
+                      total_steps: int) -> str:
+    """What a saved training state must have been trained on to be continued: the settings, the data's size,
+    the seed, the step count and the names and shapes of the trained tensors."""
+    tensors = [(n, list(t.shape)) for n, t in model.state_dict().items()]
+    return stable_hash({"finetune": cfg.model_dump(mode="json", exclude={"device", "threads"}), "seed": seed,
+                        "features": len(features), "steps": total_steps, "tensors": tensors}, length=16)
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (a reader sees the previous save or this one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_training_state(path: Path, identity: str) -> dict[str, Any] | None:
+    """The state saved at ``path`` if it continues this training (same ``identity``), else None (with a
+    warning when a file is there but cannot be used)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: start over rather than fail the run
+        warn(log, "cannot read the saved training state %s (%s): training from the start", path,
+             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    if not isinstance(state, dict) or state.get("identity") != identity:
+        warn(log, "the saved training state %s belongs to another training (other settings, data or model): "
+             "training from the start", path)
+        return None
+    return state
+
+
 def finetune(
     model: torch.nn.Module,
     features: list[dict[str, Any]],
@@ -100,6 +174,8 @@ def finetune(
     before_step: Callable[[int], None] | None = None,
     training_log: Callable[[int], TrainingLog] | None = None,
     stage: str = "fine-tune",
+    resume: Path | None = None,
+    save_every: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on tokenized ``features``; returns what happened (steps, loss, time).
 
@@ -107,6 +183,9 @@ def finetune(
     parameters must not also be in the model's ordinary groups); ``before_step(step)`` runs before
     every optimisation step (quantization delay). ``training_log(total_steps)``: where the loss goes
     as training runs (default: run.log at the default interval); ``stage``: its name in progress output.
+    ``resume``: the file the training state is saved to every ``save_every`` seconds (default
+    :data:`SAVE_EVERY`) and at the end, and continued from when it is there (the caller removes it once the
+    results are stored).
     """
     if not features:
         raise QbertError("the training set is empty", key="data.max_train_samples")
@@ -122,12 +201,42 @@ def finetune(
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = linear_warmup_decay(optimizer, warmup_steps, total_steps)
 
-    step, losses, tokens = 0, [], 0
+    step, losses, tokens, seconds_before, position, resumed = 0, [], 0, 0.0, 0, []
+    identity = training_identity(model, features, cfg, seed, total_steps) if resume is not None else ""
+    saved = load_training_state(resume, identity) if resume is not None else None
+    if saved is not None:
+        modules = _stateful(model)
+        for name, module_state in saved["modules"].items():
+            modules[name].load_training_state(module_state)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["epoch_generator"])
+        _set_random_states(saved["random"], device)
+        step, position, losses, tokens = saved["step"], saved["position"], saved["losses"], saved["tokens"]
+        seconds_before, resumed = saved["seconds"], [*saved["resumed"], step]
+        log.info("%s resumes at step %d of %d from %s", stage, step, total_steps, resume)
+    every = SAVE_EVERY if save_every is None else save_every
     record = training_log(total_steps) if training_log is not None else TrainingLog("finetune", total_steps)
-    start = time.perf_counter()
-    with contextlib.closing(record), reporter.bar(stage, total_steps) as advance:
+    start = last_save = time.perf_counter()
+
+    def save(epoch_generator: torch.Tensor) -> None:
+        save_training_state(resume, {  # type: ignore[arg-type]
+            "identity": identity, "step": step, "position": position, "epoch_generator": epoch_generator,
+            "losses": losses, "tokens": tokens, "seconds": seconds_before + time.perf_counter() - start,
+            "resumed": resumed, "model": model.state_dict(),
+            "modules": {name: m.training_state() for name, m in _stateful(model).items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "random": _random_states(device),
+        })
+
+    # a resumed training's bar counts the steps left, so its eta is this process's pace
+    shown = f"{stage} (resumed at step {step} of {total_steps})" if step else stage
+    with contextlib.closing(record), reporter.bar(shown, total_steps - step) as advance:
         while step < total_steps:
-            for indices in length_grouped_batches(lengths, cfg.batch_size, generator, cfg.group_by_length):
+            epoch_generator = generator.get_state()
+            batches = length_grouped_batches(lengths, cfg.batch_size, generator, cfg.group_by_length)
+            for indices in batches[position:]:
                 if step >= total_steps:
                     break
                 if before_step is not None:
@@ -138,12 +247,17 @@ def finetune(
                 loss = training_step(model, batch, optimizer, scheduler, cfg, device)
                 losses.append(float(loss.detach()))
                 step += 1
+                position += 1
                 if not math.isfinite(losses[-1]):
                     raise QbertError(f"training loss is {losses[-1]} at step {step} of {total_steps}: training "
                                      f"diverged; lower the learning rate (now {cfg.lr:g})", key="finetune.lr")
                 advance(1, info=f"loss {np.mean(losses[-20:]):.4f}")
                 record.step(step, losses[-1], lr)
-    seconds = time.perf_counter() - start
+                if resume is not None and (step == total_steps or time.perf_counter() - last_save >= every):
+                    save(epoch_generator)
+                    last_save = time.perf_counter()
+            position = 0
+    seconds = seconds_before + time.perf_counter() - start
     model.eval()
     return {
         "steps": total_steps,
@@ -155,4 +269,5 @@ def finetune(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "precision": cfg.precision,
+        **({"resumed_at_steps": resumed} if resumed else {}),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from qbert.progress import SILENT, Reporter
 from qbert.recipes import get_recipe
 from qbert.records import read_record, seed_record
 from qbert.runs import (
+    RESUME_DIR,
     atomic_write_json,
     atomic_write_jsonl,
     config_dir,
@@ -299,7 +301,7 @@ def run_seed(
         timings: dict[str, float] = {}
 
         def train(model: torch.nn.Module, cfg: Any = None, name: str = "finetune", watch: Any = None,
-                  **hooks: Any) -> dict[str, Any]:
+                  resume: Path | None = None, **hooks: Any) -> dict[str, Any]:
             events = folder / "tensorboard" / name if config.log.tensorboard else None
 
             def training_log(total: int) -> TrainingLog:
@@ -307,7 +309,8 @@ def run_seed(
 
             return finetune(model, ctx.train_features(), cfg or config.finetune, seed=seed,
                             pad_token_id=tokenizer.pad_token_id, device=device, reporter=reporter,
-                            stage="QAT" if name == "qat" else "fine-tune", training_log=training_log, **hooks)
+                            stage="QAT" if name == "qat" else "fine-tune", training_log=training_log,
+                            resume=resume, **hooks)
 
         # fine-tune: the FP32 checkpoint is shared through the cache by every recipe that starts from it
         start = time.perf_counter()
@@ -321,16 +324,18 @@ def run_seed(
             model = load_model(source, task.head, task.num_labels)
         else:
             key, key_data = finetune_key(config, seed, source.identity, task.data_fingerprint(config.data))
+            resume = cache_root(root) / f"{key}.resume.pt"  # beside the checkpoint: an interrupted one resumes
 
             def train_checkpoint(tmp: Path) -> dict[str, Any]:
                 seed_everything(seed)
                 fresh = load_model(source, task.head, task.num_labels)
-                info = train(fresh)
+                info = train(fresh, resume=resume)
                 fresh.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 return info
 
             ckpt, info, cached = cached_checkpoint(cache_root(root), key, key_data, train_checkpoint)
+            resume.unlink(missing_ok=True)
             training, checkpoint = {**info, "cached": cached}, str(ckpt)
             model = load_finetuned(ckpt).to(device)
         timings["finetune"] = round(time.perf_counter() - start, 2)
@@ -344,7 +349,7 @@ def run_seed(
         if recipe.trains:
             seed_everything(seed)
             plan = recipe.training(q, config.finetune)
-            qat = train(q.model, plan.config, "qat", watched_ranges(q.quantizers),
+            qat = train(q.model, plan.config, "qat", watched_ranges(q.quantizers), folder / RESUME_DIR / "qat.pt",
                         extra_parameter_groups=plan.parameter_groups, before_step=plan.before_step)
             timings["qat"] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
@@ -406,6 +411,7 @@ def run_seed(
             "timings": timings,
         })
         atomic_write_json(folder / "metrics.json", record)
+        shutil.rmtree(folder / RESUME_DIR, ignore_errors=True)  # the results are stored: nothing to resume
         write_status(folder, "done", finished=now())
         log.info("seed %d done: %s", seed, metrics)
         return record

@@ -29,7 +29,7 @@ scale and zero point. With ``permute`` the dimensions are first sorted by their 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -111,6 +111,18 @@ class Quantizer(nn.Module):
         trainable = state == "learn"
         self.scale.requires_grad_(trainable)
         self.zero_point.requires_grad_(trainable and not self.spec.symmetric)
+
+    def training_state(self) -> dict[str, Any]:
+        """What training changes outside the state dict (the state, the estimator's running statistics, the
+        per-dimension extremes), saved with an interrupted training so that it resumes exactly."""
+        return {"state": self.state, "estimator": dict(vars(self.estimator)),
+                "dimensions": [self.dim_lo, self.dim_hi, self.dim_width]}
+
+    def load_training_state(self, saved: dict[str, Any]) -> None:
+        """Back to what :meth:`training_state` saved (the scale and zero point come with the state dict)."""
+        self.set_state(saved["state"])
+        vars(self.estimator).update(saved["estimator"])
+        self.dim_lo, self.dim_hi, self.dim_width = saved["dimensions"]
 
     @torch.no_grad()
     def _settle(self) -> None:

@@ -261,3 +261,74 @@ def test_finished_work_reruns_without_writing_so_a_read_only_results_folder_is_f
     assert [o.state for o in again.seeds] == ["skipped"] and again.summary == first.summary
     with pytest.raises(PermissionError):
         run_experiment(tiny(real_data, seeds=[0, 1]), root=tmp_path)  # new work needs the folder writable
+
+
+def _stop_before_call(monkeypatch, call: int) -> None:
+    """Training stops as at Ctrl-C just before its ``call``-th optimisation step in this process (counted over
+    the fine-tune and QAT loops)."""
+    from qbert.pipeline import finetune as loop
+
+    real, calls = loop.training_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "training_step", step)
+
+
+@pytest.mark.parametrize("recipe, stops, resumed", [
+    # learned-free W8A8 QAT from the fine-tuned checkpoint with Quant-Noise (random masks each step): stopped in
+    # the fine-tune after 2 of its 4 steps, then in QAT after 5 of its 8 (one step into the second epoch)
+    ({"name": "w8a8_qat", "epochs": 2, "batch_size": 16, "lr": 1e-4, "quant_noise": 0.5}, [3, 8],
+     {"finetune": [2], "qat": [5]}),
+    # Q8BERT from the pretrained model: quantization delay of 3 steps, then EMA ranges; stopped after step 5
+    ({"name": "q8bert", "epochs": 2, "batch_size": 16, "lr": 1e-4, "start_step": 3}, [6], {"qat": [5]}),
+])
+def test_interrupted_training_resumes_where_it_stopped_with_the_same_results(
+        real_data, tmp_path, monkeypatch, recipe, stops, resumed):
+    from qbert.pipeline import finetune as loop
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(real_data, recipe)
+    whole = read_json(run_experiment(cfg, root=tmp_path / "whole").folder / "seed=0" / "metrics.json")
+
+    monkeypatch.setattr(loop, "SAVE_EVERY", 0.0)  # a save after every step
+    for call in stops:
+        with monkeypatch.context() as patch:
+            _stop_before_call(patch, call)
+            with pytest.raises(KeyboardInterrupt):
+                run_experiment(cfg, root=tmp_path / "stopped")
+    seed = run_experiment(cfg, root=tmp_path / "stopped").folder / "seed=0"
+    again = read_json(seed / "metrics.json")
+
+    assert again["metrics"] == whole["metrics"]
+    assert again["recipe_report"]["ranges"] == whole["recipe_report"]["ranges"]
+    for stage in ("finetune", "qat"):
+        if whole[stage] is not None:
+            assert again[stage]["final_loss"] == whole[stage]["final_loss"], stage
+            assert again[stage].get("resumed_at_steps") == resumed.get(stage), stage
+            assert "resumed_at_steps" not in whole[stage]
+    # the saved states are gone once the results are stored
+    assert not (seed / "resume").exists()
+    assert not list((tmp_path / "stopped").rglob("*.resume.pt"))
+
+
+def test_a_saved_training_state_of_another_training_is_not_continued(tmp_path, caplog):
+    import torch
+
+    from qbert.pipeline.finetune import load_training_state, save_training_state
+
+    path = tmp_path / "qat.pt"
+    save_training_state(path, {"identity": "abc", "step": 3})
+    assert load_training_state(path, "abc")["step"] == 3
+    assert load_training_state(tmp_path / "none.pt", "abc") is None
+    assert load_training_state(path, "other") is None
+    assert "belongs to another training" in caplog.text
+    path.write_bytes(b"not a torch file")
+    assert load_training_state(path, "abc") is None
+    assert "cannot read the saved training state" in caplog.text
+    torch.save({"identity": "abc", "hook": print}, path)  # not plain data: refused, not unpickled
+    assert load_training_state(path, "abc") is None
