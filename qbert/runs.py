@@ -241,11 +241,13 @@ so that an interrupted training continues where it stopped; removed once the see
 
 
 def reset_seed_dir(folder: Path) -> None:
-    """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly (but for the
-    training state an interrupted training saved, :data:`RESUME_DIR`)."""
+    """Empty a seed folder left by an interrupted or forced run, so the seed restarts cleanly; but for the
+    training state an interrupted training saved (:data:`RESUME_DIR`) and, with it, the history of that training
+    (``run.log``, which the rerun appends to, and the TensorBoard events)."""
     folder.mkdir(parents=True, exist_ok=True)
+    keep = {RESUME_DIR, "run.log", "tensorboard"} if (folder / RESUME_DIR).is_dir() else set()
     for entry in folder.iterdir():
-        if entry.name == RESUME_DIR and entry.is_dir():
+        if entry.name in keep:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

@@ -311,7 +311,11 @@ def test_interrupted_training_resumes_where_it_stopped_with_the_same_results(
             assert again[stage]["final_loss"] == whole[stage]["final_loss"], stage
             assert again[stage].get("resumed_at_steps") == resumed.get(stage), stage
             assert "resumed_at_steps" not in whole[stage]
-    # the saved states are gone once the results are stored
+    # run.log holds the attempts since QAT first saved (a resumed one appends to it); the saved states are gone once
+    # the results are stored
+    log = (seed / "run.log").read_text()
+    assert log.count("seed 0: tiny-random on mrpc") == 1 + len(resumed["qat"])
+    assert log.count("QAT resumes at step") == len(resumed["qat"])
     assert not (seed / "resume").exists()
     assert not list((tmp_path / "stopped").rglob("*.resume.pt"))
 
