@@ -3,7 +3,8 @@
 Every post-training recipe of the same model, task, data, fine-tune settings and seed starts from
 the same checkpoint, trained once. A file lock makes concurrent processes wait for one trainer
 instead of training the same checkpoint twice; a checkpoint appears atomically (trained into a
-temporary folder, then renamed) so an interrupted training leaves nothing that looks finished.
+temporary folder, then renamed) so an interrupted training leaves nothing that looks finished; what it
+saved as it trained (:func:`resume_file`) lets the next attempt continue.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def cache_root(runs_root: Path) -> Path:
     return Path(env) / "finetuned" if env else runs_root / ".cache" / "finetuned"
 
 
+def resume_file(root: Path, key: str) -> Path:
+    """Where the training of checkpoint ``key`` saves its state as it goes (so an interrupted one resumes); the
+    cache removes it once the checkpoint is stored."""
+    return root / f"{key}.resume.pt"
+
+
 def cached_checkpoint(
     root: Path, key: str, key_data: dict[str, Any], train: Callable[[Path], dict[str, Any]]
 ) -> tuple[Path, dict[str, Any], bool]:
@@ -95,6 +102,7 @@ def cached_checkpoint(
                                                       "files": _digests(tmp)})
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
+            resume_file(root, key).unlink(missing_ok=True)  # trained and stored: nothing left to resume
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -21,7 +21,7 @@ import torch
 from qbert.config import ExperimentConfig
 from qbert.errors import QbertError, warn
 from qbert.models import ModelSource, check_finetuned, load_finetuned, load_model, load_tokenizer, resolve_model
-from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key
+from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_key, resume_file
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate_splits
 from qbert.pipeline.export import card_facts, export_seed
@@ -324,18 +324,16 @@ def run_seed(
             model = load_model(source, task.head, task.num_labels)
         else:
             key, key_data = finetune_key(config, seed, source.identity, task.data_fingerprint(config.data))
-            resume = cache_root(root) / f"{key}.resume.pt"  # beside the checkpoint: an interrupted one resumes
 
             def train_checkpoint(tmp: Path) -> dict[str, Any]:
                 seed_everything(seed)
                 fresh = load_model(source, task.head, task.num_labels)
-                info = train(fresh, resume=resume)
+                info = train(fresh, resume=resume_file(cache_root(root), key))
                 fresh.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 return info
 
             ckpt, info, cached = cached_checkpoint(cache_root(root), key, key_data, train_checkpoint)
-            resume.unlink(missing_ok=True)
             training, checkpoint = {**info, "cached": cached}, str(ckpt)
             model = load_finetuned(ckpt).to(device)
         timings["finetune"] = round(time.perf_counter() - start, 2)
