@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import statistics
@@ -55,7 +56,7 @@ from qbert.config import (
     schema_error,
     stable_hash,
 )
-from qbert.errors import QbertError, terminated_as_interrupt
+from qbert.errors import QbertError, terminated_as_interrupt, warn
 from qbert.progress import LINE_INTERVAL_S, duration
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
@@ -451,15 +452,35 @@ def run_local(jobs: list[Job], root: Path, sweep: str, workers: int, threads: in
                 raise
 
 
-def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
+def _stop_workers(pool: futures.ProcessPoolExecutor, grace: float | None = None) -> None:
     """Cancel what has not started and stop the pool's workers as Ctrl-C would (SIGTERM; each marks its seed
     interrupted), so that leaving the pool does not wait for their runs to finish (a Ctrl-C in a terminal
-    reaches them too; a SIGTERM sent to the sweep alone did not: the sweep waited for every running cell)."""
+    reaches them too; a SIGTERM sent to the sweep alone did not: the sweep waited for every running cell).
+    A worker still alive after ``grace`` seconds (default :data:`STOP_GRACE_S`) is killed, with a warning:
+    a stopped sweep ends in bounded time, as a scheduler that follows SIGTERM with SIGKILL expects."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # CPython's pool keeps them here,
     pool.shutdown(wait=False, cancel_futures=True)  # until shutdown forgets them
     for process in processes:
         if process.is_alive():
             process.terminate()
+    # wait on the exit sentinels, not join(): the pool's own thread reaps the workers too, and a process
+    # reaped by the other thread looks alive to this one
+    grace = STOP_GRACE_S if grace is None else grace
+    deadline = time.monotonic() + grace
+    left = {process.sentinel: process for process in processes}
+    while left and (remaining := deadline - time.monotonic()) > 0:
+        for sentinel in multiprocessing.connection.wait(list(left), remaining):
+            del left[sentinel]
+    if left:
+        warn(log, "%d sweep worker(s) did not stop within %.0f s of SIGTERM: killed (a seed one was running may "
+             "show `running` until the sweep is rerun)", len(left), grace)
+        for process in left.values():
+            process.kill()
+
+
+STOP_GRACE_S = 20.0
+"""How long a stopped sweep waits for its workers to mark their seeds interrupted and exit (about two seconds
+here) before it kills them."""
 
 
 def _died(job: Job, root: Path, sweep: str) -> TaskOutcome:

@@ -330,14 +330,23 @@ finetune: {{epochs: 50, batch_size: 16, max_seq_len: 32}}
     args = [str(Path(sys.executable).with_name("qbert")), command, cfg, "--runs-dir", str(runs)]
     if command == "sweep":
         args += ["--seeds", "0,1", "--workers", "3", "--threads", "1"]  # one worker idle: it just ends
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group: killed whole if it hangs
     expected = 2 if command == "sweep" else 1
     _wait_for(lambda: _states(runs).count("running") == expected)
     time.sleep(1.0)  # well inside the 50 epochs
     start = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say what was left running and what it printed, not just "timed out"
+        ps = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,etime,args", "--sid", str(process.pid)],
+                            capture_output=True, text=True).stdout
+        os.killpg(process.pid, signal.SIGKILL)
+        _, err = process.communicate()
+        pytest.fail(f"still running 60 s after SIGTERM; seeds {_states(runs)}; processes:\n{ps}\n"
+                    f"stderr:\n{err[-3000:]}")
     assert process.returncode == 128 + signal.SIGTERM, err
     assert time.monotonic() - start < 30  # not the rest of the training
     assert "interrupted: finished seeds are kept" in err and "Traceback" not in err and "Process" not in err
-    assert _states(runs) == ["interrupted"] * expected
+    assert _states(runs) == ["interrupted"] * expected, err

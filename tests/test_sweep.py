@@ -390,3 +390,39 @@ def test_two_grids_of_one_sweep_file_keep_two_records(real_data, tmp_path):
     records = sorted(p.name for p in (runs / ".sweeps").glob("*.json"))
     assert len(records) == 2 and all(r.startswith("grid-") for r in records)
     assert {row["counts"].get("done") for row in list_sweeps(runs)} == {1}
+
+
+def _ignore_sigterm_and_sleep(marker: str, seconds: float) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(marker).touch()
+    time.sleep(seconds)
+
+
+def _sleep(marker: str, seconds: float) -> None:
+    Path(marker).touch()
+    time.sleep(seconds)
+
+
+def test_stopping_workers_kills_one_that_ignores_sigterm_after_the_grace(tmp_path, capsys):
+    """A worker that does not end on SIGTERM (a seed that never reaches its interrupt) is killed after the grace
+    period, with a warning, so a stopped sweep ends instead of waiting for its training."""
+    import concurrent.futures as futures
+    import multiprocessing
+
+    from qbert.sweep import _stop_workers
+
+    pool = futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(_ignore_sigterm_and_sleep, str(tmp_path / "stubborn"), 120)
+    pool.submit(_sleep, str(tmp_path / "plain"), 120)
+    processes = list(pool._processes.values())
+    while not ((tmp_path / "stubborn").exists() and (tmp_path / "plain").exists()):  # both are in their task
+        time.sleep(0.1)
+    start = time.monotonic()
+    _stop_workers(pool, grace=2.0)
+    assert 2.0 <= time.monotonic() - start < 20
+    end = time.monotonic() + 30
+    while any(p.exitcode is None for p in processes) and time.monotonic() < end:  # the pool's thread reaps them
+        time.sleep(0.1)
+    assert sorted(p.exitcode for p in processes) == sorted([-signal.SIGKILL, -signal.SIGTERM])
+    pool.shutdown(wait=True)
+    assert "did not stop within 2 s of SIGTERM: killed" in capsys.readouterr().err
