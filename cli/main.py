@@ -42,9 +42,10 @@ def _main(
 ) -> None:
     """Experiment runner for BERT quantization research: fine-tune, calibrate, quantize, evaluate and export
     GLUE/SQuAD models from one YAML config."""
-    from qbert.errors import terminate_as_interrupt
+    from qbert.errors import stacks_on_sigusr1, terminate_as_interrupt
 
     terminate_as_interrupt()
+    stacks_on_sigusr1()
 
 app.command("run", epilog="Example: qbert run configs/smoke.yaml finetune.epochs=2 'seeds=[1,2,3]'")(run_cmd.run)
 app.command(

@@ -50,6 +50,15 @@ def terminate_as_interrupt() -> Any:
     return None
 
 
+def stacks_on_sigusr1() -> None:
+    """Make ``kill -USR1 <pid>`` print every thread's Python stack to stderr, the process going on (what a run
+    that looks stuck is doing; a sweep's workers too)."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 @contextlib.contextmanager
 def terminated_as_interrupt() -> Iterator[None]:
     """:func:`terminate_as_interrupt` for the duration of a block, then the previous handler again (a sweep

@@ -56,7 +56,7 @@ from qbert.config import (
     schema_error,
     stable_hash,
 )
-from qbert.errors import QbertError, terminated_as_interrupt, warn
+from qbert.errors import QbertError, stacks_on_sigusr1, terminated_as_interrupt, warn
 from qbert.progress import LINE_INTERVAL_S, duration
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
@@ -368,6 +368,7 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
 def _worker_init(threads: int | None, parent: int | None = None) -> None:
     if parent is not None:
         _die_with(parent)
+    stacks_on_sigusr1()
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -335,6 +335,10 @@ finetune: {{epochs: 50, batch_size: 16, max_seq_len: 32}}
     expected = 2 if command == "sweep" else 1
     _wait_for(lambda: _states(runs).count("running") == expected)
     time.sleep(1.0)  # well inside the 50 epochs
+    if command == "run":  # SIGUSR1 prints where the run is and does not stop it
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        assert process.poll() is None
     start = time.monotonic()
     process.send_signal(signal.SIGTERM)
     try:
@@ -342,11 +346,15 @@ finetune: {{epochs: 50, batch_size: 16, max_seq_len: 32}}
     except subprocess.TimeoutExpired:  # say what was left running and what it printed, not just "timed out"
         ps = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:24,etime,args", "--sid", str(process.pid)],
                             capture_output=True, text=True).stdout
+        os.killpg(process.pid, signal.SIGUSR1)  # qbert's processes print their threads' stacks
+        time.sleep(2.0)
         os.killpg(process.pid, signal.SIGKILL)
         _, err = process.communicate()
         pytest.fail(f"still running 60 s after SIGTERM; seeds {_states(runs)}; processes:\n{ps}\n"
-                    f"stderr:\n{err[-3000:]}")
+                    f"stderr:\n{err[-12000:]}")
     assert process.returncode == 128 + signal.SIGTERM, err
     assert time.monotonic() - start < 30  # not the rest of the training
     assert "interrupted: finished seeds are kept" in err and "Traceback" not in err and "Process" not in err
     assert _states(runs) == ["interrupted"] * expected, err
+    if command == "run":
+        assert "(most recent call first)" in err and "qbert/pipeline/" in err, err
