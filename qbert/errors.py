@@ -55,8 +55,12 @@ def stacks_on_sigusr1() -> None:
     that looks stuck is doing; a sweep's workers too)."""
     import faulthandler
     import signal
+    import sys
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:  # the process's own stderr: sys.stderr may be a capture without a file descriptor (tests, notebooks)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no stderr (io.UnsupportedOperation is an OSError)
+        pass
 
 
 @contextlib.contextmanager
