@@ -473,8 +473,8 @@ def _stop_workers(pool: futures.ProcessPoolExecutor, grace: float | None = None)
         for sentinel in multiprocessing.connection.wait(list(left), remaining):
             del left[sentinel]
     if left:
-        warn(log, "%d sweep worker(s) did not stop within %.0f s of SIGTERM: killed (a seed one was running may "
-             "show `running` until the sweep is rerun)", len(left), grace)
+        warn(log, "%d sweep worker(s) did not stop within %.0f s of SIGTERM: killed (a seed one was running shows "
+             "as `orphaned` in `qbert ls`; rerun the sweep to resume it)", len(left), grace)
         for process in left.values():
             process.kill()
 
