@@ -80,6 +80,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush ``path`` to the disk: a file, or every file under a folder and the folders themselves. Call it
+    before the rename that publishes a file a library wrote (torch, safetensors, HuggingFace folders): the
+    rename alone can reach the disk before the data, and a power cut then leaves an empty or torn file in
+    place of the old one."""
+    path = Path(path)
+    if path.is_dir():
+        folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    else:
+        folders, files = [], [path]
+    for entry in [*files, *folders]:
+        fd = os.open(entry, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def new_file_mode() -> int:
     """The mode a new file gets under the user's umask (``open`` would give it; mkstemp and the safetensors
     writer give 0600 whatever the umask)."""
@@ -229,6 +248,7 @@ def replace_folder(new: Path, target: Path) -> None:
     """Put folder ``new`` where ``target`` is: the old one is renamed aside first and removed last."""
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
+    fsync_path(new)
     if target.exists():
         os.replace(target, old)
     os.replace(new, target)

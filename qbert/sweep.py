@@ -60,6 +60,7 @@ from qbert.errors import QbertError, stacks_on_sigusr1, terminated_as_interrupt,
 from qbert.progress import LINE_INTERVAL_S, duration
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     config_dir,
@@ -544,12 +545,7 @@ def run_ray(jobs: list[Job], root: Path, sweep: str, address: str | None, thread
 def _gather(root: Path, outcome: TaskOutcome) -> None:
     folder = seed_dir(root, outcome.name, outcome.hash, outcome.seed)
     for name, content in outcome.files.items():
-        target = folder / name
-        if not target.is_file() or target.read_bytes() != content:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{name}.gathered")
-            tmp.write_bytes(content)
-            os.replace(tmp, target)
+        atomic_write_bytes(folder / name, content)  # skips a file that already holds it
     outcome.files = {}
 
 

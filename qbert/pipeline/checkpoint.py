@@ -19,7 +19,7 @@ from typing import Any
 
 from qbert.config import ExperimentConfig, stable_hash
 from qbert.errors import warn
-from qbert.runs import apply_umask, atomic_write_json, pid_lock, read_json
+from qbert.runs import apply_umask, atomic_write_json, fsync_path, pid_lock, read_json
 from qbert.tasks.base import file_digest
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def cached_checkpoint(
             apply_umask(tmp)  # safetensors writes 0600
             atomic_write_json(tmp / "finetune.json", {"key": key, "key_data": key_data, "training": training,
                                                       "files": _digests(tmp)})
+            fsync_path(tmp)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             resume_file(root, key).unlink(missing_ok=True)  # trained and stored: nothing left to resume

@@ -30,6 +30,7 @@ from qbert.errors import QbertError, warn
 from qbert.pipeline.batching import length_grouped_batches, model_inputs, pad_batch
 from qbert.pipeline.trainlog import TrainingLog
 from qbert.progress import SILENT, Reporter
+from qbert.runs import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,13 @@ def training_identity(model: torch.nn.Module, features: list[dict[str, Any]], cf
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (a reader sees the previous save or this one)."""
+    """Write ``state`` to ``path`` atomically and durably (a reader, even after a power cut, sees the previous
+    save or this one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(state, tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -38,13 +38,14 @@ def save_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dic
     checksum in its metadata and the mode of a new file under the user's umask."""
     from safetensors.numpy import save_file
 
-    from qbert.runs import apply_umask
+    from qbert.runs import apply_umask, fsync_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={**metadata, CHECKSUM_KEY: tensors_checksum(tensors)})
     apply_umask(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 

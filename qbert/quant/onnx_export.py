@@ -87,6 +87,7 @@ def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torc
     import onnx
 
     from qbert.quant.quantizer import Quantizer
+    from qbert.runs import fsync_path
 
     model.eval()
     for module in model.modules():
@@ -115,6 +116,7 @@ def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torc
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
+    fsync_path(tmp)
     tmp.replace(path)
     ops: dict[str, int] = {}
     for node in proto.graph.node:

@@ -155,3 +155,75 @@ def test_a_long_wait_for_a_checkpoint_is_announced_and_a_short_one_is_not(tmp_pa
         err = capsys.readouterr().err
         assert not cached and folder.is_dir()
         assert (f"another process (pid {os.getpid()}) holds the fine-tuned checkpoint" in err) is announced, err
+
+
+def _publish_training_state(root):
+    from qbert.pipeline.finetune import save_training_state
+
+    save_training_state(root / "k.resume.pt", {"identity": "x", "step": 3})
+
+
+def _publish_checkpoint(root):
+    def train(folder):
+        (folder / "weights.bin").write_bytes(b"w" * 100)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "vocab.txt").write_text("a\nb\n")
+        return {"ok": True}
+
+    cached_checkpoint(root, "k", {}, train)
+
+
+def _publish_tensors(root):
+    import numpy as np
+
+    from qbert.quant.fileformat import save_tensors
+
+    save_tensors(root / "model.safetensors", {"w": np.arange(6, dtype=np.int8)}, {"format": "t"})
+
+
+def _publish_text(root):
+    from qbert.runs import atomic_write_text
+
+    atomic_write_text(root / "metrics.json", "{}\n")
+
+
+def _publish_rerun(root):
+    from qbert.runs import replace_folder
+
+    (root / "seed=42").mkdir()
+    (root / "seed=42" / "metrics.json").write_text("{}")
+    (root / ".seed=42.rerun").mkdir()
+    (root / ".seed=42.rerun" / "metrics.json").write_text('{"accuracy": 1}')
+    replace_folder(root / ".seed=42.rerun", root / "seed=42")
+
+
+@pytest.mark.parametrize("publish", [_publish_training_state, _publish_checkpoint, _publish_tensors, _publish_text,
+                                     _publish_rerun])
+def test_every_published_file_reaches_the_disk_before_its_rename(tmp_path, monkeypatch, publish):
+    """A rename can reach the disk before the data it names: each file (and folder) is fsynced before the
+    rename that publishes it, so a power cut leaves the old file or the whole new one."""
+    import os
+    from pathlib import Path
+
+    synced: set[Path] = set()
+    published: list[Path] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        src = Path(src)
+        if Path(dst).name.startswith("."):  # moving the old one aside: nothing is published
+            return real_replace(src, dst)
+        entries = [src, *src.rglob("*")] if src.is_dir() else [src]
+        late = [str(p.relative_to(tmp_path)) for p in entries if p.resolve() not in synced]
+        assert not late, f"renamed before reaching the disk: {late}"
+        published.append(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    publish(tmp_path.resolve())
+    assert published  # the publisher did rename something into place
