@@ -7,12 +7,12 @@ graph holds the simulation's grids, not a re-calibration. Grids narrower than th
 (``[-127, 127]`` in int8) clamp first; 16-bit grids use (u)int16, which needs opset 21.
 
 Linear layers on integer GEMMs (:mod:`qbert.quant.integer_model`) are written as ONNX runtimes fuse
-them: ``DequantizeLinear(int8 weight codes) `` and a per-tensor ``Q -> DQ`` of the input right before
-the ``MatMul``; a per-embedding-group input becomes Bondarenko et al.'s Figure 4 (the input gathered
-in the permuted order, K slices, K MatMuls summed), so every GEMM input is per tensor, as integer
-kernels need. Weights that still pass through a ``QuantizeLinear`` (embeddings, layers left in
-floating point) are folded offline into integer initializers. The attention-mask path carries no
-quantizer, so it stays in floating point.
+them: ``DequantizeLinear`` of the weight codes (stored as uint8 with zero point 128: see
+:func:`dequantize_weight`) and a per-tensor ``Q -> DQ`` of the input right before the ``MatMul``; a
+per-embedding-group input becomes Bondarenko et al.'s Figure 4 (the input gathered in the permuted order,
+K slices, K MatMuls summed), so every GEMM input is per tensor, as integer kernels need. Weights that still
+pass through a ``QuantizeLinear`` (embeddings, layers left in floating point) are folded offline into
+integer initializers. The attention-mask path carries no quantizer, so it stays in floating point.
 """
 
 from __future__ import annotations
@@ -66,14 +66,20 @@ def gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``DequantizeLinear`` of symmetric int8 weight codes ``[N, K]`` (per tensor, or per output row)."""
+    """``DequantizeLinear`` of symmetric weight codes ``[N, K]`` in ``[-127, 127]`` (per tensor, or per
+    output row), stored as uint8 ``codes + 128`` with zero point 128: the same values, but the GEMM runtimes
+    fuse becomes U8U8. onnxruntime's U8S8 kernel on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake,
+    AMD before Zen 4) sums pairs of uint8 x int8 products in saturating 16-bit lanes (VPMADDUBSW), so an
+    8-bit input near its range times two large weights of one sign comes out clipped; its U8U8 kernels widen
+    to 16 bits first and are exact on every x86 CPU."""
     scale = scale.detach().float().reshape(-1)
     attrs: dict[str, Any] = {"axis": 0}
     if scale.numel() == 1:
         scale, attrs = scale.reshape(()), {}
-    zero = torch.zeros_like(scale)
-    zp = torch.onnx.ops.symbolic("Cast", (zero,), {"to": 3}, dtype=3, shape=zero.shape, version=OPSET)
-    return torch.onnx.ops.symbolic("DequantizeLinear", (codes, scale, zp), attrs, dtype=_FLOAT,
+    stored = (codes.to(torch.int16) + 128).to(torch.uint8)
+    zero = torch.full_like(scale, 128.0)
+    zp = torch.onnx.ops.symbolic("Cast", (zero,), {"to": 2}, dtype=2, shape=zero.shape, version=OPSET)
+    return torch.onnx.ops.symbolic("DequantizeLinear", (stored, scale, zp), attrs, dtype=_FLOAT,
                                    shape=codes.shape, version=OPSET)
 
 

@@ -136,9 +136,14 @@ def test_an_integer_gemm_runs_in_onnxruntime_as_its_input_grid_allows(bits, fuse
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "g.onnx"), options)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
-    # 8-bit: onnxruntime's int8 GEMM; 16-bit: a float MatMul on the grids, never MatMulNBits (int8 input)
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    ops = {n.op_type for n in optimized.node}
+    # 8-bit: onnxruntime's integer GEMM; 16-bit: a float MatMul on the grids, never MatMulNBits (int8 input)
     assert "MatMulNBits" not in ops and (fused is None or fused in ops)
+    # U8U8: onnxruntime's U8S8 kernel saturates pairs of products in 16 bits on x86 CPUs without VNNI
+    weight_types = {i.name: i.data_type for i in optimized.initializer}
+    fused_weights = [weight_types.get(n.input[1]) for n in optimized.node if n.op_type == fused]
+    assert fused_weights == ([] if fused is None else [onnx.TensorProto.UINT8])
     expected = (aq(x).double() @ wq(weight).detach().double().t() + linear.bias.detach().double()).numpy()
     got = OnnxModel(tmp_path / "g.onnx")(x=x).out.numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
