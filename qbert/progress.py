@@ -8,6 +8,7 @@ run piped to a log is never silent for long and a short stage takes two lines.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -115,3 +116,30 @@ class Reporter:
 
 
 SILENT = Reporter(enabled=False)
+
+
+class _LogLines:
+    """A text stream that hands each complete line written to it to ``logger`` at INFO."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.partial = logger, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info("%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def log_reporter(logger: logging.Logger) -> Reporter:
+    """Progress as INFO lines of ``logger``, at the plain-line pace (every 10%, at least every
+    :data:`LINE_INTERVAL_S`): for a sweep's seeds, which have no terminal; the lines land in the seed's
+    ``run.log``, whose last line the sweep's progress line shows."""
+    return Reporter(Console(file=_LogLines(logger)), lines=True)  # type: ignore[arg-type]

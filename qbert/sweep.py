@@ -57,7 +57,7 @@ from qbert.config import (
     stable_hash,
 )
 from qbert.errors import QbertError, stacks_on_sigusr1, terminated_as_interrupt, warn
-from qbert.progress import LINE_INTERVAL_S, duration
+from qbert.progress import LINE_INTERVAL_S, duration, log_reporter
 from qbert.records import read_record, read_status, unreadable
 from qbert.runs import (
     atomic_write_bytes,
@@ -346,7 +346,8 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
     folder = seed_dir(root_path, config.name, config_hash, seed)
     try:
         with terminated_as_interrupt():  # the sweep stops its workers with SIGTERM: the seed ends "interrupted"
-            result = run_experiment(config, root=root_path, seeds=[seed], force=force)
+            result = run_experiment(config, root=root_path, seeds=[seed], force=force,
+                                    reporter=log_reporter(logging.getLogger("qbert.progress")))
         outcome = result.seeds[0]
         metrics = read_record(outcome.folder) or {}
         task = TaskOutcome(config.name, config_hash, seed, outcome.state, outcome.metrics,

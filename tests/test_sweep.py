@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,11 @@ def test_a_sweep_reports_progress_while_it_runs_and_after_each_seed(real_data, t
     run_sweep(cells, name="live", root=tmp_path / "runs", workers=1, on_progress=lines.append, heartbeat_s=0.2)
     assert any(" running tiny seed 0 for " in line for line in lines)  # the heartbeat, while seed 0 ran
     assert lines[-1] == "sweep: 2/2 seeds finished (2 ran, 0 skipped, 0 failed)"
+    # the stages' progress goes to the seed's run.log, whose last line the heartbeat shows
+    log = (tmp_path / "runs" / cells[0].config.name / cells[0].hash / "seed=0" / "run.log").read_text()
+    progress = [line.split(": ", 1)[1] for line in log.splitlines() if " INFO qbert.progress: " in line]
+    assert any(line.startswith("evaluate: 0/") for line in progress), log
+    assert any(re.match(r"evaluate: (\d+)/\1 \(100%\)", line) for line in progress), log
 
 
 def test_cli_sweep_ends_with_a_table_and_exit_1_on_failure(real_data, tmp_path):
