@@ -43,11 +43,29 @@ def terminate_as_interrupt() -> Any:
     import threading
 
     def handler(signum: int, frame: object) -> None:
+        global _terminated_by
+        _terminated_by = signum
         raise Terminated(signum)
 
     if threading.current_thread() is threading.main_thread():
+        global _terminated_by
+        _terminated_by = None
         return signal.signal(signal.SIGTERM, handler)
     return None
+
+
+_terminated_by: int | None = None
+"""The termination signal this process received (see :func:`raise_if_terminated`), or None."""
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` again when a termination signal came but its exception never got through:
+    the handler raises it in whatever Python code runs at that moment, and code that catches every exception
+    or C code that clears a pending error (seen in the middle of importing transformers on a loaded machine)
+    swallowed it, so the run went on training for minutes. Long loops call this at every step through their
+    progress bars (:meth:`qbert.progress.Reporter.bar`)."""
+    if _terminated_by is not None:
+        raise Terminated(_terminated_by)
 
 
 def stacks_on_sigusr1() -> None:

@@ -17,6 +17,8 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from qbert.errors import raise_if_terminated
+
 Advance = Callable[..., None]
 
 LINE_INTERVAL_S = 30.0
@@ -92,12 +94,12 @@ class Reporter:
     def bar(self, description: str, total: int) -> Iterator[Advance]:
         """Progress over ``total`` steps; the yielded function advances it and may set an ``info`` text."""
         if not self.enabled:
-            yield lambda n=1, info="": None
+            yield _checked(lambda n=1, info="": None)
             return
         if self.lines:
             progress = LineProgress(description, total, self.console.file or sys.stderr, interval_s=self.interval_s)
             progress.emit()
-            yield progress.advance
+            yield _checked(progress.advance)
             if progress.done < progress.total:  # ended early (an error, or fewer steps than announced)
                 progress.emit()
             return
@@ -112,7 +114,18 @@ class Reporter:
             def advance(n: int = 1, info: str = "") -> None:
                 bars.update(task, advance=n, info=info)
 
-            yield advance
+            yield _checked(advance)
+
+
+def _checked(advance: Advance) -> Advance:
+    """``advance`` that first re-raises a termination whose exception was swallowed (every long loop advances
+    a bar at every step): :func:`qbert.errors.raise_if_terminated`."""
+
+    def checked(n: int = 1, info: str = "") -> None:
+        raise_if_terminated()
+        advance(n, info)
+
+    return checked
 
 
 SILENT = Reporter(enabled=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from qbert.progress import LINE_GAP_S, LineProgress, Reporter, duration
@@ -69,3 +70,31 @@ def test_reporter_prints_lines_to_a_file_and_nothing_when_disabled():
     with Reporter(Console(file=quiet), enabled=False).bar("evaluate", 3) as advance:
         advance(3)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_swallowed_sigterm_stops_the_next_step(enabled):
+    """The SIGTERM handler raises in whatever code runs; code that swallows every exception (it happened in
+    the middle of importing transformers) must not let the run go on: the next step of any bar raises again."""
+    import os
+    import signal
+
+    from qbert.errors import Terminated, terminate_as_interrupt
+
+    previous = terminate_as_interrupt()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between two bytecodes of this loop
+                pass
+        except BaseException:  # noqa: BLE001 - the library code that swallows it
+            pass
+        reporter = Reporter(Console(file=io.StringIO()), enabled=enabled, lines=True)
+        with reporter.bar("fine-tune", 3) as advance, pytest.raises(Terminated):
+            advance()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        terminate_as_interrupt()  # a fresh handler forgets the signal: the next bar in this process runs
+        signal.signal(signal.SIGTERM, previous)
+    with Reporter(enabled=False).bar("evaluate", 1) as advance:
+        advance()
