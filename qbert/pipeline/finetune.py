@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -53,6 +54,38 @@ def resolve_device(choice: str) -> torch.device:
                              key="finetune.device")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""x86 CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic; without them CPU autocast emulates it."""
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags as Linux lists them in ``/proc/cpuinfo``, or None where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return None
+
+
+def emulated_bf16(device: torch.device, flags: frozenset[str] | None = None) -> bool:
+    """Whether bf16 autocast on ``device`` is emulated: an x86 CPU without AVX512-BF16 or AMX. False where
+    unknown (other architectures, no ``/proc/cpuinfo``)."""
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = cpu_flags() if flags is None else flags
+    return flags is not None and not flags & NATIVE_BF16_FLAGS
+
+
+def bf16_keys(config: Any) -> list[str]:
+    """The config keys that ask for bf16 autocast."""
+    asked = [("finetune.precision", config.finetune.precision), ("evaluate.precision", config.evaluate.precision),
+             ("recipe.precision", getattr(config.recipe, "precision", None))]
+    return [key for key, value in asked if value == "bf16"]
 
 
 def autocast(device: torch.device, precision: str):

@@ -25,7 +25,7 @@ from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_ke
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate_splits
 from qbert.pipeline.export import card_facts, export_seed
-from qbert.pipeline.finetune import finetune, resolve_device, seed_everything
+from qbert.pipeline.finetune import bf16_keys, emulated_bf16, finetune, resolve_device, seed_everything
 from qbert.pipeline.trainlog import TrainingLog, watched_ranges
 from qbert.progress import SILENT, Reporter
 from qbert.recipes import get_recipe
@@ -290,6 +290,12 @@ def run_seed(
         atomic_write_json(folder / "env.json", environment(str(device)))
         log.info("seed %d: %s on %s with recipe %s, device %s", seed, config.model, config.task,
                  config.recipe.name, device)
+        slow = bf16_keys(config) if emulated_bf16(device) else []
+        if slow:
+            warn(log, "%s: bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX flag): autocast emulates it, "
+                 "and on an AVX2 machine training ran 21x and evaluation 8x slower than fp32 "
+                 "(bench/finetune_throughput.py); set %s for speed (the numbers change a little)",
+                 ", ".join(slow), " ".join(f"{k}=fp32" for k in slow))
         missing_splits = task.missing_splits(config.data)
         for split, why in missing_splits.items():
             warn(log, "%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "

@@ -336,3 +336,36 @@ def test_a_saved_training_state_of_another_training_is_not_continued(tmp_path, c
     assert "cannot read the saved training state" in caplog.text
     torch.save({"identity": "abc", "hook": print}, path)  # not plain data: refused, not unpickled
     assert load_training_state(path, "abc") is None
+
+
+def test_emulated_bf16_is_told_from_the_cpu_flags():
+    import platform
+
+    import torch
+
+    from qbert.pipeline.finetune import bf16_keys, emulated_bf16
+
+    cpu = torch.device("cpu")
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})  # an AMD EPYC (Zen 3), this project's machine since 2026-12
+    sapphire = avx2 | {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert emulated_bf16(cpu, avx2) is x86
+    assert emulated_bf16(cpu, sapphire) is False and emulated_bf16(cpu, avx2 - {"avx2"} | {"avx512_bf16"}) is False
+    assert emulated_bf16(torch.device("meta"), avx2) is False  # not a CPU: autocast is the device's own
+    cfg = parse_config({"name": "b", "model": "tiny-random", "task": "mrpc", "finetune": {"precision": "bf16"},
+                        "recipe": {"name": "w8a8_qat", "precision": "fp32"}})
+    assert bf16_keys(cfg) == ["finetune.precision"]
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_a_warning_naming_the_keys(real_data, tmp_path, monkeypatch, capsys):
+    import qbert.pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "emulated_bf16", lambda device: True)
+    result = run_experiment(tiny(real_data, evaluate={"precision": "bf16"}), root=tmp_path)
+    err = capsys.readouterr().err
+    assert "warning: evaluate.precision: bf16 on a CPU without native bf16" in err
+    assert "set evaluate.precision=fp32 for speed" in err
+    assert "bf16 on a CPU without native bf16" in (result.folder / "seed=0" / "run.log").read_text()
+    monkeypatch.setattr(run_module, "emulated_bf16", lambda device: False)
+    run_experiment(tiny(real_data, name="tiny2", evaluate={"precision": "bf16"}), root=tmp_path)
+    assert "native bf16" not in capsys.readouterr().err
