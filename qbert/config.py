@@ -82,10 +82,22 @@ class FinetuneConfig(Section):
     warmup: float = Field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay, not applied to biases and norms.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast (CPU and CUDA).")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16 = autocast (CPU and CUDA). auto = bf16 where the device computes it natively "
+        "(CUDA with bf16; an x86 CPU with AVX512-BF16 or AMX), else fp32: decided when the config is read, so the "
+        "saved config and its hash hold the choice.",
+    )
     group_by_length: bool = Field(True, description="Length-grouped batches (less padding).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; null = all cores.")
+
+    @model_validator(mode="after")
+    def _resolve_precision(self) -> FinetuneConfig:
+        if self.precision == "auto":
+            from qbert.pipeline.finetune import native_bf16
+
+            self.precision = "bf16" if native_bf16(self.device) else "fp32"
+        return self
 
 
 class EstimatorConfig(Section):

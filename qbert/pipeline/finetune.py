@@ -81,6 +81,16 @@ def emulated_bf16(device: torch.device, flags: frozenset[str] | None = None) -> 
     return flags is not None and not flags & NATIVE_BF16_FLAGS
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` (a ``finetune.device`` choice) computes bf16 natively: CUDA that supports it, or an
+    x86 CPU with AVX512-BF16 or AMX. False where unknown (other CPUs): ``precision: auto`` then trains in fp32."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    flags = cpu_flags()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86 and flags is not None and bool(flags & NATIVE_BF16_FLAGS)
+
+
 def bf16_keys(config: Any) -> list[str]:
     """The config keys that ask for bf16 autocast."""
     asked = [("finetune.precision", config.finetune.precision), ("evaluate.precision", config.evaluate.precision),

@@ -294,7 +294,8 @@ def run_seed(
         if slow:
             warn(log, "%s: bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX flag): autocast emulates it, "
                  "and on an AVX2 machine training ran 21x and evaluation 8x slower than fp32 "
-                 "(bench/finetune_throughput.py); set %s for speed (the numbers change a little)",
+                 "(bench/finetune_throughput.py); set %s for speed (the numbers change a little; "
+                 "finetune.precision=auto picks by machine)",
                  ", ".join(slow), " ".join(f"{k}=fp32" for k in slow))
         missing_splits = task.missing_splits(config.data)
         for split, why in missing_splits.items():
