@@ -25,7 +25,14 @@ from qbert.pipeline.checkpoint import cache_root, cached_checkpoint, finetune_ke
 from qbert.pipeline.context import StageContext
 from qbert.pipeline.evaluate import evaluate_splits
 from qbert.pipeline.export import card_facts, export_seed
-from qbert.pipeline.finetune import bf16_keys, emulated_bf16, finetune, resolve_device, seed_everything
+from qbert.pipeline.finetune import (
+    bf16_keys,
+    emulated_bf16,
+    finetune,
+    resolve_device,
+    seed_everything,
+    slow_int8_gemm,
+)
 from qbert.pipeline.trainlog import TrainingLog, watched_ranges
 from qbert.progress import SILENT, Reporter
 from qbert.recipes import get_recipe
@@ -297,6 +304,10 @@ def run_seed(
                  "(bench/finetune_throughput.py); set %s for speed (the numbers change a little; "
                  "finetune.precision=auto picks by machine)",
                  ", ".join(slow), " ".join(f"{k}=fp32" for k in slow))
+        if config.evaluate.integer and slow_int8_gemm(device):
+            warn(log, "evaluate.integer: this CPU has no int8 dot-product instructions (no AVX512-VNNI, AVX-VNNI or "
+                 "AMX flag), where torch._int_mm is exact but about 40x slower than the fp32 GEMM: the integer "
+                 "evaluation will be slow; export.formats: [onnx] runs the integer model fast on onnxruntime")
         missing_splits = task.missing_splits(config.data)
         for split, why in missing_splits.items():
             warn(log, "%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "

@@ -357,6 +357,31 @@ def test_emulated_bf16_is_told_from_the_cpu_flags():
     assert bf16_keys(cfg) == ["finetune.precision"]
 
 
+def test_an_int8_gemm_without_vnni_is_told_from_the_cpu_flags():
+    import platform
+
+    import torch
+
+    from qbert.pipeline.finetune import slow_int8_gemm
+
+    cpu, x86 = torch.device("cpu"), platform.machine().lower() in ("x86_64", "amd64")
+    assert slow_int8_gemm(cpu, frozenset({"avx2", "fma"})) is x86  # an AMD EPYC (Zen 3)
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert slow_int8_gemm(cpu, frozenset({"avx2", flag})) is False
+
+
+
+def test_integer_evaluation_on_a_cpu_without_vnni_is_a_warning(real_data, tmp_path, monkeypatch, capsys):
+    import qbert.pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "slow_int8_gemm", lambda device: True)
+    run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"},
+                        evaluate={"integer": True}), root=tmp_path)
+    assert "warning: evaluate.integer: this CPU has no int8 dot-product instructions" in capsys.readouterr().err
+    run_experiment(tiny(real_data, name="tiny2", recipe={"name": "w8a8_ptq"}), root=tmp_path)
+    assert "int8 dot-product" not in capsys.readouterr().err  # no integer evaluation asked for: no warning
+
+
 def test_bf16_on_a_cpu_that_emulates_it_is_a_warning_naming_the_keys(real_data, tmp_path, monkeypatch, capsys):
     import qbert.pipeline.run as run_module
 
