@@ -77,8 +77,9 @@ def stacks_on_sigusr1() -> None:
 
     try:  # the process's own stderr: sys.stderr may be a capture without a file descriptor (tests, notebooks)
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    except (AttributeError, ValueError, OSError):  # no stderr (io.UnsupportedOperation is an OSError)
-        pass
+    except (AttributeError, ValueError, OSError) as exc:  # no stderr (io.UnsupportedOperation is an OSError)
+        logging.getLogger("qbert").debug("no stacks on SIGUSR1: stderr has no file descriptor (%s)",
+                                         type(exc).__name__)
 
 
 @contextlib.contextmanager
