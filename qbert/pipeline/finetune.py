@@ -13,6 +13,7 @@ device and thread count).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -60,8 +61,13 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 """x86 CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic; without them CPU autocast emulates it."""
 
 
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+"""Whether this machine is x86-64, where the CPU flags below say what bf16 and int8 arithmetic costs."""
+
+
+@functools.cache
 def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags as Linux lists them in ``/proc/cpuinfo``, or None where unknown."""
+    """The CPU's feature flags as Linux lists them in ``/proc/cpuinfo``, or None where unknown (read once)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -79,7 +85,7 @@ INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 def x86_without(device: torch.device, wanted: frozenset[str], flags: frozenset[str] | None = None) -> bool:
     """Whether ``device`` is an x86 CPU with none of the ``wanted`` flags. False where unknown (other devices
     and architectures, no ``/proc/cpuinfo``)."""
-    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if device.type != "cpu" or not X86:
         return False
     flags = cpu_flags() if flags is None else flags
     return flags is not None and not flags & wanted
@@ -102,8 +108,7 @@ def native_bf16(device: str) -> bool:
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     flags = cpu_flags()
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return x86 and flags is not None and bool(flags & NATIVE_BF16_FLAGS)
+    return X86 and flags is not None and bool(flags & NATIVE_BF16_FLAGS)
 
 
 def bf16_keys(config: Any) -> list[str]:
