@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from qbert.architectures import ARCHITECTURES, for_model_type, head_prefixes
 from qbert.errors import QbertError, warn
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,14 @@ BERT_BASE_CONFIG = dict(
 which is BERT's 30522-token vocabulary)."""
 
 RANDOM_CONFIGS: dict[str, dict[str, int]] = {"tiny-random": TINY_RANDOM_CONFIG, "bert-base-random": BERT_BASE_CONFIG}
-"""Aliases for randomly initialised BERTs built from a config (tests, benchmarks, site counts)."""
+"""Aliases for randomly initialised models built from a config (tests, benchmarks, site counts): BERTs, and a
+``tiny-random-<name>`` per other table of :mod:`qbert.architectures` (its ``tiny`` config)."""
+RANDOM_MODEL_TYPES: dict[str, str] = {"tiny-random": "bert", "bert-base-random": "bert"}
+"""The transformers ``model_type`` of each random alias."""
+for _arch in ARCHITECTURES.values():
+    if _arch.name != "bert":
+        RANDOM_CONFIGS[f"tiny-random-{_arch.name}"] = _arch.tiny
+        RANDOM_MODEL_TYPES[f"tiny-random-{_arch.name}"] = _arch.model_types[0]
 
 BERT_LARGE_CONFIG = {**BERT_BASE_CONFIG, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                      "intermediate_size": 4096}
@@ -227,19 +235,28 @@ def load_tokenizer(source: ModelSource):
             f"the tokenizer of {source.spec!r} is not a fast tokenizer (offset mappings are needed)",
             key="model",
         )
+    if source.random_init:  # the packaged BERT tokenizer: only the inputs the alias's architecture takes
+        inputs = for_model_type(RANDOM_MODEL_TYPES[source.spec]).inputs
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n in inputs]
     return tokenizer
+
+
+def random_config(source: ModelSource, head_kwargs: dict[str, Any]) -> Any:
+    """The transformers config of a random alias: its shape, the packaged tokenizer's vocabulary, the head."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(source.location).vocab_size
+    return AutoConfig.for_model(RANDOM_MODEL_TYPES[source.spec], vocab_size=vocab, **RANDOM_CONFIGS[source.spec],
+                                **head_kwargs)
 
 
 def load_model(source: ModelSource, head: Head, num_labels: int = 2):
     """A pre-trained encoder with a freshly initialised task head (seed torch before calling)."""
-    from transformers import AutoConfig, BertConfig
 
     quiet_transformers()
     auto, head_kwargs = _head(head, num_labels)
     if source.random_init:
-        tokenizer_vocab = AutoConfig.from_pretrained(source.location).vocab_size
-        config = BertConfig(vocab_size=tokenizer_vocab, **RANDOM_CONFIGS[source.spec], **head_kwargs)
-        return auto.from_config(config)
+        return auto.from_config(random_config(source, head_kwargs))
     from safetensors import SafetensorError
 
     try:
@@ -254,8 +271,8 @@ def load_model(source: ModelSource, head: Head, num_labels: int = 2):
     return model
 
 
-HEAD_PREFIXES = ("classifier.", "qa_outputs.")
-"""Parameter names of the task heads qbert adds (initialised on purpose)."""
+HEAD_PREFIXES = head_prefixes()
+"""Parameter names of the task heads qbert adds (initialised on purpose), from the architecture tables."""
 
 
 def _head(head: Head, num_labels: int) -> tuple[Any, dict[str, Any]]:
@@ -286,8 +303,7 @@ def model_skeleton(spec: str, head: Head, num_labels: int = 2) -> tuple[Any, str
         config, origin = BertConfig(**CANONICAL_SHAPES[spec], **head_kwargs), f"qbert's table of {spec}'s shape"
     else:
         if source.random_init:
-            vocab = AutoConfig.from_pretrained(source.location).vocab_size
-            config = BertConfig(vocab_size=vocab, **RANDOM_CONFIGS[spec], **head_kwargs)
+            config = random_config(source, head_kwargs)
         else:
             try:
                 config = AutoConfig.from_pretrained(source.location, **head_kwargs)

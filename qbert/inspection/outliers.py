@@ -81,20 +81,20 @@ class OutlierReport:
 
 def _capture(model: torch.nn.Module) -> tuple[dict[tuple[int, str], torch.Tensor], list[Any]]:
     """Hooks that keep the last forward's FFN input, output and residual sum of every layer."""
-    from qbert.quant.sites import _parts
+    from qbert.architectures import bind
 
     seen: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    for i, layer in enumerate(_parts(model).layers):
-        def keep(key: tuple[int, str]):
-            return lambda _m, _args, out: seen.__setitem__(key, out.detach())
-
-        def keep_input(key: tuple[int, str]):
-            return lambda _m, args: seen.__setitem__(key, args[0].detach())
-
-        handles.append(layer.attention.output.LayerNorm.register_forward_hook(keep((i, "ffn.input"))))
-        handles.append(layer.output.dense.register_forward_hook(keep((i, "ffn.output"))))
-        handles.append(layer.output.LayerNorm.register_forward_pre_hook(keep_input((i, "ffn.residual_sum"))))
+    bound = bind(model)
+    for i, _ in enumerate(bound.layers):
+        for name in FFN_SITES:
+            module, at = bound.tap(i, name)
+            if at == "output":
+                handles.append(module.register_forward_hook(
+                    lambda _m, _args, out, key=(i, name): seen.__setitem__(key, out.detach())))
+            else:
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, key=(i, name): seen.__setitem__(key, args[0].detach())))
     return seen, handles
 
 

@@ -298,17 +298,19 @@ def _sample_inputs(q: Any, model: Any) -> dict[str, Any]:
     """Two rows of different lengths (the export's dynamic axes need at least two of each)."""
     import torch
 
-    from qbert.pipeline.batching import MODEL_INPUTS
+    from qbert.architectures import for_model_type
 
+    inputs = for_model_type(model.config.model_type).inputs
     if q.tokenizer is not None:
         encoded = q.tokenizer(["qbert exports this model to ONNX.", "A second, longer sentence: the batch and "
                                "sequence axes stay dynamic."], padding=True, return_tensors="pt")
-        return {k: v for k, v in encoded.items() if k in MODEL_INPUTS}
+        return {k: v for k, v in encoded.items() if k in inputs}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, model.config.vocab_size, (2, 12), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    sample = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return {k: v for k, v in sample.items() if k in inputs}
 
 
 EXPORT_FORMATS: dict[str, Callable[[Any, Path, dict[str, Any] | None], dict[str, Any]]] = {

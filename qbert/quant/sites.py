@@ -1,4 +1,4 @@
-"""Sites: stable dotted names for every tensor of a BERT-family encoder a recipe may quantize.
+"""Sites: stable dotted names for every tensor of an encoder (BERT, RoBERTa, DistilBERT) a recipe may quantize.
 
 Activation sites, per layer ``i`` (13 per layer, in forward order)::
 
@@ -15,16 +15,18 @@ Activation sites, per layer ``i`` (13 per layer, in forward order)::
     layer.i.ffn.norm                      FFN LayerNorm output = the layer's output
 
 and ``embeddings.sum`` (word + position + token type), ``embeddings.output`` (after LayerNorm),
-``pooler.output`` (after tanh) and ``head.output`` (logits). Weight sites are the linear layers'
+``pooler.output`` (the head's input vector: after BERT's pooler tanh, RoBERTa's head tanh, DistilBERT's
+ReLU) and ``head.output`` (logits). Weight sites are the linear layers'
 weights, named after the activation site they produce (``layer.i.ffn.output.weight``,
 ``pooler.output.weight``, ``head.output.weight``) and the embedding tables
 (``embeddings.word.weight``, ``embeddings.position.weight``, ``embeddings.token_type.weight``).
 Biases, LayerNorm parameters, softmax, GELU and LayerNorm arithmetic stay in floating point.
 
-Hooks, for transformers 5.x: linear outputs, LayerNorm inputs (residual sums) and outputs, the
-intermediate (GELU) output and the pooler use forward hooks; attention scores, probabilities and
-context use an attention function registered as ``"qbert"`` in ``ALL_ATTENTION_FUNCTIONS``; weights
-use ``torch.nn.utils.parametrize``.
+Which module computes each site is data: one table per architecture in :mod:`qbert.architectures`, read
+here for naming and instrumentation. Hooks, for transformers 5.x: a site the table taps at a module's output
+uses a forward hook, one tapped at its input (residual sums: the LayerNorm's input) a forward pre-hook;
+attention scores, probabilities and context use an attention function registered as ``"qbert"`` in
+``ALL_ATTENTION_FUNCTIONS``; weights use ``torch.nn.utils.parametrize``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from qbert.architectures import bind
 from qbert.errors import QbertError
 from qbert.quant import functional
 from qbert.quant.quantizer import Quantizer
@@ -69,51 +72,11 @@ class Site:
     layout: Layout
 
 
-class UnsupportedModel(QbertError):
-    """The model is not a BERT-family encoder with the module layout qbert hooks into."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, key="model")
-
-
-@dataclass
-class _Parts:
-    base: nn.Module
-    layers: list[nn.Module]
-    pooler: nn.Module | None
-    head: nn.Linear | None
-
-
-def _parts(model: nn.Module) -> _Parts:
-    base = getattr(model, "base_model", model)
-    embeddings = getattr(base, "embeddings", None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    needed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
-    if embeddings is None or layers is None or not all(hasattr(embeddings, n) for n in needed):
-        raise UnsupportedModel(
-            f"{type(model).__name__} is not a BERT-family encoder (expected embeddings.word_embeddings/"
-            "position_embeddings/token_type_embeddings and encoder.layer[i].attention/intermediate/output)"
-        )
-    for layer in layers:
-        ok = all(
-            hasattr(obj, attr)
-            for obj, attr in (
-                (layer, "attention"), (layer, "intermediate"), (layer, "output"),
-                (getattr(layer, "attention", None), "self"), (getattr(layer, "attention", None), "output"),
-            )
-        )
-        if not ok or getattr(layer, "add_cross_attention", False):
-            raise UnsupportedModel(f"{type(model).__name__}: encoder layers do not have BERT's layout")
-    prefix = getattr(model, "base_model_prefix", "")
-    heads = [m for n, m in model.named_children() if n != prefix and isinstance(m, nn.Linear)]
-    return _Parts(base, list(layers), getattr(base, "pooler", None), heads[0] if len(heads) == 1 else None)
-
-
 def enumerate_sites(model: nn.Module) -> list[Site]:
-    """Every activation and weight site of ``model`` in forward order (works on the meta device)."""
-    parts = _parts(model)
-    config = parts.base.config
-    hidden, inter = config.hidden_size, config.intermediate_size
+    """Every activation and weight site of ``model`` in forward order (works on the meta device); the model's
+    architecture table (:mod:`qbert.architectures`) says where each one is."""
+    bound = bind(model)
+    hidden, inter = bound.sizes()
     sites: list[Site] = []
 
     def act(name: str, family: str, layer: int | None, channels: int | None, layout: Layout) -> None:
@@ -122,13 +85,12 @@ def enumerate_sites(model: nn.Module) -> list[Site]:
     def weight(name: str, family: str, layer: int | None, rows: int) -> None:
         sites.append(Site(name, "weight", family, layer, rows, "weight"))
 
-    emb = parts.base.embeddings
-    for table in ("word", "position", "token_type"):
-        weight(f"embeddings.{table}.weight", f"embeddings.{table}.weight", None,
-               getattr(emb, f"{table}_embeddings").num_embeddings)
+    emb = bound.embeddings
+    for table, path in bound.arch.tables.items():
+        weight(f"embeddings.{table}.weight", f"embeddings.{table}.weight", None, getattr(emb, path).num_embeddings)
     act("embeddings.sum", "embeddings.sum", None, hidden, "tokens")
     act("embeddings.output", "embeddings.output", None, hidden, "tokens")
-    for i, _ in enumerate(parts.layers):
+    for i, _ in enumerate(bound.layers):
         for family in LAYER_WEIGHTS:
             rows = inter if family == "ffn.intermediate" else hidden
             weight(f"layer.{i}.{family}.weight", f"{family}.weight", i, rows)
@@ -136,12 +98,13 @@ def enumerate_sites(model: nn.Module) -> list[Site]:
             channels = {"attn.scores": None, "attn.probs": None, "ffn.intermediate": inter}.get(family, hidden)
             layout: Layout = "attention" if family in ("attn.scores", "attn.probs") else "tokens"
             act(f"layer.{i}.{family}", family, i, channels, layout)
-    if parts.pooler is not None:
-        weight("pooler.output.weight", "pooler.output.weight", None, parts.pooler.dense.out_features)
-        act("pooler.output", "pooler.output", None, hidden, "vector")
-    if parts.head is not None:
-        weight("head.output.weight", "head.output.weight", None, parts.head.out_features)
-        act("head.output", "head.output", None, parts.head.out_features, "vector")
+    pooler, head = bound.pooler(), bound.head_output()
+    if pooler is not None:
+        weight("pooler.output.weight", "pooler.output.weight", None, pooler.out_features)
+        act("pooler.output", "pooler.output", None, pooler.out_features, "vector")
+    if head is not None:
+        weight("head.output.weight", "head.output.weight", None, head.out_features)
+        act("head.output", "head.output", None, head.out_features, "vector")
     # weights are listed with the layer they belong to; keep activations in forward order
     return sites
 
@@ -346,49 +309,15 @@ class Instrumented:
             q.set_state(state)  # type: ignore[arg-type]
 
 
-def _layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    attn = layer.attention
-    return {
-        "attn.query": attn.self.query, "attn.key": attn.self.key, "attn.value": attn.self.value,
-        "attn.output": attn.output.dense, "ffn.intermediate": layer.intermediate.dense,
-        "ffn.output": layer.output.dense,
-    }
-
-
 def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The module holding each weight site's ``weight`` (embedding tables, linears, pooler, head)."""
-    parts = _parts(model)
-    emb = parts.base.embeddings
-    tables = ("word", "position", "token_type")
-    modules: dict[str, nn.Module] = {f"embeddings.{t}.weight": getattr(emb, f"{t}_embeddings") for t in tables}
-    for i, layer in enumerate(parts.layers):
-        modules.update({f"layer.{i}.{family}.weight": m for family, m in _layer_linears(layer).items()})
-    if parts.pooler is not None:
-        modules["pooler.output.weight"] = parts.pooler.dense
-    if parts.head is not None:
-        modules["head.output.weight"] = parts.head
-    return modules
+    return bind(model).weight_modules()
 
 
 def linear_inputs(model: nn.Module) -> dict[str, str]:
     """For each linear layer's weight site, the activation site that is its input: ``{weight site:
     input site}`` (Q8BERT quantizes the inputs of the fully connected layers; bias scales follow them)."""
-    parts = _parts(model)
-    inputs: dict[str, str] = {}
-    previous = "embeddings.output"
-    for i, _ in enumerate(parts.layers):
-        for family in ("attn.query", "attn.key", "attn.value"):
-            inputs[f"layer.{i}.{family}.weight"] = previous
-        inputs[f"layer.{i}.attn.output.weight"] = f"layer.{i}.attn.context"
-        inputs[f"layer.{i}.ffn.intermediate.weight"] = f"layer.{i}.ffn.input"
-        inputs[f"layer.{i}.ffn.output.weight"] = f"layer.{i}.ffn.intermediate"
-        previous = f"layer.{i}.ffn.norm"
-    if parts.pooler is not None:
-        inputs["pooler.output.weight"] = previous
-        previous = "pooler.output"
-    if parts.head is not None:
-        inputs["head.output.weight"] = previous
-    return inputs
+    return bind(model).linear_inputs()
 
 
 def _lookup_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
@@ -421,7 +350,7 @@ def instrument(
     Activation quantizers are registered under ``model.qbert_quantizers`` (state-dict keys use ``/``
     for the site's dots); weight quantizers live in the weights' parametrizations.
     """
-    parts = _parts(model)
+    bound = bind(model)
     _register_attention()
     mask = _TokenMask()
     quantizers: dict[str, Quantizer] = {}
@@ -454,7 +383,7 @@ def instrument(
                 lambda _m, args: (q(args[0], mask.tokens(args[0])), *args[1:])
             ))
 
-    for site, module in weight_modules(model).items():
+    for site, module in bound.weight_modules().items():
         q = quantizers.get(site)
         if q is not None:
             parametrize.register_parametrization(module, "weight", q, unsafe=True)
@@ -463,27 +392,23 @@ def instrument(
             if isinstance(module, nn.Embedding) and q.spec.granularity == "per_tensor":
                 _quantize_looked_up_rows(module, q)
 
-    emb = parts.base.embeddings
-    on_input(emb.LayerNorm, "embeddings.sum")
-    on_output(emb.LayerNorm, "embeddings.output")
-    for i, layer in enumerate(parts.layers):
-        attn = layer.attention
-        for family, linear in _layer_linears(layer).items():
-            if family != "ffn.intermediate":  # quantized after GELU instead
-                on_output(linear, f"layer.{i}.{family}")
-        attn.self.__dict__["_qbert_attention"] = _AttentionQuantizers(
+    norm = bound.embeddings_norm()
+    on_input(norm, "embeddings.sum")
+    on_output(norm, "embeddings.output")
+    for i, _ in enumerate(bound.layers):
+        for family in bound.arch.taps:
+            module, at = bound.tap(i, family)
+            (on_output if at == "output" else on_input)(module, f"layer.{i}.{family}")
+        bound.layer_module(i, bound.arch.attention).__dict__["_qbert_attention"] = _AttentionQuantizers(
             quantizers.get(f"layer.{i}.attn.scores"), quantizers.get(f"layer.{i}.attn.probs"),
             quantizers.get(f"layer.{i}.attn.context"), mask,
         )
-        on_input(attn.output.LayerNorm, f"layer.{i}.attn.residual_sum")
-        on_output(attn.output.LayerNorm, f"layer.{i}.ffn.input")
-        on_output(layer.intermediate, f"layer.{i}.ffn.intermediate")
-        on_input(layer.output.LayerNorm, f"layer.{i}.ffn.residual_sum")
-        on_output(layer.output.LayerNorm, f"layer.{i}.ffn.norm")
-    if parts.pooler is not None:
-        on_output(parts.pooler, "pooler.output")
-    if parts.head is not None:
-        on_output(parts.head, "head.output")
+    head = bound.head
+    if head is not None and head.pooler_output is not None:
+        tap = head.pooler_output
+        (on_output if tap.at == "output" else on_input)(bound.module(tap.module), "pooler.output")
+    if head is not None:
+        on_output(bound.head_output(), "head.output")
     _set_attention_implementation(model, "qbert")
     return inst
 

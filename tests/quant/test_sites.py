@@ -148,31 +148,6 @@ def test_weight_quantizers_change_the_weights_the_model_uses() -> None:
     assert len(torch.unique(used)) <= 16
 
 
-def test_roberta_encoder_is_hooked_and_distilbert_is_refused() -> None:
-    from transformers import (
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-    )
-
-    from qbert.quant.sites import UnsupportedModel
-
-    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000)
-    torch.manual_seed(0)
-    model = RobertaForSequenceClassification(RobertaConfig(**small)).eval()
-    names = {s.name for s in enumerate_sites(model)}
-    assert "layer.1.ffn.residual_sum" in names and "head.output" not in names  # two-layer head stays FP
-    inst = instrumented(model)
-    ids = torch.randint(5, 999, (2, 7))
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    assert all(q.estimator.observed for q in inst.activations().values())
-    with pytest.raises(UnsupportedModel, match="not a BERT-family encoder"):
-        enumerate_sites(DistilBertForSequenceClassification(DistilBertConfig(dim=64, n_layers=1, n_heads=4,
-                                                                             hidden_dim=128, vocab_size=100)))
-
-
 def test_training_quantizes_the_looked_up_rows_as_the_whole_table_would():
     """The word table's quantizer runs on the rows a batch looks up while training (fixed or learned ranges): the
     same forward values and table gradient as quantizing the whole table; the learned scale's gradient sums the
