@@ -48,7 +48,10 @@ def validate(
                 failed += 1
                 typer.echo(f"error: {exc.render() if exc.source else f'{path}: {exc.render()}'}", err=True)
                 continue
-            typer.echo(f"ok {path}: {cfg.name} ({cfg.model}, {cfg.task}, {cfg.recipe.name}) hash {cfg.config_hash()}")
+            # finetune.precision: auto is decided where the run starts, for its machine, and so is the hash
+            identity = ("hash decided at run start (finetune.precision: auto)" if cfg.finetune.precision == "auto"
+                        else f"hash {cfg.config_hash()}")
+            typer.echo(f"ok {path}: {cfg.name} ({cfg.model}, {cfg.task}, {cfg.recipe.name}) {identity}")
         if failed:
             raise typer.Exit(2)
 

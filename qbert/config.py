@@ -84,20 +84,12 @@ class FinetuneConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables.")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="bf16 = autocast (CPU and CUDA). auto = bf16 where the device computes it natively "
-        "(CUDA with bf16; an x86 CPU with AVX512-BF16 or AMX), else fp32: decided when the config is read, so the "
+        "(CUDA with bf16; an x86 CPU with AVX512-BF16 or AMX), else fp32: decided when the run starts, so the "
         "saved config and its hash hold the choice.",
     )
     group_by_length: bool = Field(True, description="Length-grouped batches (less padding).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present.")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; null = all cores.")
-
-    @model_validator(mode="after")
-    def _resolve_precision(self) -> FinetuneConfig:
-        if self.precision == "auto":
-            from qbert.pipeline.finetune import native_bf16
-
-            self.precision = "bf16" if native_bf16(self.device) else "fp32"
-        return self
 
 
 class EstimatorConfig(Section):

@@ -271,13 +271,15 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
 
     from qbert.models import load_finetuned, load_tokenizer, resolve_model
     from qbert.pipeline.evaluate import predict
-    from qbert.pipeline.finetune import resolve_device
+    from qbert.pipeline.finetune import resolve_device, resolve_hardware
     from qbert.pipeline.run import run_experiment, stage_context
     from qbert.quant.sites import enumerate_sites
     from qbert.recipes import get_recipe
     from qbert.runs import atomic_write_json, read_json, runs_root, write_config
     from qbert.tasks import get_task
     from qbert.tasks.features import features_root
+
+    config = resolve_hardware(config)  # finetune.precision: auto, decided for this machine
 
     check_searchable(config)
     if not 0 < settings.holdout < 1:

@@ -206,8 +206,17 @@ class Cell:
 
     @property
     def hash(self) -> str:
-        """The cell's identity: its resolved config's hash."""
-        return self.config.config_hash()
+        """The cell's identity: the hash of its config as it runs on this machine (``finetune.precision: auto``
+        decided here, which imports torch; other configs hash as written)."""
+        return self.on_this_machine().config.config_hash()
+
+    def on_this_machine(self) -> Cell:
+        """The cell with its hardware choices (``finetune.precision: auto``) decided for this machine."""
+        if self.config.finetune.precision != "auto":
+            return self
+        from qbert.pipeline.finetune import resolve_hardware
+
+        return Cell(resolve_hardware(self.config), self.coords, self.source)
 
     @property
     def label(self) -> str:
@@ -252,8 +261,9 @@ def expand(spec: SweepSpec, base_dir: Path, *, grid: dict[str, list[Any]] | None
     cells, seen = [], set()
     for part in spec.resolved_parts():
         for cell in _expand_part(spec, part, base_dir, grid or {}, overrides or [], seeds or spec.seeds):
-            if (cell.config.name, cell.hash) not in seen:  # parts re-targeted by --grid may overlap
-                seen.add((cell.config.name, cell.hash))
+            written = (cell.config.name, cell.config.config_hash())  # as written: expanding probes no hardware
+            if written not in seen:  # parts re-targeted by --grid may overlap
+                seen.add(written)
                 cells.append(cell)
     return cells
 
@@ -702,6 +712,7 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
     ``on_progress(line)`` gets the sweep's progress line (:class:`SweepProgress`) after every seed that ran and
     every ``heartbeat_s`` seconds while seeds run."""
     root = runs_root(root)
+    cells = [cell.on_this_machine() for cell in cells]  # workers get the configs as they run here
     started = now()
     outcomes: dict[tuple[str, str, int], TaskOutcome] = {}
     jobs: list[Job] = []

@@ -194,21 +194,25 @@ def test_a_folder_or_pipe_given_as_config_is_named_as_such(tmp_path):
             load_config(path)
 
 
-def test_auto_precision_is_decided_when_the_config_is_read_and_hashed_as_the_choice(monkeypatch):
+def test_auto_precision_is_decided_where_the_run_starts_and_hashed_as_the_choice(monkeypatch):
     import platform
 
     import qbert.pipeline.finetune as finetune
+    from qbert.pipeline.finetune import resolve_hardware
 
     base = {"name": "p", "finetune": {"device": "cpu"}}
     explicit = {p: parse_config({**base, "finetune": {"device": "cpu", "precision": p}}) for p in ("fp32", "bf16")}
+    auto = parse_config({**base, "finetune": {"device": "cpu", "precision": "auto"}})
+    assert auto.finetune.precision == "auto"  # reading a config probes no hardware
     monkeypatch.setattr(finetune, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2-only x86 CPU
-    avx2 = parse_config({**base, "finetune": {"device": "cpu", "precision": "auto"}})
+    avx2 = resolve_hardware(auto)
     assert avx2.finetune.precision == "fp32" and avx2.resolved()["finetune"]["precision"] == "fp32"
-    assert avx2.config_hash() == explicit["fp32"].config_hash()
+    assert avx2.config_hash() == explicit["fp32"].config_hash() and auto.finetune.precision == "auto"
     monkeypatch.setattr(finetune, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_bf16"}))
-    amx = parse_config({**base, "finetune": {"device": "cpu", "precision": "auto"}})
+    amx = resolve_hardware(auto)
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert amx.finetune.precision == ("bf16" if x86 else "fp32")  # other CPUs: unknown, so fp32
     assert amx.config_hash() == explicit[amx.finetune.precision].config_hash()
     monkeypatch.setattr(finetune, "cpu_flags", lambda: None)  # no /proc/cpuinfo
-    assert parse_config({**base, "finetune": {"device": "cpu", "precision": "auto"}}).finetune.precision == "fp32"
+    assert resolve_hardware(auto).finetune.precision == "fp32"
+    assert resolve_hardware(explicit["bf16"]) is explicit["bf16"]  # an explicit choice is kept

@@ -111,6 +111,17 @@ def native_bf16(device: str) -> bool:
     return X86 and flags is not None and bool(flags & NATIVE_BF16_FLAGS)
 
 
+def resolve_hardware(config: Any) -> Any:
+    """``config`` as it runs on this machine: ``finetune.precision: auto`` becomes bf16 where the device computes
+    it natively (:func:`native_bf16`), else fp32. Called where work starts (a run, a sweep, a search) and where
+    runs are looked up (tables), so the saved config and its hash hold the choice; reading and validating a
+    config never probes the hardware (nor imports torch)."""
+    if config.finetune.precision != "auto":
+        return config
+    chosen = "bf16" if native_bf16(config.finetune.device) else "fp32"
+    return config.model_copy(update={"finetune": config.finetune.model_copy(update={"precision": chosen})})
+
+
 def bf16_keys(config: Any) -> list[str]:
     """The config keys that ask for bf16 autocast."""
     asked = [("finetune.precision", config.finetune.precision), ("evaluate.precision", config.evaluate.precision),
@@ -120,6 +131,8 @@ def bf16_keys(config: Any) -> list[str]:
 
 def autocast(device: torch.device, precision: str):
     """bf16 autocast context on CPU or CUDA, or a no-op for fp32."""
+    if precision not in ("fp32", "bf16"):  # "auto" must be resolved where the run starts (resolve_hardware)
+        raise ValueError(f"precision {precision!r} is not fp32 or bf16: resolve the config with resolve_hardware")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

@@ -30,6 +30,7 @@ from qbert.pipeline.finetune import (
     emulated_bf16,
     finetune,
     resolve_device,
+    resolve_hardware,
     seed_everything,
     slow_int8_gemm,
 )
@@ -187,7 +188,9 @@ def run_experiment(
 
     ``on_start(folder)`` is called once the model and data are known to be usable, ``on_seed(outcome)``
     after each seed. ``seeds``: only these of the config's seeds (a sweep runs one seed per job).
+    ``finetune.precision: auto`` is decided here, for this machine: the saved config and the hash hold the choice.
     """
+    config = resolve_hardware(config)
     source, task = preflight(config)
     results_root = runs_root(root)
     folder = config_dir(results_root, config.name, config.config_hash())

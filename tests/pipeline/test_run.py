@@ -394,3 +394,25 @@ def test_bf16_on_a_cpu_that_emulates_it_is_a_warning_naming_the_keys(real_data, 
     monkeypatch.setattr(run_module, "emulated_bf16", lambda device: False)
     run_experiment(tiny(real_data, name="tiny2", evaluate={"precision": "bf16"}), root=tmp_path)
     assert "native bf16" not in capsys.readouterr().err
+
+
+def test_auto_precision_is_decided_at_run_start_and_the_sweep_and_tables_find_the_run(real_data, tmp_path,
+                                                                                      monkeypatch):
+    """`precision: auto` stays in the config until the run starts; the run saves and hashes the machine's choice
+    (fp32 on an AVX2-only CPU), and a sweep cell or table lookup of the same auto config finds that run."""
+    import yaml
+
+    import qbert.pipeline.finetune as finetune
+    from qbert.sweep import Cell
+    from qbert.tables import seed_records
+
+    monkeypatch.setattr(finetune, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    config = tiny(real_data, finetune__precision="auto", finetune__device="cpu")
+    assert config.finetune.precision == "auto"
+    result = run_experiment(config, root=tmp_path)
+    saved = yaml.safe_load((result.folder / "config.yaml").read_text())
+    assert saved["finetune"]["precision"] == "fp32"
+    fp32 = tiny(real_data, finetune__precision="fp32", finetune__device="cpu")
+    assert result.folder.name == fp32.config_hash() != config.config_hash()
+    cell = Cell(config, {}, "test")
+    assert cell.hash == fp32.config_hash() and set(seed_records(tmp_path, cell)) == {0}
