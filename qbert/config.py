@@ -30,6 +30,7 @@ from qbert.quant.spec import EstimatorName
 from qbert.recipes import RECIPES, available, get_recipe
 from qbert.recipes.base import RecipeParams
 from qbert.schema import Section
+from qbert.yamlio import MAX_YAML_BYTES, load_yaml_text, yaml_error_line
 
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad")
 TaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"]
@@ -152,12 +153,12 @@ class ExportConfig(Section):
     @field_validator("formats")
     @classmethod
     def _known_formats(cls, formats: list[str]) -> list[str]:
-        from qbert.pipeline.export import EXPORT_FORMATS
-
+        # the formats some recipe declares it can write (each has an exporter in qbert.pipeline.export, which a
+        # test checks): the config asks the recipes, not the exporters, so reading it loads no export code
+        known = sorted({fmt for name in available() for fmt in get_recipe(name).export_formats})
         for fmt in formats:
-            if fmt not in EXPORT_FORMATS:
-                known = ", ".join(EXPORT_FORMATS) or "none yet"
-                raise ValueError(f"unknown export format {fmt!r} (available: {known})")
+            if fmt not in known:
+                raise ValueError(f"unknown export format {fmt!r} (available: {', '.join(known)})")
         return formats
 
 
@@ -330,86 +331,7 @@ def stable_hash(data: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-# ---------------------------------------------------------------- YAML loading
-
-
-class _UniqueKeySafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser: 10x faster
-    """Safe loader that rejects a key given twice in one mapping."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeySafeLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeySafeLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
-MAX_YAML_BYTES = 1 << 20
-"""The largest config, sweep or table file read (1 MiB; the largest shipped is a few KiB)."""
-
-MAX_YAML_NODES = 100_000
-"""The most YAML nodes a document may hold once its aliases are expanded: a few hundred bytes of nested
-aliases (a "billion laughs" document) otherwise expand to gigabytes before any key is checked."""
-
-
-MAX_YAML_DEPTH = 64
-"""The deepest nesting of mappings and lists accepted (the config schema needs 5)."""
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], depth: int = 0) -> int:
-    """Nodes in ``node`` with every alias expanded, counted without expanding (aliases share node objects)."""
-    if depth > MAX_YAML_DEPTH:
-        raise QbertError(f"the YAML nests deeper than {MAX_YAML_DEPTH} levels; flatten it")
-    key = id(node)
-    if key not in sizes:
-        sizes[key] = 0  # a recursive alias counts once, then the sum below stops at the limit
-        if isinstance(node, yaml.MappingNode):
-            children = [child for pair in node.value for child in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
-            children = []
-        total = 1
-        for child in children:
-            total += _expanded_size(child, sizes, depth + 1)
-            if total > MAX_YAML_NODES:
-                break
-        sizes[key] = total
-    return sizes[key]
-
-
-def load_yaml_text(text: str) -> Any:
-    """Parse YAML safely (duplicate keys rejected) after checking that its aliases expand to a bounded size."""
-    loader = _UniqueKeySafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}) > MAX_YAML_NODES:
-            raise QbertError(
-                f"the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases (&name / *name); "
-                "write the values out or use fewer nested aliases"
-            )
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _yaml_error_line(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return f"invalid YAML: {where}{problem}"
+# ---------------------------------------------------------------- YAML files
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -429,7 +351,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except QbertError as exc:
         raise QbertError(exc.message, source=str(path)) from None
     except yaml.YAMLError as exc:
-        raise QbertError(_yaml_error_line(exc), source=str(path)) from None
+        raise QbertError(yaml_error_line(exc), source=str(path)) from None
     except UnicodeDecodeError:
         raise QbertError("not a UTF-8 text file", source=str(path)) from None
     if data is None:
@@ -452,7 +374,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except QbertError as exc:
         raise QbertError(f"{exc.message} in override {key}", source="command line") from None
     except yaml.YAMLError as exc:
-        raise QbertError(f"{_yaml_error_line(exc)} in override {text!r}", source="command line") from None
+        raise QbertError(f"{yaml_error_line(exc)} in override {text!r}", source="command line") from None
     return key.split("."), value
 
 

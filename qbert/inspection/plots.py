@@ -46,10 +46,9 @@ def dimension_ranges(report: Any, path: Path, title: str) -> Path:
     magnitude of each FFN tensor, one panel per tensor, on a log colour scale."""
     from matplotlib.colors import LogNorm
 
-    from qbert.inspection.outliers import FFN_SITES
-
     plt = pyplot()
     layers = sorted({s.layer for s in report.sites})
+    FFN_SITES = list(dict.fromkeys(s.site for s in report.sites))  # the report's order: FFN input, output, sum
     fig, axes = plt.subplots(len(FFN_SITES), 1, figsize=(10, 1.2 + 0.45 * len(layers) * len(FFN_SITES)),
                              squeeze=False, layout="constrained")
     for ax, name in zip(axes[:, 0], FFN_SITES, strict=True):

@@ -19,7 +19,8 @@ from typing import Any
 
 from qbert.config import ExperimentConfig, stable_hash
 from qbert.errors import warn
-from qbert.runs import apply_umask, atomic_write_json, fsync_path, pid_lock, read_json
+from qbert.files import apply_umask, fsync_path
+from qbert.runs import atomic_write_json, pid_lock, read_json
 from qbert.tasks.base import file_digest
 
 log = logging.getLogger(__name__)

@@ -133,7 +133,8 @@ def export_hf(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[
 
     import numpy as np
 
-    from qbert.runs import apply_umask, atomic_write_json, atomic_write_text
+    from qbert.files import apply_umask
+    from qbert.runs import atomic_write_json, atomic_write_text
 
     if q.arithmetic == "integer" and q.instrumented is None:
         raise QbertError(f"format 'hf' needs float weights and recipe {q.recipe} runs int8 modules",

@@ -29,10 +29,10 @@ import torch
 
 from qbert.config import FinetuneConfig, stable_hash
 from qbert.errors import QbertError, warn
+from qbert.files import fsync_path
 from qbert.pipeline.batching import length_grouped_batches, model_inputs, pad_batch
 from qbert.pipeline.trainlog import TrainingLog
 from qbert.progress import SILENT, Reporter
-from qbert.runs import fsync_path
 
 log = logging.getLogger(__name__)
 

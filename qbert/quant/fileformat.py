@@ -38,7 +38,7 @@ def save_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dic
     checksum in its metadata and the mode of a new file under the user's umask."""
     from safetensors.numpy import save_file
 
-    from qbert.runs import apply_umask, fsync_path
+    from qbert.files import apply_umask, fsync_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

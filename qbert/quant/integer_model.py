@@ -133,7 +133,7 @@ class IntegerGemm(nn.Module):
         A 16-bit input has no int8 fusion in onnxruntime: its MatMul takes the weight as float values on
         their grid (a DequantizeLinear of int8 codes there becomes MatMulNBits, which quantizes the input
         to int8 on the fly: see :func:`~qbert.quant.onnx_export.fold_weight_quantization`)."""
-        from qbert.quant.onnx_export import dequantize_weight, gather_last, quantize_dequantize
+        from qbert.quant.onnx_ops import dequantize_weight, gather_last, quantize_dequantize
 
         x = x.float()
         if self.permutation is not None:

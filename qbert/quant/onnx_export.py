@@ -8,7 +8,7 @@ graph holds the simulation's grids, not a re-calibration. Grids narrower than th
 
 Linear layers on integer GEMMs (:mod:`qbert.quant.integer_model`) are written as ONNX runtimes fuse
 them: ``DequantizeLinear`` of the weight codes (stored as uint8 with zero point 128: see
-:func:`dequantize_weight`) and a per-tensor ``Q -> DQ`` of the input right before the ``MatMul``; a
+:func:`qbert.quant.onnx_ops.dequantize_weight`) and a per-tensor ``Q -> DQ`` of the input right before the ``MatMul``; a
 per-embedding-group input becomes Bondarenko et al.'s Figure 4 (the input gathered in the permuted order,
 K slices, K MatMuls summed), so every GEMM input is per tensor, as integer kernels need. Weights that still
 pass through a ``QuantizeLinear`` (embeddings, layers left in floating point) are folded offline into
@@ -23,64 +23,7 @@ from typing import Any
 
 import torch
 
-OPSET = 21
-
-# ONNX TensorProto element types (onnx.TensorProto) by the integer range they hold
-_TYPES = ((0, 255, 2), (-128, 127, 3), (0, 65535, 4), (-32768, 32767, 5))
-_FLOAT = 1
-
-
-def onnx_type(qmin: int, qmax: int) -> tuple[int, int, int]:
-    """The smallest ONNX integer type holding ``[qmin, qmax]``: ``(type, type_min, type_max)``."""
-    for lo, hi, kind in _TYPES:
-        if lo <= qmin and qmax <= hi:
-            return kind, lo, hi
-    raise ValueError(f"no ONNX integer type holds the grid [{qmin}, {qmax}] (at most 16 bits)")
-
-
-def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                        axis: int | None = None) -> torch.Tensor:
-    """``DequantizeLinear(QuantizeLinear(x))`` as ONNX nodes (only while ``torch.onnx.export`` traces).
-    ``scale``/``zero_point``: scalars, or 1-D along ``axis``."""
-    kind, lo, hi = onnx_type(qmin, qmax)
-    x = x.float()
-    scale, zero_point = scale.detach().float(), zero_point.detach().float()
-    if axis is None:
-        scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    if (qmin, qmax) != (lo, hi):  # the grid is narrower than the type: clamp to it first
-        shape = [-1] + [1] * (x.dim() - 1 - axis) if axis is not None else []
-        low, high = (scale * (qmin - zero_point)).reshape(shape), (scale * (qmax - zero_point)).reshape(shape)
-        x = torch.minimum(torch.maximum(x, low), high)
-    attrs = {} if axis is None else {"axis": axis}
-    zp = torch.onnx.ops.symbolic("Cast", (zero_point,), {"to": kind}, dtype=kind, shape=zero_point.shape,
-                                 version=OPSET)
-    q = torch.onnx.ops.symbolic("QuantizeLinear", (x, scale, zp), attrs, dtype=kind, shape=x.shape, version=OPSET)
-    return torch.onnx.ops.symbolic("DequantizeLinear", (q, scale, zp), attrs, dtype=_FLOAT, shape=x.shape,
-                                   version=OPSET)
-
-
-def gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(-1, index)`` written as Transpose -> Gather(axis 0) -> Transpose: onnxruntime gathers
-    whole rows about 3x faster than single elements along the last axis."""
-    return x.movedim(-1, 0).index_select(0, index).movedim(0, -1)
-
-
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``DequantizeLinear`` of symmetric weight codes ``[N, K]`` in ``[-127, 127]`` (per tensor, or per
-    output row), stored as uint8 ``codes + 128`` with zero point 128: the same values, but the GEMM runtimes
-    fuse becomes U8U8. onnxruntime's U8S8 kernel on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake,
-    AMD before Zen 4) sums pairs of uint8 x int8 products in saturating 16-bit lanes (VPMADDUBSW), so an
-    8-bit input near its range times two large weights of one sign comes out clipped; its U8U8 kernels widen
-    to 16 bits first and are exact on every x86 CPU."""
-    scale = scale.detach().float().reshape(-1)
-    attrs: dict[str, Any] = {"axis": 0}
-    if scale.numel() == 1:
-        scale, attrs = scale.reshape(()), {}
-    stored = (codes.to(torch.int16) + 128).to(torch.uint8)
-    zero = torch.full_like(scale, 128.0)
-    zp = torch.onnx.ops.symbolic("Cast", (zero,), {"to": 2}, dtype=2, shape=zero.shape, version=OPSET)
-    return torch.onnx.ops.symbolic("DequantizeLinear", (stored, scale, zp), attrs, dtype=_FLOAT,
-                                   shape=codes.shape, version=OPSET)
+from qbert.quant.onnx_ops import OPSET
 
 
 def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torch.Tensor],
@@ -92,8 +35,8 @@ def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torc
 
     import onnx
 
+    from qbert.files import fsync_path
     from qbert.quant.quantizer import Quantizer
-    from qbert.runs import fsync_path
 
     model.eval()
     for module in model.modules():

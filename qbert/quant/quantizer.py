@@ -259,7 +259,7 @@ class Quantizer(nn.Module):
         self.__dict__["_identity_permutation"] = not self.permutes()
 
     def _onnx_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        from qbert.quant.onnx_export import gather_last, quantize_dequantize
+        from qbert.quant.onnx_ops import gather_last, quantize_dequantize
 
         scale, zero_point, axis = self.scale, self.zero_point, None
         if self.spec.granularity == "per_embedding_group" and self.groups <= 64:

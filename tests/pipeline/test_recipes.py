@@ -313,3 +313,14 @@ def test_a_new_recipe_is_one_module(real_data, tmp_path, monkeypatch):
     assert record["recipe"] == "w6a8_ptq" and record["arithmetic"] == "simulated"
     assert record["recipe_report"]["plan"]["weight"]["by_bits"] == {"6": 3 + 2 * 6 + 2}
     assert record["exports"]["integer"]["bit_exact"]
+
+
+def test_the_formats_recipes_declare_are_the_exporters():
+    """Configs check `export.formats` against the recipes' declared formats (torch-free); each has an exporter and
+    every exporter is some recipe's."""
+    from qbert.recipes import get_recipe
+
+    from qbert.pipeline.export import EXPORT_FORMATS
+
+    declared = {fmt for name in available() for fmt in get_recipe(name).export_formats}
+    assert declared == set(EXPORT_FORMATS)
