@@ -32,7 +32,6 @@ from qbert.recipes.base import RecipeParams
 from qbert.schema import Section
 from qbert.yamlio import MAX_YAML_BYTES, load_yaml_text, yaml_error_line
 
-TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad")
 TaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "squad"]
 RangeEstimatorName = EstimatorName
 """The estimator names (one list, in :mod:`qbert.quant.spec`)."""

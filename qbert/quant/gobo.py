@@ -33,11 +33,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-Policy = Literal["gobo", "kmeans", "linear"]
 POLICIES: tuple[str, ...] = ("gobo", "kmeans", "linear")
 DEFAULT_THRESHOLD = -4.0
 """GOBO's outlier threshold on the log-density of the matrix's Gaussian (the paper's value)."""
