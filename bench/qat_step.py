@@ -33,11 +33,11 @@ from qbert.config import DataConfig, EstimatorConfig, FinetuneConfig
 from qbert.models import load_model, load_tokenizer, resolve_model
 from qbert.pipeline.batching import length_grouped_batches
 from qbert.pipeline.finetune import linear_warmup_decay, parameter_groups, training_step
-from qbert.pipeline.quantize import quantizer_factory, range_weights
 from qbert.quant import fused
 from qbert.quant.functional import fake_quantize, fake_quantize_autograd
 from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
 from qbert.quant.spec import QuantSpec
+from qbert.quant.static import quantizer_factory, range_weights
 from qbert.tasks import get_task
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

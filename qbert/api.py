@@ -117,16 +117,19 @@ def prepare(
     estimator: dict[str, Any] | None = None, calibrate: dict[str, Any] | None = None, data_dir: str | None = None,
     data: dict[str, Any] | None = None, max_seq_len: int = 128, seed: int = 0, reference: str | None = None,
 ) -> Quantized:
-    """The recipe's ``prepare`` stage: quantizers in place (QAT: ready for your training loop over
-    ``q.model``; learned-range QAT initialises its ranges from ``calibration``). Continue with
-    :func:`convert`."""
-    q, _ = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len,
-                     seed, reference)
-    return q
+    """The recipe's ``prepare`` and ``calibrate`` stages: quantizers in place with their starting ranges (QAT:
+    ready for your training loop over ``q.model``; learned-range QAT initialises its ranges from
+    ``calibration``). Continue with :func:`convert`."""
+    from qbert.pipeline.stages import prepared
+
+    model, (method, ctx) = _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir,
+                                     data, max_seq_len, seed, reference)
+    return prepared(method, model, ctx)
 
 
-def _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len, seed,
-              reference):
+def _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data, max_seq_len, seed,
+           reference):
+    """The model, the recipe and its stage context from the API's arguments."""
     model, tokenizer = _load_model(model, tokenizer)
     if isinstance(calibration, str) and task is None:
         task = calibration
@@ -135,8 +138,7 @@ def _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate,
                 "reference": reference}
     config = _config(model, recipe, task, settings)
     ctx = _context(config, tokenizer, _features(calibration, tokenizer, config), seed, _device(model))
-    method = _recipe(config)
-    return method.prepare(model, ctx), (method, ctx)
+    return model, (_recipe(config), ctx)
 
 
 def convert(q: Quantized, *, calibration: Calibration = None, seed: int = 0) -> Quantized:
@@ -144,9 +146,11 @@ def convert(q: Quantized, *, calibration: Calibration = None, seed: int = 0) -> 
     decoded, integer modules in, with the settings ``q`` was prepared with. The model is put in eval mode."""
     if q.config is None:
         raise QbertError("this value was not made by qbert.prepare or a recipe (it has no config)", key="quantized")
+    from qbert.pipeline.stages import converted
+
     ctx = _context(q.config, q.tokenizer, _features(calibration, q.tokenizer, q.config), seed, _device(q.model))
     q.model.eval()
-    return _recipe(q.config).convert(q, ctx)
+    return converted(_recipe(q.config), q, ctx)
 
 
 def quantize(
@@ -167,12 +171,11 @@ def quantize(
     :class:`~qbert.recipes.Quantized` value. A model object is quantized in place (as torchao's
     ``quantize_``); deep-copy it first to keep it.
     """
-    q, (method, ctx) = _prepared(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir, data,
-                                 max_seq_len, seed, reference)
-    if method.trains:
-        raise QbertError(f"recipe {method.name} trains with quantizers in place: use qbert.prepare(...), train "
-                         "q.model, then qbert.convert(q); or qbert.run(config) for the whole pipeline", key="recipe")
-    return method.convert(method.calibrate(q, ctx), ctx)
+    from qbert.pipeline.stages import run_stages
+
+    model, (method, ctx) = _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir,
+                                     data, max_seq_len, seed, reference)
+    return run_stages(method, model, ctx)[0]  # a recipe that trains is refused: it needs qbert.prepare / convert
 
 
 def to_integer(q: Quantized) -> Quantized:

@@ -273,6 +273,7 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     from qbert.pipeline.evaluate import predict
     from qbert.pipeline.finetune import resolve_device, resolve_hardware
     from qbert.pipeline.run import run_experiment, stage_context
+    from qbert.pipeline.stages import run_stages
     from qbert.quant.sites import enumerate_sites
     from qbert.recipes import get_recipe
     from qbert.runs import atomic_write_json, read_json, runs_root, write_config
@@ -343,9 +344,8 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     def build(raised: list[str]) -> Any:
         cfg = with_raised(config, raised, settings.high_bits)
         recipe = get_recipe(cfg.recipe.name)(cfg.recipe, cfg)
-        q = recipe.prepare(copy.deepcopy(fp32), ctx)
         built["calibrations"] += 1
-        return recipe.convert(recipe.calibrate(q, ctx), ctx)
+        return run_stages(recipe, copy.deepcopy(fp32), ctx)[0]
 
     built: dict[str, Any] = {"calibrations": 0}
 

@@ -55,8 +55,6 @@ class AdaRound(LowBitWeights, StaticQuantRecipe):
     def round_weights(self, inst: Any, float_model: Any, ctx: Any) -> dict[str, Any]:
         import torch
 
-        from qbert.pipeline.batching import model_inputs, pad_batch
-        from qbert.pipeline.calibrate import calibration_batches
         from qbert.quant.adaround import AdaRoundSettings, adaround_model
         from qbert.quant.sites import weight_modules
 
@@ -64,10 +62,9 @@ class AdaRound(LowBitWeights, StaticQuantRecipe):
         settings = AdaRoundSettings(iterations=p.iterations, batch_tokens=p.batch_tokens, lr=p.lr,
                                     weight=p.reg_weight, warmup=p.warmup)
         chunk = 32
-        drawn = calibration_batches(ctx.train_features(), -(-p.sequences // chunk), chunk, ctx.seed)
+        drawn = ctx.calibration_batches(-(-p.sequences // chunk), chunk)
         flat = [f for b in drawn for f in b][: p.sequences]
-        batches = [model_inputs(pad_batch(flat[i:i + chunk], ctx.tokenizer.pad_token_id), ctx.device, False)
-                   for i in range(0, len(flat), chunk)]
+        batches = ctx.model_batches([flat[i:i + chunk] for i in range(0, len(flat), chunk)])
         generator = torch.Generator().manual_seed(ctx.seed)
         modules = weight_modules(inst.model)
         layers = sum(isinstance(modules[site], torch.nn.Linear) for site in inst.weights())

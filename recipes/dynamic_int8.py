@@ -10,7 +10,6 @@ features, measured one after the other in this process.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any, Literal
 
@@ -38,28 +37,19 @@ class DynamicInt8(Recipe):
         the FP32 and the int8 model are timed on it one after the other, as the tutorial does."""
         import torch
 
-        from qbert.pipeline.evaluate import predict
         from qbert.quant.size import state_dict_megabytes
 
         model = q.model.to("cpu").eval()
         features = ctx.eval_features()
-
-        def timed(m: Any) -> float:
-            start = time.perf_counter()
-            predict(m, features, question_answering=ctx.question_answering,
-                    batch_size=ctx.config.evaluate.batch_size, pad_token_id=ctx.tokenizer.pad_token_id,
-                    device=torch.device("cpu"))
-            return time.perf_counter() - start
-
         fp32_mb = state_dict_megabytes(model)
-        fp32_seconds = timed(model) if features else None
+        fp32_seconds = ctx.time_inference(model)
         with warnings.catch_warnings():
             # torch.ao.quantization announces its move to torchao; it is still the tutorial's API
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             int8_mb = state_dict_megabytes(quantized)
-            int8_seconds = timed(quantized) if features else None
+            int8_seconds = ctx.time_inference(quantized)
         report: dict[str, Any] = {
             "engine": torch.backends.quantized.engine,
             "threads": torch.get_num_threads(),

@@ -39,10 +39,10 @@ class StaticQuantParams(SiteRuleParams):
     )
 
 
-class StaticQuantRecipe(Recipe):
-    """Base of the static fake-quant recipes: a site plan, calibration, frozen ranges."""
+class SitePlanRecipe(Recipe):
+    """Base of the recipes that put quantizers on a static site plan (post-training and QAT): bit widths, grids and
+    site rules make the plan; :meth:`instrumented` puts the quantizers in. It declares no stage."""
 
-    needs_calibration = True
     export_formats = ("integer", "hf", "onnx")
     fp32_evaluation = "fake quantization needs fp32 evaluation (bf16 cannot hold the quantization grid)"
     reference_code = "bondarenko2021"
@@ -93,26 +93,45 @@ class StaticQuantRecipe(Recipe):
         """PEG sites that take their permutation from another site; default: each its own."""
         return {}
 
-    def prepare(self, model: Any, ctx: Any) -> Quantized:
-        """Quantizers on every planned site; weight ranges set from the weights and frozen."""
-        from qbert.pipeline.quantize import instrument_plan
+    def instrumented(self, model: Any, ctx: Any) -> Quantized:
+        """Quantizers on every planned site of ``model``; weight ranges set from the weights and frozen."""
         from qbert.quant.sites import enumerate_sites
         from qbert.quant.size import instrumented_size
+        from qbert.quant.static import instrument_plan
 
         plan = self.plan(enumerate_sites(model))
         inst = instrument_plan(model, plan, self.config.estimator)
         return self.quantized(model, ctx, "simulated", instrumented=inst,
-                         report={"plan": plan.totals(), "size": instrumented_size(inst)})
+                              report={"plan": plan.totals(), "size": instrumented_size(inst)})
+
+
+def calibrate_ranges(inst: Any, ctx: Any) -> dict[str, Any]:
+    """Activation ranges observed on the ``calibrate`` section's batches (permutations first), as that section
+    says; what ran, for the report."""
+    from qbert.quant.static import calibrate_activations
+
+    section = ctx.config.calibrate
+    return calibrate_activations(inst, ctx.calibration_pass(inst.model), padding=section.padding != "excluded",
+                                 permutation_ranges=section.permutation_ranges, momentum=ctx.config.estimator.momentum,
+                                 upstream_quantized=section.upstream_quantized)
+
+
+class StaticQuantRecipe(SitePlanRecipe):
+    """Base of the static fake-quant recipes: a site plan, calibration, frozen ranges."""
+
+    needs_calibration = True
+
+    def prepare(self, model: Any, ctx: Any) -> Quantized:
+        """Quantizers on every planned site; weight ranges set from the weights and frozen."""
+        return self.instrumented(model, ctx)
 
     def calibrate(self, q: Quantized, ctx: Any) -> Quantized:
         """Activation ranges observed on the calibration batches (permutations first)."""
-        from qbert.pipeline.quantize import calibrate_activations
-
-        return q.but(report=calibrate_activations(q.instrumented, ctx))
+        return q.but(report=calibrate_ranges(q.instrumented, ctx))
 
     def convert(self, q: Quantized, ctx: Any) -> Quantized:
         """Activation ranges frozen: the simulated (fake-quantized) model that is evaluated."""
-        from qbert.pipeline.quantize import freeze_activations
+        from qbert.quant.static import freeze_activations
 
         return q.but(report=freeze_activations(q.instrumented))
 

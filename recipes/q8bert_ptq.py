@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from qbert.recipes.base import Quantized
-from qbert.recipes.ptq import StaticQuantParams, StaticQuantRecipe
+from qbert.recipes.ptq import SitePlanRecipe, StaticQuantParams
 from qbert.recipes.qat import Q8BertSites
 
 
@@ -34,7 +34,7 @@ class Q8BertPtqParams(StaticQuantParams):
     name: Literal["q8bert_ptq"] = "q8bert_ptq"
 
 
-class Q8BertPtq(Q8BertSites, StaticQuantRecipe):
+class Q8BertPtq(Q8BertSites, SitePlanRecipe):
     """Q8BERT W8A8 PTQ: ``q8bert``'s sites on the fine-tuned model, activation ranges from each input."""
 
     name = "q8bert_ptq"
@@ -46,15 +46,9 @@ class Q8BertPtq(Q8BertSites, StaticQuantRecipe):
 
     def prepare(self, model: Any, ctx: Any) -> Quantized:
         """The weights ranged and frozen; every activation quantizer ranges each input itself."""
-        q = super().prepare(model, ctx)
+        q = self.instrumented(model, ctx)
         q.instrumented.set_state("dynamic", kind="activation")
         q.instrumented.token_mask.observe_padding = self.config.calibrate.padding != "excluded"
         return q.but(report={"activation_ranges": "dynamic: max |x| of each input, per tensor",
                              "padding_in_ranges": self.config.calibrate.padding != "excluded",
                              "biases": "floating point"})
-
-    def calibrate(self, q: Quantized, ctx: Any) -> Quantized:
-        return q
-
-    def convert(self, q: Quantized, ctx: Any) -> Quantized:
-        return q

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from qbert.recipes.base import Quantized
-from qbert.recipes.ptq import Rule, StaticQuantRecipe
+from qbert.recipes.ptq import Rule, calibrate_ranges
 from qbert.recipes.qat import QatParams, QatRecipe, quantizer_ranges
 
 from qbert.quant.spec import QuantSpec, SiteOverride
@@ -126,16 +126,18 @@ class QBert(QatRecipe):
         return rules
 
     def prepare(self, model: Any, ctx: Any) -> Quantized:
-        """The Hessian allocation (with ``mixed``), quantizers in with calibrated activation ranges, then every
-        quantizer re-ranging while it trains (weights from themselves, activations by their EMA)."""
+        """The Hessian allocation (with ``mixed``), then quantizers in on the plan of the chosen bits."""
         self.set_dropout(model)
         recipe, report = self, {"training": self.training_settings()}
         if self.params.mixed is not None:  # the plan of the bits the Hessian chose
             layer_bits, report["sensitivity"] = self.allocate(model, ctx)
             recipe = type(self)(self.params.model_copy(update={"mixed": None, "layer_bits": layer_bits}), self.config)
-        q = StaticQuantRecipe.prepare(recipe, model, ctx)
-        if self.activation_bits:
-            q = StaticQuantRecipe.calibrate(recipe, q, ctx)
+        return recipe.instrumented(model, ctx).but(report=report)
+
+    def calibrate(self, q: Quantized, ctx: Any) -> Quantized:
+        """Activation ranges calibrated as static PTQ does, then every quantizer re-ranging while it trains
+        (weights from themselves, activations by their EMA)."""
+        report = calibrate_ranges(q.instrumented, ctx) if self.activation_bits else {}
         q.instrumented.set_state("estimate_train")
         return q.but(report=report)
 
@@ -146,8 +148,6 @@ class QBert(QatRecipe):
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        from qbert.pipeline.batching import model_inputs, pad_batch
-        from qbert.pipeline.calibrate import calibration_batches
         from qbert.quant.hessian import block_spectra
         from qbert.quant.sites import weight_modules
 
@@ -157,10 +157,8 @@ class QBert(QatRecipe):
         layers = sorted({int(name.split(".")[1]) for name in modules if name.startswith("layer.")})
         blocks = {layer: [m.weight for name, m in modules.items() if name.startswith(f"layer.{layer}.")]
                   for layer in layers}
-        features = calibration_batches(ctx.train_features(), settings.hessian.batches, settings.hessian.batch_size,
-                                       ctx.seed)
-        batches = [model_inputs(pad_batch(b, ctx.tokenizer.pad_token_id), ctx.device, with_targets=True)
-                   for b in features]
+        batches = ctx.model_batches(ctx.calibration_batches(settings.hessian.batches, settings.hessian.batch_size),
+                                    with_targets=True)
         was_training = model.training
         model.eval()  # no dropout: every product differentiates the same function
         try:
@@ -187,8 +185,8 @@ class QBert(QatRecipe):
 
     def convert(self, q: Quantized, ctx: Any) -> Quantized:
         """The trained weights ranged once more (their own groups' min-max), activation ranges frozen."""
-        from qbert.pipeline.quantize import range_weights
         from qbert.quant.size import instrumented_size
+        from qbert.quant.static import range_weights
 
         inst = q.instrumented
         range_weights(inst)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from qbert.recipes.base import Quantized, Training
-from qbert.recipes.ptq import LowBitWeights, Rule, StaticQuantParams, StaticQuantRecipe
+from qbert.recipes.ptq import LowBitWeights, Rule, SitePlanRecipe, StaticQuantParams, calibrate_ranges
 
 from qbert.errors import QbertError
 from qbert.quant.spec import QuantSpec
@@ -125,10 +125,11 @@ def quantizer_ranges(q: Quantized) -> dict[str, list[float]]:
     }
 
 
-class QatRecipe(StaticQuantRecipe):
+class QatRecipe(SitePlanRecipe):
     """Base of the QAT recipes: a site plan, quantizers in before training, frozen after it."""
 
     trains = True
+    needs_calibration = True  # training sequences: the QAT loop, and the ranges' initialisation
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     defaults_source: ClassVar[str] = ""
 
@@ -191,25 +192,31 @@ class QatRecipe(StaticQuantRecipe):
         if dropout is not None:
             set_attention_dropout(model, dropout)
 
-    def calibrate(self, q: Quantized, ctx: Any) -> Quantized:
-        """QAT ranges come from training (and the initialisation in ``prepare``): nothing to calibrate."""
-        return q
-
-
 class LearnedRangeQat(QatRecipe):
-    """PTQ-initialised ranges, then learned (Bondarenko et al.)."""
+    """PTQ-initialised ranges, then learned (Bondarenko et al.): prepare puts the quantizers in, calibrate sets
+    the ranges as static PTQ does and makes them trainable, training learns them, convert freezes them."""
 
     def prepare(self, model, ctx):
+        """Quantizers on every planned site (weight ranges from the weights), the QAT attention dropout."""
         self.set_dropout(model)
-        ptq = StaticQuantRecipe.prepare(self, model, ctx)
-        ptq = StaticQuantRecipe.convert(self, StaticQuantRecipe.calibrate(self, ptq, ctx), ctx)
-        initial = quantizer_ranges(ptq)
-        ptq.instrumented.set_state("learn")
-        # the PTQ initialisation went through self.quantized too: its report carries Quant-Noise once more
-        initialisation = {key: value for key, value in ptq.report.items() if key != "quant_noise"}
-        return self.quantized(model, ctx, "simulated", instrumented=ptq.instrumented,
-                              report={"training": self.training_settings(), "initialisation": initialisation,
-                                      "ranges": {name: {"initial": r} for name, r in initial.items()}})
+        return self.instrumented(model, ctx)
+
+    def calibrate(self, q, ctx):
+        """The PTQ initialisation: activation ranges calibrated and frozen, then every range a trainable
+        parameter."""
+        from qbert.quant.static import freeze_activations
+
+        inst = q.instrumented
+        initialisation = {key: value for key, value in q.report.items() if key != "quant_noise"}
+        initialisation.update(calibrate_ranges(inst, ctx))
+        initialisation.update(freeze_activations(inst))
+        initial = quantizer_ranges(q)
+        inst.set_state("learn")
+        report = {"training": self.training_settings(), "initialisation": initialisation,
+                  "ranges": {name: {"initial": r} for name, r in initial.items()}}
+        if "quant_noise" in q.report:
+            report["quant_noise"] = q.report["quant_noise"]
+        return replace(q, report=report)
 
     def convert(self, q, ctx):
         from qbert.quant.size import instrumented_size
@@ -326,8 +333,8 @@ class Q8Bert(Q8BertSites, QatRecipe):
     reference_code = None  # NLP Architect's method, not the Bondarenko et al. code
 
     def prepare(self, model, ctx):
-        from qbert.pipeline.quantize import quantizer_factory
         from qbert.quant.sites import enumerate_sites, instrument
+        from qbert.quant.static import quantizer_factory
 
         cfg = self.training_config(self.config.finetune)
         steps = math.ceil(cfg.epochs * math.ceil(len(ctx.train_features()) / cfg.batch_size))
@@ -352,10 +359,10 @@ class Q8Bert(Q8BertSites, QatRecipe):
         return Training(self.training_config(finetune), before_step=before_step)
 
     def convert(self, q, ctx):
-        from qbert.pipeline.quantize import range_weights
         from qbert.quant.integer import quantize_biases
         from qbert.quant.sites import linear_inputs
         from qbert.quant.size import instrumented_size
+        from qbert.quant.static import range_weights
 
         inst = q.instrumented
         unobserved = [n for n, quantizer in inst.activations().items() if not quantizer.estimator.observed]

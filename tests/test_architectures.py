@@ -56,9 +56,9 @@ def test_every_site_is_hooked_where_the_table_says(alias):
     """Every activation quantizer sees its tensor, and each linear layer's input site is the quantizer right
     before it: the pooler's output is the head's input (after tanh or ReLU), computed independently here."""
     from qbert.config import EstimatorConfig
-    from qbert.pipeline.quantize import quantizer_factory
     from qbert.quant.sites import instrument, resolve_plan
     from qbert.quant.spec import QuantSpec
+    from qbert.quant.static import quantizer_factory
 
     m = model(alias)
     tokenizer = load_tokenizer(resolve_model(alias))

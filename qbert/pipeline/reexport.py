@@ -25,6 +25,7 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     from qbert.models import load_finetuned, load_tokenizer, resolve_model
     from qbert.pipeline.export import EXPORT_FORMATS, card_facts, export_seed
     from qbert.pipeline.run import evaluate_onnx, split_evaluator, stage_context
+    from qbert.pipeline.stages import run_stages
     from qbert.recipes import get_recipe
     from qbert.records import read_record
     from qbert.runs import atomic_write_json
@@ -57,8 +58,7 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     device = torch.device("cpu")
     ctx = stage_context(config, seed, task, tokenizer, device)
     recipe = recipe_cls(config.recipe, config)
-    q = recipe.prepare(load_finetuned(checkpoint).to(device), ctx)
-    q = recipe.convert(recipe.calibrate(q, ctx), ctx)
+    q, _ = run_stages(recipe, load_finetuned(checkpoint).to(device), ctx)
     _same_as_the_run(q.report, record.get("recipe_report") or {}, folder)
 
     card = card_facts(config, seed, record["metrics"], folder)

@@ -34,9 +34,10 @@ from qbert.pipeline.finetune import (
     seed_everything,
     slow_int8_gemm,
 )
+from qbert.pipeline.stages import run_stages
 from qbert.pipeline.trainlog import TrainingLog, watched_ranges
 from qbert.progress import SILENT, Reporter
-from qbert.recipes import get_recipe
+from qbert.recipes import Quantized, Training, get_recipe
 from qbert.records import read_record, seed_record
 from qbert.runs import (
     RESUME_DIR,
@@ -359,23 +360,17 @@ def run_seed(
             model = load_finetuned(ckpt).to(device)
         timings["finetune"] = round(time.perf_counter() - start, 2)
 
-        # prepare, and for quantization-aware training the same loop with the recipe's quantizers in place
-        start = time.perf_counter()
+        # prepare -> calibrate -> [QAT: the same loop with the recipe's quantizers in place] -> convert; what the
+        # recipe returns is what is evaluated and exported
         if recipe.trains:
             ctx.train_features()
-        q = recipe.prepare(model.to(device), ctx)
-        qat = None
-        if recipe.trains:
-            seed_everything(seed)
-            plan = recipe.training(q, config.finetune)
-            qat = train(q.model, plan.config, "qat", watched_ranges(q.quantizers), folder / RESUME_DIR / "qat.pt",
-                        extra_parameter_groups=plan.parameter_groups, before_step=plan.before_step)
-            timings["qat"] = round(time.perf_counter() - start, 2)
-            start = time.perf_counter()
 
-        # calibrate -> convert: what the recipe returns is what is evaluated and exported
-        q = recipe.convert(recipe.calibrate(q, ctx), ctx)
-        timings["quantize"] = round(time.perf_counter() - start, 2)
+        def train_quantized(q: Quantized, plan: Training) -> dict[str, Any]:
+            seed_everything(seed)
+            return train(q.model, plan.config, "qat", watched_ranges(q.quantizers), folder / RESUME_DIR / "qat.pt",
+                         extra_parameter_groups=plan.parameter_groups, before_step=plan.before_step)
+
+        q, qat = run_stages(recipe, model.to(device), ctx, train=train_quantized, timings=timings)
         eval_device = q.device or device
 
         # evaluate every evaluation split; metrics of later splits carry the split name

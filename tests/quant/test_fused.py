@@ -119,9 +119,9 @@ def test_linear_weights_come_out_in_the_autocast_dtype_with_the_same_step(fused_
     with fixed ranges the training step's loss and every gradient are those of the fp32 weight cast by autocast,
     bit for bit; embedding tables stay fp32 (a lookup is no autocast op)."""
     from qbert.config import EstimatorConfig
-    from qbert.pipeline.quantize import quantizer_factory, range_weights
     from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
     from qbert.quant.spec import QuantSpec
+    from qbert.quant.static import quantizer_factory, range_weights
     from tests.conftest import tiny_model
 
     fused.set_enabled(fused_on)

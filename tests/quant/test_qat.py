@@ -97,8 +97,8 @@ def _config(recipe: dict, **extra) -> object:
 
 def _instrumented(recipe: dict) -> tuple[object, torch.nn.Module]:
     """A recipe's quantizers on the tiny model, ranged from one batch (no pipeline, no data files)."""
-    from qbert.pipeline.quantize import quantizer_factory, range_weights
     from qbert.quant.sites import enumerate_sites, instrument
+    from qbert.quant.static import quantizer_factory, range_weights
 
     config = _config(recipe)
     r = get_recipe(recipe["name"])(config.recipe, config)
@@ -327,8 +327,8 @@ def test_dynamic_quantizer_ranges_each_input_by_its_own_max_as_nlp_architect() -
 def test_q8bert_ptq_is_q8bert_sites_with_each_batch_quantized_by_its_own_ranges() -> None:
     """The dynamic model on one batch equals the same sites calibrated on that batch alone (max |x| of each site
     with the sites before it quantized: ``estimate_quantized``, another path through the quantizers)."""
-    from qbert.pipeline.quantize import quantizer_factory, range_weights
     from qbert.quant.sites import enumerate_sites, instrument
+    from qbert.quant.static import quantizer_factory, range_weights
 
     dynamic_config, q8bert_config = _config({"name": "q8bert_ptq"}), _config({"name": "q8bert"})
     dynamic = get_recipe("q8bert_ptq")(dynamic_config.recipe, dynamic_config)

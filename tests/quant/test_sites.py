@@ -7,9 +7,9 @@ import torch
 
 from qbert.config import EstimatorConfig
 from qbert.models import load_model, model_skeleton, resolve_model
-from qbert.pipeline.quantize import quantizer_factory, range_weights
 from qbert.quant.sites import LAYER_FAMILIES, PlanError, enumerate_sites, instrument, resolve_plan
 from qbert.quant.spec import QuantSpec, SiteOverride
+from qbert.quant.static import quantizer_factory, range_weights
 
 W8 = QuantSpec(bits=8, symmetric=True)
 A8 = QuantSpec(bits=8)
@@ -155,9 +155,9 @@ def test_training_quantizes_the_looked_up_rows_as_the_whole_table_would():
     import torch
 
     from qbert.config import EstimatorConfig
-    from qbert.pipeline.quantize import quantizer_factory, range_weights
     from qbert.quant.sites import enumerate_sites, instrument, resolve_plan
     from qbert.quant.spec import QuantSpec
+    from qbert.quant.static import quantizer_factory, range_weights
     from tests.conftest import tiny_model
 
     ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(1))

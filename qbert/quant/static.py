@@ -1,36 +1,37 @@
-"""The stages of static post-training quantization, as the static recipes compose them:
-``instrument_plan`` (prepare: quantizers in, weight ranges set), ``calibrate_activations``
-(calibrate), ``freeze_activations`` (convert).
+"""The stage bodies of static quantization, as recipes compose them: ``instrument_plan`` (quantizers in,
+weight ranges set), ``calibrate_activations`` (activation estimators observe calibration passes),
+``freeze_activations`` (ranges frozen, with the outlier report), ``range_weights``.
 
 Order: weight ranges come from the weights themselves (no data); the calibration batches then run
 through the network with quantized weights and floating-point activations while the activation
-estimators observe (with ``calibrate.upstream_quantized``, each activation leaves its site quantized
-at the range estimated so far, as the reference code calibrates); per-embedding-group sites with
-``permute`` get their permutation from a first pass over the same batches (Bondarenko et al.: the
-sorting happens once, before range estimation).
+estimators observe (with ``upstream_quantized``, each activation leaves its site quantized at the range
+estimated so far, as the reference code calibrates); per-embedding-group sites with ``permute`` get their
+permutation from a first pass over the same batches (Bondarenko et al.: the sorting happens once, before
+range estimation). The passes themselves (which batches, padded how, on which device) are the caller's:
+a function ``run_pass(description) -> what ran``, which the pipeline's stage context provides.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from qbert.config import EstimatorConfig
 from qbert.errors import QbertError
-from qbert.pipeline.calibrate import calibration_batches, run_calibration
-from qbert.pipeline.context import StageContext
 from qbert.quant.estimators import make_estimator
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.sites import Instrumented, Site, SitePlan, instrument, pattern_matches
 from qbert.quant.spec import QuantSpec
 
+if TYPE_CHECKING:
+    from qbert.config import EstimatorConfig
+
 REPORTED_DIMENSIONS = "ffn.residual_sum"
 """Sites whose per-dimension ranges are reported (the outlier analysis of Bondarenko et al. sec. 3)."""
 
 
-def quantizer_factory(estimators: EstimatorConfig):
+def quantizer_factory(estimators: EstimatorConfig) -> Callable[[Site, QuantSpec], Quantizer]:
     """Builds the quantizer of a site from its spec and the config's estimator settings."""
 
     def make(site: Site, spec: QuantSpec) -> Quantizer:
@@ -60,21 +61,19 @@ def instrument_plan(model: torch.nn.Module, plan: SitePlan, estimators: Estimato
     return inst
 
 
-def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, Any]:
-    """The activation estimators observe the calibration batches (``calibrate`` section, drawn with the
-    seed); permuted per-embedding-group sites first get their permutation from a pass over the same
-    batches. Returns what ran (for the report)."""
-    config = ctx.config
+def calibrate_activations(
+    inst: Instrumented, run_pass: Callable[..., dict[str, Any]], *, padding: bool = False,
+    permutation_ranges: Literal["all", "ema", "last"] = "all", momentum: float = 0.9,
+    upstream_quantized: bool = False,
+) -> dict[str, Any]:
+    """The activation estimators observe the calibration passes (``run_pass(description=...)`` runs the batches
+    through ``inst.model``); permuted per-embedding-group sites first get their permutation from a pass of their
+    own. ``padding``: padded positions are observed too; ``permutation_ranges`` and ``momentum``: how a
+    permutation source accumulates its per-dimension ranges. Returns what ran (for the report)."""
     plan = inst.plan
     activations = inst.activations()
-    batches = calibration_batches(ctx.train_features(), config.calibrate.batches, config.calibrate.batch_size,
-                                  ctx.seed)
-    padding = config.calibrate.padding
-    run = functools.partial(run_calibration, inst.model, batches, pad_token_id=ctx.tokenizer.pad_token_id,
-                            device=ctx.device, pad_to=config.finetune.max_seq_len if padding == "max_length" else None,
-                            reporter=ctx.reporter)
     report: dict[str, Any] = {}
-    inst.token_mask.observe_padding = padding != "excluded"
+    inst.token_mask.observe_padding = padding
     try:
         permuted = {n: q for n, q in activations.items() if q.spec.permute}
         if permuted:
@@ -84,8 +83,8 @@ def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, An
                 raise QbertError(f"permutation source {missing[0]} is not a quantized site", key="recipe")
             for name in sources:
                 activations[name].track_dimensions = True
-                activations[name].dimension_ranges = (config.calibrate.permutation_ranges, config.estimator.momentum)
-            report["permutation_pass"] = run(description="calibrate (permutation pass)")
+                activations[name].dimension_ranges = (permutation_ranges, momentum)
+            report["permutation_pass"] = run_pass(description="calibrate (permutation pass)")
             for name, q in permuted.items():
                 q.set_permutation(activations[plan.permutation_sources.get(name, name)].range_permutation())
             for q in activations.values():
@@ -93,9 +92,9 @@ def calibrate_activations(inst: Instrumented, ctx: StageContext) -> dict[str, An
 
         for name in reported_sites(inst):
             activations[name].track_dimensions = True
-        if config.calibrate.upstream_quantized:
+        if upstream_quantized:
             inst.set_state("estimate_quantized", kind="activation")
-        report["calibration"] = run()
+        report["calibration"] = run_pass()
     finally:
         inst.token_mask.observe_padding = False
     return report
