@@ -48,7 +48,7 @@ def metrics_by_seed(runs: Path) -> dict[str, dict]:
     for path in sorted(runs.glob("*/*/seed=*/metrics.json")):
         record = read_record(path.parent)
         if record is not None:
-            out[f"{path.parts[-4]}/{path.parts[-2]}"] = record["metrics"]
+            out[f"{path.parts[-4]}/{path.parts[-2]}"] = record.metrics
     return out
 
 

@@ -151,13 +151,13 @@ MIN_VOCAB = 100
 
 def run_checkpoint(spec: str, seed_folder: Path) -> ModelSource:
     """A finished qbert seed folder as a model: the fine-tuned FP32 checkpoint its ``metrics.json`` names."""
-    import json
+    from qbert.records import read_record
 
-    try:
-        checkpoint = json.loads((seed_folder / "metrics.json").read_text(encoding="utf-8")).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
+    record = read_record(seed_folder)  # an unreadable one is reported on stderr
+    if record is None:
         raise QbertError(f"{seed_folder / 'metrics.json'} is not a readable run record; give a finished seed "
-                         "folder (runs/<name>/<hash>/seed=<n>) or a save_pretrained folder", key="model") from None
+                         "folder (runs/<name>/<hash>/seed=<n>) or a save_pretrained folder", key="model")
+    checkpoint = record.checkpoint
     if not checkpoint:
         raise QbertError(f"run {seed_folder} recorded no fine-tuned checkpoint (its recipe trained from the "
                          "pre-trained model); give the seed folder of an fp32 or post-training run", key="model")

@@ -276,6 +276,7 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     from qbert.pipeline.stages import run_stages
     from qbert.quant.sites import enumerate_sites
     from qbert.recipes import get_recipe
+    from qbert.records import read_record
     from qbert.runs import atomic_write_json, read_json, runs_root, write_config
     from qbert.tasks import get_task
     from qbert.tasks.features import features_root
@@ -301,7 +302,11 @@ def run_search(config: ExperimentConfig, settings: SearchSettings, *, root: str 
     if outcome.state not in ("done", "skipped"):
         raise QbertError(f"the FP32 run of seed {settings.seed} did not finish ({outcome.error}); see {outcome.folder}",
                          key="seeds")
-    checkpoint = read_json(outcome.folder / "metrics.json")["checkpoint"]
+    record = read_record(outcome.folder)
+    checkpoint = record.checkpoint if record is not None else None
+    if not checkpoint:
+        raise QbertError(f"the FP32 run of seed {settings.seed} recorded no checkpoint; see {outcome.folder}",
+                         key="seeds")
     source, task = resolve_model(config.model), get_task(config.task, config)
     device = resolve_device(config.finetune.device)
     tokenizer = load_tokenizer(source)

@@ -1,10 +1,11 @@
 """Run records: the typed, versioned shape of a seed's ``metrics.json`` and ``status.json`` and of a
 config's ``summary.json``, read in one place.
 
-Every reader (``qbert run``'s skip check, ``ls``, ``table``, ``sweep``) goes through :func:`read_record`,
-:func:`read_status` and :func:`read_summary`: a file that cannot be parsed is reported on stderr once
-(``warning: skipping <file>: <reason>``) and treated as absent, so a truncated or foreign file never
-crashes a command and is never silently counted.
+Every reader of a seed's or a config's files (``qbert run``'s skip check, ``ls``, ``table``, ``sweep``,
+``plot``, ``inspect``, ``export``, the search, a seed folder given as ``model:``) goes through
+:func:`read_record`, :func:`read_status` and :func:`read_summary`, which return the typed records: a file
+that cannot be parsed is reported on stderr once (``warning: skipping <file>: <reason>``) and treated as
+absent, so a truncated or foreign file never crashes a command and is never silently counted.
 
 Versions: 1 = records written before the version field existed (read as they are); 2 = adds
 ``version`` and ``arithmetic`` (what the evaluated model computed: float, simulated, integer, decoded).
@@ -119,25 +120,28 @@ def _read(path: Path, model: type[Record]) -> Record | None:
     return None
 
 
-def read_record(folder: Path) -> dict[str, Any] | None:
-    """A seed's ``metrics.json`` as plain data, or None when missing or unparseable (reported)."""
-    record = _read(Path(folder) / "metrics.json", SeedRecord)
-    return record.model_dump(mode="json") if record is not None else None
+def read_record(folder: Path) -> SeedRecord | None:
+    """A seed's ``metrics.json``, or None when missing or unparseable (reported)."""
+    return _read(Path(folder) / "metrics.json", SeedRecord)  # type: ignore[return-value]
 
 
-def read_status(folder: Path) -> dict[str, Any]:
-    """A seed's ``status.json``; ``{'state': 'missing'}`` without one, ``'unreadable'`` when broken."""
+def read_status(folder: Path) -> Status:
+    """A seed's ``status.json``; state ``missing`` without one, ``unreadable`` when broken."""
     path = Path(folder) / "status.json"
     if not path.is_file():
-        return {"state": "missing"}
+        return Status(state="missing")
     status = _read(path, Status)
-    return status.model_dump(mode="json", exclude_none=True) if status is not None else {"state": "unreadable"}
+    return status if status is not None else Status(state="unreadable")  # type: ignore[return-value]
 
 
-def read_summary(folder: Path) -> dict[str, Any] | None:
+def read_summary(folder: Path) -> Summary | None:
     """A config's ``summary.json``, or None when missing or unparseable (reported)."""
-    summary = _read(Path(folder) / "summary.json", Summary)
-    return summary.model_dump(mode="json") if summary is not None else None
+    return _read(Path(folder) / "summary.json", Summary)  # type: ignore[return-value]
+
+
+def as_data(record: Record) -> dict[str, Any]:
+    """A record as the JSON data it was read from (fields unset in the file left out: None or empty)."""
+    return record.model_dump(mode="json", exclude_none=True)
 
 
 WRITTEN = ("name", "config_hash", "seed", "model", "task", "recipe", "headline", "simulated", "arithmetic")

@@ -71,9 +71,9 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
         status = run_status(row)
         summary = row["summary"]
         headline = "-"
-        if summary:
-            h = summary["headline"]
-            headline = f"{h} {fmt(summary['metrics'][h]['median'])} (n={int(summary['metrics'][h]['n'])})"
+        if summary is not None and summary.headline in summary.metrics:
+            h = summary.headline
+            headline = f"{h} {fmt(summary.metrics[h]['median'])} (n={int(summary.metrics[h]['n'])})"
         table.add_row(
             str(cfg.get("name", row["path"].parent.name)), row["path"].name, str(cfg.get("model")),
             str(cfg.get("task")), str((cfg.get("recipe") or {}).get("name")), f"{done}/{planned}", status, headline,

@@ -28,7 +28,7 @@ import yaml
 
 from qbert.errors import QbertError
 from qbert.files import fsync_path, new_file_mode
-from qbert.records import read_record, read_status, read_summary, unreadable
+from qbert.records import as_data, read_record, read_status, read_summary, unreadable
 from qbert.yamlio import load_yaml_text
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def now() -> str:
 
 def write_status(folder: Path, state: str, **fields: Any) -> None:
     """Record a seed's state (running, done, failed) with when, where and why."""
-    status = read_status(folder)
+    status = as_data(read_status(folder))
     status.update(state=state, updated=now(), pid=os.getpid(), host=socket.gethostname(), **fields)
     if state != "failed":
         status.pop("error", None)
@@ -128,7 +128,7 @@ def write_status(folder: Path, state: str, **fields: Any) -> None:
 
 def is_done(folder: Path) -> bool:
     """Whether a seed finished: status ``done`` and a readable metrics record."""
-    return read_status(folder).get("state") == "done" and read_record(folder) is not None
+    return read_status(folder).state == "done" and read_record(folder) is not None
 
 
 def finished_seeds(root: Path, config_hash: str) -> dict[int, Path]:
@@ -308,25 +308,26 @@ def summarize(folder: Path, also: list[Path] | None = None) -> dict[str, Any] | 
         return None
     per_seed = {p.name[len(SEED_PREFIX):]: read_record(p) for p in seeds}
     first = next(iter(per_seed.values()))
-    names = list(first["metrics"])
+    names = list(first.metrics)
     summary = {
         "name": folder.parent.name,  # this folder's run name (seeds finished under another name count too)
         "config_hash": folder.name,
-        "task": first["task"],
-        "model": first["model"],
-        "recipe": first["recipe"],
-        "headline": first["headline"],
-        "simulated": first["simulated"],
+        "task": first.task,
+        "model": first.model,
+        "recipe": first.recipe,
+        "headline": first.headline,
+        "simulated": first.simulated,
         "seeds": [int(s) for s in per_seed],
         "metrics": {
-            m: aggregate([r["metrics"][m] for r in per_seed.values() if m in r["metrics"]]) for m in names
+            m: aggregate([r.metrics[m] for r in per_seed.values() if m in r.metrics]) for m in names
         },
-        "per_seed": {s: r["metrics"] for s, r in per_seed.items()},
+        "per_seed": {s: r.metrics for s, r in per_seed.items()},
         "updated": now(),
     }
-    previous = read_json(folder / "summary.json")
-    if isinstance(previous, dict) and {**previous, "updated": None} == {**summary, "updated": None}:
-        return previous  # nothing new: no write (a finished config reruns in a read-only results folder)
+    stored = read_summary(folder)
+    previous = stored.model_dump(mode="json") if stored is not None else None
+    if previous is not None and {**previous, "updated": None} == {**summary, "updated": None}:
+        return {**summary, "updated": previous.get("updated")}  # nothing new: no write (a read-only results folder)
     atomic_write_json(folder / "summary.json", summary)
     return summary
 
@@ -335,7 +336,7 @@ def live_state(folder: Path) -> str:
     """A seed's recorded state, with ``running`` told apart from ``orphaned`` (its process is gone: nobody
     holds the seed's lock; rerun the config to resume it) and ``done`` from ``damaged`` (its metrics record is
     unreadable: a rerun redoes the seed)."""
-    state = read_status(folder).get("state", "missing")
+    state = read_status(folder).state
     if state == "running" and not seed_locked(folder):
         return "orphaned"
     if state == "done" and read_record(folder) is None:

@@ -359,9 +359,10 @@ def run_task(data: dict[str, Any], seed: int, root: str, sweep: str, threads: in
             result = run_experiment(config, root=root_path, seeds=[seed], force=force,
                                     reporter=log_reporter(logging.getLogger("qbert.progress")))
         outcome = result.seeds[0]
-        metrics = read_record(outcome.folder) or {}
+        record = read_record(outcome.folder)
         task = TaskOutcome(config.name, config_hash, seed, outcome.state, outcome.metrics,
-                           headline=metrics.get("headline"), error=outcome.error, log=str(folder / "run.log"))
+                           headline=record.headline if record else None, error=outcome.error,
+                           log=str(folder / "run.log"))
     except BaseException as exc:  # a failing run must not stop the sweep; KeyboardInterrupt still stops it
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -726,10 +727,10 @@ def run_sweep(cells: list[Cell], *, name: str, root: str | Path | None = None, e
             seen.add(job.key)
             folder = finished_before.get(seed) or seed_dir(root, *job.key)
             if seed in finished_before:
-                finished = read_record(folder) or {}
+                finished = read_record(folder)
                 outcome = TaskOutcome(folder.parent.parent.name, job.cell.hash, seed, "skipped",
-                                      finished.get("metrics", {}), headline=finished.get("headline"),
-                                      log=str(folder / "run.log"))
+                                      finished.metrics if finished else {},
+                                      headline=finished.headline if finished else None, log=str(folder / "run.log"))
                 outcomes[job.key] = outcome
                 if on_done:
                     on_done(job, outcome)
@@ -796,7 +797,7 @@ def list_sweeps(root: Path) -> list[dict[str, Any]]:
         for cell in record.get("cells", []):
             for seed, info in cell.get("seeds", {}).items():
                 folder = seed_dir(root, cell["name"], cell["hash"], int(seed))
-                state = read_status(folder).get("state") if folder.is_dir() else info.get("state", "pending")
+                state = read_status(folder).state if folder.is_dir() else info.get("state", "pending")
                 state = "done" if state == "skipped" else (state or "pending")
                 if state == "missing":
                     state = "pending"

@@ -40,7 +40,7 @@ from pydantic import Field, ValidationError
 
 from qbert.config import Section, expect_kind, read_yaml, schema_error
 from qbert.errors import QbertError
-from qbert.records import read_record
+from qbert.records import SeedRecord, read_record
 from qbert.runs import finished_seeds
 from qbert.sweep import Cell, expand, load_sweep
 
@@ -143,12 +143,12 @@ class Value:
         return self.median - self.paper
 
 
-def lookup_metric(record: dict[str, Any], metric: str) -> float | None:
+def lookup_metric(record: SeedRecord, metric: str) -> float | None:
     """A metric name, or a dotted path into ``metrics.json`` (keys may hold dots: the longest match wins);
     ``a|b``: the first alternative the record has."""
     if "|" in metric:
         return next((v for v in (lookup_metric(record, m) for m in metric.split("|")) if v is not None), None)
-    node: Any = record if "." in metric else record.get("metrics", {})
+    node: Any = record.model_dump(mode="json") if "." in metric else record.metrics
     parts = metric.split(".")
     while parts:
         if not isinstance(node, dict):
@@ -163,7 +163,7 @@ def lookup_metric(record: dict[str, Any], metric: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
-def seed_records(root: Path, cell: Cell) -> dict[int, dict[str, Any]]:
+def seed_records(root: Path, cell: Cell) -> dict[int, SeedRecord]:
     """The metrics records of a cell's finished seeds (of the seeds it asks for), under any run name."""
     records = {seed: read_record(folder)
                for seed, folder in finished_seeds(root, cell.hash).items() if seed in cell.config.seeds}
@@ -175,7 +175,7 @@ def cell_value(root: Path, cell: Cell, metric: str | list[str] | None, scale: fl
     records = seed_records(root, cell)
     per_seed = []
     for seed in sorted(records):
-        metrics = [records[seed]["headline"]] if metric is None else [metric] if isinstance(metric, str) else metric
+        metrics = [records[seed].headline] if metric is None else [metric] if isinstance(metric, str) else metric
         values = [lookup_metric(records[seed], m) for m in metrics]
         if all(v is not None for v in values):
             per_seed.append(scale * sum(values) / len(values))
@@ -184,8 +184,8 @@ def cell_value(root: Path, cell: Cell, metric: str | list[str] | None, scale: fl
         return Value("n/a" if records else "not run", planned=planned,
                      note=f"{metric} is not in the runs' metrics.json" if records else None)
     return Value("ok", statistics.median(per_seed), min(per_seed), max(per_seed), len(per_seed), planned,
-                 simulated=any(r.get("simulated") for r in records.values()), seeds=sorted(records),
-                 weak=any((r.get("trivial") or {}).get("weak") for r in records.values()))
+                 simulated=any(r.simulated for r in records.values()), seeds=sorted(records),
+                 weak=any((r.trivial or {}).get("weak") for r in records.values()))
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 
 from qbert.config import parse_config
 from qbert.pipeline.run import run_experiment
-from qbert.records import RECORD_VERSION, read_record, read_status
+from qbert.records import RECORD_VERSION, SeedRecord, read_record, read_status
 from qbert.runs import finished_seeds, list_runs
 
 
@@ -32,7 +32,8 @@ def finished(real_data, tmp_path_factory) -> Path:
 def test_records_are_versioned_and_typed(finished):
     folder = next(finished.glob("first/*/seed=0"))
     record = read_record(folder)
-    assert record["version"] == RECORD_VERSION and record["arithmetic"] == "float" and record["seed"] == 0
+    assert isinstance(record, SeedRecord)
+    assert record.version == RECORD_VERSION and record.arithmetic == "float" and record.seed == 0
 
 
 def test_run_and_sweep_agree_a_hash_finished_under_another_name_is_skipped(real_data, finished, capsys):
@@ -63,7 +64,7 @@ def test_a_broken_metrics_json_is_reported_and_skipped_not_counted(real_data, tm
     assert rows and rows[0]["states"]["1"] == "damaged"
     again = run_experiment(config, root=root)
     assert {o.seed: o.state for o in again.seeds} == {0: "skipped", 1: "done"}
-    assert read_record(path.parent)["metrics"] and again.summary["metrics"]["f1"]["n"] == 2
+    assert read_record(path.parent).metrics and again.summary["metrics"]["f1"]["n"] == 2
 
 
 def test_broken_status_summary_and_config_files_do_not_crash_ls(real_data, tmp_path, capsys):
@@ -77,7 +78,7 @@ def test_broken_status_summary_and_config_files_do_not_crash_ls(real_data, tmp_p
     (other / "config.yaml").write_text("a: [unclosed")
     rows = list_runs(root)
     assert len(rows) == 1 and rows[0]["summary"] is None and rows[0]["states"] == {"0": "unreadable"}
-    assert read_status(folder / "seed=0") == {"state": "unreadable"}
+    assert read_status(folder / "seed=0").state == "unreadable"
     err = capsys.readouterr().err
     assert "summary.json" in err and "status.json" in err and "config.yaml" in err
 
@@ -133,3 +134,23 @@ def test_exports_and_checkpoints_get_the_users_umask_not_safetensors_0600(real_d
     assert {p.parent.name for p in files if p.name == "model.safetensors"} >= {"packed", "integer", "hf"}
     assert {str(p.relative_to(root)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
             if stat.S_IMODE(p.stat().st_mode) != 0o644} == {}
+
+
+def test_every_reader_of_a_seed_or_config_record_goes_through_records_py():
+    """No module but qbert/records.py reads metrics.json, status.json or summary.json itself (writers may name
+    them): the readers get the typed records."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    names = ("metrics.json", "status.json", "summary.json")
+    readers = ("read_json", "loads", "load", "read_text", "open")
+    found = []
+    for path in [*(root / "qbert").rglob("*.py"), *(root / "cli").rglob("*.py"), *(root / "recipes").rglob("*.py")]:
+        if path.name == "records.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if func in readers and any(name in ast.unparse(node) for name in names):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []

@@ -278,7 +278,7 @@ def test_a_killed_worker_fails_its_seed_and_the_rerun_resumes(real_data, tmp_pat
     proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        running = lambda: [p for p in root.glob("*/*/seed=*") if read_status(p).get("state") == "running"]  # noqa: E731
+        running = lambda: [p for p in root.glob("*/*/seed=*") if read_status(p).state == "running"]  # noqa: E731
         assert _wait_for(lambda: running() and _workers(proc.pid), 240)
         os.kill(_workers(proc.pid)[0], signal.SIGKILL)  # one worker dies mid-run; the sweep goes on
         output, _ = proc.communicate(timeout=300)
@@ -294,7 +294,7 @@ def test_a_killed_worker_fails_its_seed_and_the_rerun_resumes(real_data, tmp_pat
     text = " ".join(out.stdout.split())
     assert f"{4 - len(finished)} ran, {len(finished)} skipped" in text
     for folder in root.glob("*/*/seed=*"):
-        assert read_status(folder)["state"] == "done"
+        assert read_status(folder).state == "done"
 
 
 def test_ray_executor_gives_the_local_numbers(real_data, tmp_path):

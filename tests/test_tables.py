@@ -120,15 +120,16 @@ def test_model_override_retargets_and_metric_paths(paper, tmp_path):
 
 
 def test_a_metric_with_alternatives_takes_the_first_the_record_has():
+    from qbert.records import SeedRecord
     from qbert.tables import lookup_metric
 
-    gobo = {"exports": {"packed": {"compression": 7.69}}, "metrics": {"accuracy": 71.3}}
-    uniform = {"exports": {"integer": {"compression": 3.9}}, "metrics": {"accuracy": 70.1}}
+    gobo = SeedRecord(exports={"packed": {"compression": 7.69}}, metrics={"accuracy": 71.3})
+    uniform = SeedRecord(exports={"integer": {"compression": 3.9}}, metrics={"accuracy": 70.1})
     either = "exports.packed.compression|exports.integer.compression"
     assert lookup_metric(gobo, either) == 7.69 and lookup_metric(uniform, either) == 3.9
-    both = {"exports": {"packed": {"compression": 8.0}, "integer": {"compression": 4.0}}}
+    both = SeedRecord(exports={"packed": {"compression": 8.0}, "integer": {"compression": 4.0}}, metrics={})
     assert lookup_metric(both, either) == 8.0
-    assert lookup_metric({"metrics": {}}, either) is None
+    assert lookup_metric(SeedRecord(metrics={}), either) is None
     assert lookup_metric(uniform, "f1|accuracy") == 70.1
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from qbert.config import hashed_data, stable_hash
-from qbert.records import read_record
+from qbert.records import SeedRecord, read_record
 from qbert.runs import finished_seeds, list_runs
 from qbert.tables import lookup_metric
 
@@ -25,26 +25,26 @@ def fp32_megabytes(model: str, task: Any) -> float:
     return 4 * sum(p.numel() for p in skeleton.parameters()) / MB
 
 
-def model_megabytes(record: dict[str, Any], fp32_mb: float) -> tuple[float | None, str]:
+def model_megabytes(record: SeedRecord, fp32_mb: float) -> tuple[float | None, str]:
     """A run's model size in MB and where it comes from: the uniform recipes' size report (integer weights
     plus FP32 rest), GOBO's ledger (coded matrices in place of their FP32 bytes), dynamic int8's saved state
     dict, or the FP32 size for fp32; None when the run reports none."""
-    report = record.get("recipe_report") or {}
+    report = record.recipe_report
     if isinstance(report.get("size"), dict) and "mb" in report["size"]:
         return float(report["size"]["mb"]), "size report"
     if "coded_bytes" in report and "fp32_bytes" in report:
         return fp32_mb - (report["fp32_bytes"] - report["coded_bytes"]) / MB, "gobo ledger"
     if isinstance(report.get("size_mb"), dict) and "int8" in report["size_mb"]:
         return float(report["size_mb"]["int8"]), "int8 state dict"
-    if record.get("recipe") == "fp32":
+    if record.recipe == "fp32":
         return fp32_mb, "fp32 parameters"
     return None, "no size reported"
 
 
-def _per_seed(records: list[dict[str, Any]], metric: list[str] | None) -> list[float]:
+def _per_seed(records: list[SeedRecord], metric: list[str] | None) -> list[float]:
     values = []
     for record in records:
-        names = metric or [record["headline"]]
+        names = metric or [record.headline]
         found = [lookup_metric(record, m) for m in names]
         if all(v is not None for v in found):
             values.append(sum(found) / len(found))
@@ -67,7 +67,7 @@ def finished_configs(root: Path, task: str, model: str) -> Configs:
     return found
 
 
-Configs = list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]
+Configs = list[tuple[str, str, dict[str, Any], list[SeedRecord]]]
 
 
 def collect_points(root: Path, task: Any, model: str, metric: list[str] | None = None,
@@ -85,9 +85,9 @@ def collect_points(root: Path, task: Any, model: str, metric: list[str] | None =
         if not values or mb is None:
             continue
         points.append({
-            "label": name, "recipe": records[0].get("recipe"), "hash": config_hash, "mb": round(mb, 3),
+            "label": name, "recipe": records[0].recipe, "hash": config_hash, "mb": round(mb, 3),
             "size_source": source, "median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values), "simulated": any(r.get("simulated") for r in records),
+            "n": len(values), "simulated": any(r.simulated for r in records),
             "recipe_params": config.get("recipe", {}),
         })
     for group in {p["label"] for p in points}:  # one run name with other settings: name the recipe keys that differ

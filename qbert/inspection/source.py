@@ -55,8 +55,8 @@ def load_inspected(target: str | Path, overrides: list[str] | None = None, *, se
         folder, seed = _run_folder(target)
         config = load_config(folder / "config.yaml", overrides or [])
         record = read_record(folder)
-        if record is not None and record.get("checkpoint") and Path(record["checkpoint"]).is_dir():
-            checkpoint = record["checkpoint"]
+        if record is not None and record.checkpoint and Path(record.checkpoint).is_dir():
+            checkpoint = record.checkpoint
     else:
         config = load_config(target, overrides or [])
     if seed is None:

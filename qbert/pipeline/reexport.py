@@ -47,11 +47,11 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     if recipe_cls.trains:
         raise QbertError(f"recipe {config.recipe.name} trained with quantizers and its trained weights were not "
                          "kept; rerun it with export.formats set (e.g. export.formats=[hf])", key="RUN_FOLDER")
-    checkpoint = record.get("checkpoint")
+    checkpoint = record.checkpoint
     if not checkpoint or not (Path(checkpoint) / "config.json").is_file():
         raise QbertError(f"the checkpoint this run used ({checkpoint}) is gone (cache cleared?); rerun the config",
                          key="RUN_FOLDER")
-    seed = record["seed"] if record.get("seed") is not None else config.seeds[0]
+    seed = record.seed if record.seed is not None else config.seeds[0]
     source = resolve_model(checkpoint)
     tokenizer = load_tokenizer(source)
     task = get_task(config.task, config)
@@ -59,17 +59,17 @@ def export_run(seed_folder: str | Path, formats: list[str], out: str | Path | No
     ctx = stage_context(config, seed, task, tokenizer, device)
     recipe = recipe_cls(config.recipe, config)
     q, _ = run_stages(recipe, load_finetuned(checkpoint).to(device), ctx)
-    _same_as_the_run(q.report, record.get("recipe_report") or {}, folder)
+    _same_as_the_run(q.report, record.recipe_report, folder)
 
-    card = card_facts(config, seed, record["metrics"], folder)
+    card = card_facts(config, seed, record.metrics, folder)
     written = export_seed(q, formats, folder, card, root=Path(out) if out is not None else None)
-    raw = dict(record)
-    raw["exports"] = {**(raw.get("exports") or {}), **written}
+    raw = record.model_dump(mode="json")  # as qbert writes a record: every field
+    raw["exports"] = {**record.exports, **written}
     if "onnx" in written:  # as the pipeline does: the file on onnxruntime beside the simulated model
         evaluate_all = split_evaluator(config, task, tokenizer, q.device or device, folder)
         metrics, _, outputs = evaluate_all(q.model)
-        if metrics != record["metrics"]:
-            raise QbertError(f"the derived model scores {metrics}, the run recorded {record['metrics']} (the "
+        if metrics != record.metrics:
+            raise QbertError(f"the derived model scores {metrics}, the run recorded {record.metrics} (the "
                              "code or the data changed since); rerun the config instead", key=str(folder))
         raw["onnx"] = evaluate_onnx(folder / written["onnx"]["path"], outputs, evaluate_all)
     atomic_write_json(folder / "metrics.json", raw)

@@ -205,7 +205,7 @@ def run_experiment(
         sfolder = seed_dir(results_root, config.name, config.config_hash(), seed)
         record = read_record(finished[seed]) if seed in finished else None
         if record is not None:
-            outcome = SeedOutcome(seed, "skipped", finished[seed], record["metrics"])
+            outcome = SeedOutcome(seed, "skipped", finished[seed], record.metrics)
         else:
             with seed_lock(sfolder) as holder:
                 if holder is not None:
