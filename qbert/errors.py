@@ -50,8 +50,29 @@ def terminate_as_interrupt() -> Any:
     if threading.current_thread() is threading.main_thread():
         global _terminated_by
         _terminated_by = None
+        _quiet_in_finalizers()
         return signal.signal(signal.SIGTERM, handler)
     return None
+
+
+def _quiet_in_finalizers() -> None:
+    """A SIGTERM that lands while a finalizer runs (a ``__del__``, e.g. the ``regex`` package's during garbage
+    collection) raises :class:`Terminated` where Python cannot propagate it: it prints "Exception ignored in ...
+    Traceback" and goes on. The signal is recorded all the same and raised again at the next step of any
+    progress bar (:func:`raise_if_terminated`), so such a report says nothing: leave it out, pass the rest on."""
+    import sys
+
+    hook = sys.unraisablehook
+    if getattr(hook, "_qbert_quiet", False):
+        return
+
+    def quiet(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Terminated):
+            return
+        hook(unraisable)
+
+    quiet._qbert_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = quiet
 
 
 _terminated_by: int | None = None

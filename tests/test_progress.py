@@ -97,3 +97,42 @@ def test_a_swallowed_sigterm_stops_the_next_step(enabled):
         signal.signal(signal.SIGTERM, previous)
     with Reporter(enabled=False).bar("evaluate", 1) as advance:
         advance()
+
+
+FINALIZERS = """
+import signal, sys
+from qbert.errors import Terminated, terminate_as_interrupt
+from qbert.progress import Reporter
+
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # the handler raises Terminated inside the finalizer
+
+class Failing:
+    def __del__(self):
+        raise ValueError("any other exception in a finalizer is still reported")
+
+terminate_as_interrupt()
+Finalized()  # collected at once: its __del__ runs, the exception cannot propagate
+print("went on", file=sys.stderr)
+try:
+    with Reporter(enabled=False).bar("fine-tune", 3) as advance:
+        advance()
+except Terminated:
+    print("stopped at the next step", file=sys.stderr)
+Failing()
+"""
+
+
+def test_a_sigterm_in_a_finalizer_prints_nothing_and_still_stops_the_next_step():
+    """A SIGTERM landing in a ``__del__`` (seen in the regex package's, under garbage collection) cannot propagate:
+    Python would print "Exception ignored ... Traceback"; qbert keeps stderr clean and the next step raises. Run
+    in a process of its own (pytest replaces the hook that prints unraisable exceptions)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FINALIZERS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[:2] == ["went on", "stopped at the next step"], done.stderr
+    assert "Terminated" not in done.stderr and "any other exception in a finalizer is still reported" in done.stderr
