@@ -1,14 +1,17 @@
 """The method contract: typed parameters, the stages a method implements, and the value it returns.
 
 A recipe is stateless: it holds its parameters and the experiment config, and nothing else. The
-pipeline (:mod:`qbert.pipeline.run`, or :mod:`qbert.api` from Python) owns the order of the stages
-and passes one value, :class:`Quantized`, from each stage to the next::
+pipeline owns the order of the stages, written once in :func:`qbert.pipeline.stages.run_stages`, and passes
+one value, :class:`Quantized`, from each stage to the next::
 
-    q = recipe.prepare(model, ctx)        # quantizers in (QAT: ready to train)
-    (fine-tune q.model)                   # only when recipe.trains, with recipe.training(q, ...)
-    q = recipe.calibrate(q, ctx)          # static ranges from calibration data
+    q = recipe.prepare(model, ctx)        # quantizers in
+    q = recipe.calibrate(q, ctx)          # starting ranges from calibration data (QAT: ready to train)
+    (train q.model)                       # only when recipe.trains, with recipe.training(q, ...)
     q = recipe.convert(q, ctx)            # ranges frozen, weights decoded or moved to integer kernels
     evaluate(q), export(q, format)        # what was evaluated is q.arithmetic
+
+A recipe declares only the stages it needs (the defaults here pass the value on) and composes their bodies from
+the library below it (:mod:`qbert.quant`); data reaches it through ``ctx`` (the stage context).
 
 This module is torch-free (the registry, config validation and ``qbert validate`` import it).
 """
@@ -173,7 +176,7 @@ class Recipe:
         return None
 
     def prepare(self, model: Any, ctx: StageContext) -> Quantized:
-        """Put the method's quantizers into ``model`` (QAT: ready to train). Default: nothing."""
+        """Put the method's quantizers into ``model``. Default: nothing."""
         return self.quantized(model, ctx)
 
     def quantized(self, model: Any, ctx: StageContext, arithmetic: Arithmetic = "float", **fields: Any) -> Quantized:
@@ -185,9 +188,9 @@ class Recipe:
         return Training(finetune)
 
     def calibrate(self, q: Quantized, ctx: StageContext) -> Quantized:
-        """Estimate static ranges from calibration data (``ctx.calibration_features()``)."""
+        """Estimate starting ranges from calibration data (``ctx.calibration_pass(model)``); default: none."""
         return q
 
     def convert(self, q: Quantized, ctx: StageContext) -> Quantized:
-        """The model that is evaluated and exported: ranges frozen, codes decoded, integer kernels."""
+        """The model that is evaluated and exported: ranges frozen, codes decoded, integer kernels; default: as is."""
         return q
