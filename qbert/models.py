@@ -151,11 +151,16 @@ MIN_VOCAB = 100
 
 def run_checkpoint(spec: str, seed_folder: Path) -> ModelSource:
     """A finished qbert seed folder as a model: the fine-tuned FP32 checkpoint its ``metrics.json`` names."""
-    from qbert.records import read_record
+    from qbert.records import UnreadableRecord, load_record
 
-    record = read_record(seed_folder)  # an unreadable one is reported on stderr
+    try:
+        record = load_record(seed_folder)
+    except UnreadableRecord as exc:
+        record, why = None, f" ({exc})"
+    else:
+        why = ""
     if record is None:
-        raise QbertError(f"{seed_folder / 'metrics.json'} is not a readable run record; give a finished seed "
+        raise QbertError(f"{seed_folder / 'metrics.json'} is not a readable run record{why}; give a finished seed "
                          "folder (runs/<name>/<hash>/seed=<n>) or a save_pretrained folder", key="model")
     checkpoint = record.checkpoint
     if not checkpoint:

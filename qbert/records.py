@@ -100,29 +100,46 @@ def unreadable(path: Path, reason: str) -> None:
         print(f"warning: skipping {path}: {reason}", file=sys.stderr)
 
 
-def _read(path: Path, model: type[Record]) -> Record | None:
+class UnreadableRecord(ValueError):
+    """A record file that exists but cannot be read or parsed; the message says why."""
+
+
+def _parse(path: Path, model: type[Record]) -> Record | None:
+    """The record in ``path``; None when there is no such file; :class:`UnreadableRecord` saying why not."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except OSError as exc:
-        unreadable(path, f"cannot read it ({exc.strerror})")
-        return None
+        raise UnreadableRecord(f"cannot read it ({exc.strerror})") from None
     try:
         return model.model_validate(json.loads(text))
     except json.JSONDecodeError as exc:
-        unreadable(path, f"not valid JSON ({exc.msg} at line {exc.lineno}); delete it or rerun with --force")
+        raise UnreadableRecord(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "top level"
-        unreadable(path, f"not a qbert {model.__name__} record ({where}: {err['msg']}); "
-                         "delete it or rerun with --force")
-    return None
+        raise UnreadableRecord(f"not a qbert {model.__name__} record ({where}: {err['msg']})") from None
+
+
+def _read(path: Path, model: type[Record]) -> Record | None:
+    try:
+        return _parse(path, model)
+    except UnreadableRecord as exc:
+        hint = "" if str(exc).startswith("cannot read") else "; delete it or rerun with --force"
+        unreadable(path, f"{exc}{hint}")
+        return None
 
 
 def read_record(folder: Path) -> SeedRecord | None:
     """A seed's ``metrics.json``, or None when missing or unparseable (reported)."""
     return _read(Path(folder) / "metrics.json", SeedRecord)  # type: ignore[return-value]
+
+
+def load_record(folder: Path) -> SeedRecord | None:
+    """A seed's ``metrics.json`` for a caller that reports a broken one itself: None when missing,
+    :class:`UnreadableRecord` (saying why) when it cannot be read."""
+    return _parse(Path(folder) / "metrics.json", SeedRecord)  # type: ignore[return-value]
 
 
 def read_status(folder: Path) -> Status:

@@ -156,7 +156,7 @@ def test_fitting_heads_and_missing_tokenizers(tmp_path):
 def test_a_run_folder_without_a_checkpoint_is_refused(tmp_path):
     seed = tmp_path / "runs" / "x" / "abc" / "seed=0"
     seed.mkdir(parents=True)
-    (seed / "metrics.json").write_text(json.dumps({"checkpoint": None}))
+    (seed / "metrics.json").write_text(json.dumps({"metrics": {"f1": 80.0}, "checkpoint": None}))
     with pytest.raises(QbertError, match="recorded no fine-tuned checkpoint"):
         resolve_model(str(seed))
     (seed / "metrics.json").write_text("{trunc")
