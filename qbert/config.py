@@ -296,6 +296,7 @@ HASH_NEUTRAL: dict[str, Any] = {
     "recipe.pooler": False,
     "recipe.precision": None,
     "recipe.quant_noise": None,
+    "recipe.placement": None,
     "reference": None,
 }
 """Keys added to the schema after results were first hashed (dotted; ``recipe.<field>`` for any recipe's

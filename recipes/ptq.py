@@ -9,7 +9,7 @@ sites``). The shared machinery here (site rules, ``leave_out``, the plan) is wha
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 from qbert.recipes.base import Quantized, Recipe, SiteRuleParams
@@ -36,6 +36,14 @@ class StaticQuantParams(SiteRuleParams):
         default_factory=list,
         description="Site families or patterns kept in floating point (the leave-one-out ablation of "
         "Bondarenko Table 2), e.g. [ffn.residual_sum] or [layer.10.ffn.residual_sum, layer.11.ffn.residual_sum].",
+    )
+    placement: Literal["all", "gemm", "linear"] | None = Field(
+        None,
+        description="Which activations are quantized: all (every site, as Bondarenko et al. simulate); gemm (the "
+        "inputs of every matrix multiplication, as deployment runtimes quantize: linear layers and both attention "
+        "matmuls; LayerNorm, GELU, softmax, residual sums and the embeddings sum in floating point); linear "
+        "(linear-layer inputs only, Q8BERT's). null: the method's own (all; q8bert and q8bert_ptq: linear). "
+        "Applied after the recipe's own rules, before `sites` and `leave_out`.",
     )
 
 
@@ -68,9 +76,25 @@ class SitePlanRecipe(Recipe):
         """The recipe's own site rules (presets); subclasses override."""
         return []
 
+    default_placement: ClassVar[str] = "all"
+    """The activations the method's paper quantizes (``recipe.placement: null``)."""
+
+    def placement_rules(self, sites: list[Any]) -> list[Rule]:
+        """Activation families outside the placement (``recipe.placement``, else the method's own) kept in
+        floating point."""
+        from qbert.quant.sites import PLACEMENTS
+
+        params: StaticQuantParams = self.params  # type: ignore[assignment]
+        chosen = PLACEMENTS[params.placement or self.default_placement]
+        if chosen is None:
+            return []
+        key = "recipe.placement" if params.placement else "recipe"
+        outside = dict.fromkeys(s.family for s in sites if s.kind == "activation" and s.family not in chosen)
+        return [(family, None, key) for family in outside]
+
     def rules(self, sites: list[Any]) -> list[Rule]:
         params: StaticQuantParams = self.params  # type: ignore[assignment]
-        rules = list(self.recipe_rules(sites))
+        rules = list(self.recipe_rules(sites)) + self.placement_rules(sites)
         rules += [(pattern, override, f"recipe.sites.{pattern}") for pattern, override in params.sites.items()]
         rules += [(pattern, None, "recipe.leave_out") for pattern in params.leave_out]
         return rules

@@ -283,11 +283,6 @@ class W4A32Qat(W4A8Qat):
 
 
 # Q8BERT ------------------------------------------------------------------------------------------
-FC_INPUT_FAMILIES = ("embeddings.output", "attn.context", "ffn.input", "ffn.intermediate", "ffn.norm",
-                     "pooler.output")
-"""Activation sites that are inputs of a fully connected layer (Q8BERT quantizes exactly these)."""
-
-
 class Q8BertParams(QatParams):
     """Q8BERT: EMA decay of the activation thresholds and the quantization delay."""
 
@@ -314,13 +309,12 @@ class Q8BertSites:
     def _ste(self) -> Literal["identity", "clipped"]:
         return getattr(self.params, "ste", "identity")  # type: ignore[attr-defined]
 
-    def recipe_rules(self, sites: list[Any]) -> list[Rule]:
-        from qbert.quant.sites import pattern_matches
+    default_placement = "linear"  # the inputs of every fully connected layer
 
-        others = sorted({s.family for s in sites if s.kind == "activation" and s.family not in FC_INPUT_FAMILIES})
-        if not any(s.name == "head.output.weight" for s in sites):
-            others.append("pooler.output")  # pooled output feeds nothing quantized
-        return [(f, None, "recipe") for f in others if any(pattern_matches(f, s) for s in sites)]
+    def recipe_rules(self, sites: list[Any]) -> list[Rule]:
+        if any(s.name == "pooler.output" for s in sites) and not any(s.name == "head.output.weight" for s in sites):
+            return [("pooler.output", None, "recipe")]  # the pooled output feeds nothing quantized
+        return []
 
 
 class Q8Bert(Q8BertSites, QatRecipe):

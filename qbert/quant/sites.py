@@ -55,6 +55,23 @@ LAYER_FAMILIES = (
 LAYER_WEIGHTS = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
 """Linear layers of one encoder layer (weight sites are these names plus ``.weight``)."""
 
+LINEAR_INPUTS = ("embeddings.output", "attn.context", "ffn.input", "ffn.intermediate", "ffn.norm", "pooler.output")
+"""Activation families that are the input of a linear layer: the embeddings output and each layer's output (the
+next Q/K/V projections, the pooler, a QA head), the attention context (output projection), the FFN input and
+the GELU output, the pooled output (the classifier)."""
+
+PLACEMENTS: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "gemm": (*LINEAR_INPUTS, "attn.query", "attn.key", "attn.value", "attn.probs"),
+    "linear": LINEAR_INPUTS,
+}
+"""Which activations a recipe quantizes, by family (None: every site). ``all``: every activation, as Bondarenko
+et al. simulate (LayerNorm outputs, residual sums, GELU, softmax, the embeddings sum). ``gemm``: the inputs of
+every matrix multiplication, as deployment runtimes quantize (linear layers, and both attention matmuls: Q and
+K for the scores, the probabilities and V for the context); LayerNorm, GELU, softmax, the residual sums and the
+embeddings sum stay in floating point. ``linear``: linear-layer inputs only (Q8BERT's placement); the attention
+matmuls in floating point too."""
+
 Layout = Literal["tokens", "attention", "vector", "weight"]
 
 

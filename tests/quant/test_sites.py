@@ -189,3 +189,50 @@ def test_training_quantizes_the_looked_up_rows_as_the_whole_table_would():
     with torch.no_grad():  # evaluation: the parametrized table
         model.eval()
         assert torch.equal(table(ids), table.weight[ids])
+
+
+@pytest.mark.parametrize(("placement", "quantized"), [
+    # every activation of a layer: the placement's list written out by hand, for the tiny 2-layer BERT
+    ("all", ["attn.query", "attn.key", "attn.value", "attn.scores", "attn.probs", "attn.context", "attn.output",
+             "attn.residual_sum", "ffn.input", "ffn.intermediate", "ffn.output", "ffn.residual_sum", "ffn.norm"]),
+    # the inputs of every matmul: Q/K/V (and the probabilities) of the attention matmuls, the linear layers' inputs
+    ("gemm", ["attn.query", "attn.key", "attn.value", "attn.probs", "attn.context", "ffn.input", "ffn.intermediate",
+              "ffn.norm"]),
+    ("linear", ["attn.context", "ffn.input", "ffn.intermediate", "ffn.norm"]),
+])
+def test_placement_presets_quantize_the_sites_written_by_hand(placement, quantized):
+    from qbert.config import parse_config
+    from qbert.pipeline.run import check_site_plan
+
+    def plan(recipe):
+        return check_site_plan(parse_config({"model": "tiny-random", "task": "mrpc", "recipe": recipe}))
+
+    found = plan({"name": "w8a8_ptq", "placement": placement})
+    outside = {"all": [], "gemm": ["embeddings.sum"], "linear": ["embeddings.sum"]}[placement]
+    expected = {"embeddings.output", "pooler.output", "head.output", "embeddings.sum"} - set(outside)
+    if placement != "all":
+        expected -= {"head.output"}  # the logits feed no matmul
+    expected |= {f"layer.{i}.{family}" for i in range(2) for family in quantized}
+    assert {s.name for s in found.quantized("activation")} == expected
+    assert len(found.quantized("weight")) == 3 + 6 * 2 + 2  # every weight, whatever the placement
+    # a site rule still refines a preset; PEG's grouping stays on the FFN input that gemm keeps
+    refined = plan({"name": "w8a8_ptq", "placement": placement, "sites": {"ffn.residual_sum": {"bits": 16}}})
+    assert refined.specs["layer.0.ffn.residual_sum"].bits == 16
+    peg = plan({"name": "peg", "groups": 4, "placement": placement})
+    assert peg.specs["layer.1.ffn.input"].granularity == "per_embedding_group"
+    assert (peg.specs["layer.1.ffn.output"] is None) == (placement != "all")
+
+
+def test_the_methods_own_placement_is_the_default_and_hash_neutral():
+    """``placement: null`` is the paper's placement (Q8BERT: linear-layer inputs) and leaves the hash as it was
+    before the key existed."""
+    from qbert.config import hashed_data, parse_config
+    from qbert.pipeline.run import check_site_plan
+
+    base = {"model": "tiny-random", "task": "mrpc"}
+    for name, own in (("w8a8_ptq", "all"), ("q8bert", "linear"), ("q8bert_ptq", "linear"), ("mp_ptq", "all")):
+        default = parse_config({**base, "recipe": {"name": name}})
+        explicit = parse_config({**base, "recipe": {"name": name, "placement": own}})
+        assert check_site_plan(default).specs == check_site_plan(explicit).specs
+        assert "placement" not in hashed_data(default.resolved())["recipe"]
+        assert hashed_data(explicit.resolved())["recipe"]["placement"] == own
