@@ -50,7 +50,10 @@ def sites(
         skeleton, origin = model_skeleton(cfg.model, task.head, task.num_labels)
         plan = check_site_plan(cfg, skeleton)
         recipe = get_recipe(cfg.recipe.name)
-        console.print(f"[bold]{cfg.name}[/]: recipe {cfg.recipe.name} ({recipe.source}); model {cfg.model} ({origin})")
+        placement = getattr(cfg.recipe, "placement", None)
+        placed = f"; placement {placement}" if placement else ""
+        console.print(f"[bold]{cfg.name}[/]: recipe {cfg.recipe.name} ({recipe.source}){placed}; model {cfg.model} "
+                      f"({origin})")
         if plan is None:
             doc = " ".join((recipe.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
             console.print(f"recipe {cfg.recipe.name} has no static quantization sites: {doc}")

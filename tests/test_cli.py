@@ -210,6 +210,15 @@ def test_inspect_sites_help_has_an_example():
     assert result.exit_code == 0 and "Example: qbert inspect sites" in result.output
 
 
+def test_inspect_sites_shows_the_placement():
+    """MiniLM-L6 under gemm: per layer 8 of 13 activations (Q, K, V, probabilities, context, FFN input, GELU output,
+    layer output), plus the embeddings output and the pooled output."""
+    result = invoke("inspect", "sites", str(ROOT / "configs" / "mrpc_w8a8_ptq.yaml"), "recipe.placement=gemm")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "placement gemm" in text and "activation sites: 82 (50 at 8 bits; 32 in floating point)" in text
+
+
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yaml")
                                          if not p.name.endswith((".sweep.yaml", ".table.yaml"))), ids=lambda p: p.name)
 def test_inspect_sites_works_for_every_config(path):
