@@ -122,8 +122,8 @@ def prepare(
     ``calibration``). Continue with :func:`convert`."""
     from qbert.pipeline.stages import prepared
 
-    model, (method, ctx) = _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir,
-                                     data, max_seq_len, seed, reference)
+    model, method, ctx = _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir,
+                                data, max_seq_len, seed, reference)
     return prepared(method, model, ctx)
 
 
@@ -138,7 +138,7 @@ def _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, da
                 "reference": reference}
     config = _config(model, recipe, task, settings)
     ctx = _context(config, tokenizer, _features(calibration, tokenizer, config), seed, _device(model))
-    return model, (_recipe(config), ctx)
+    return model, _recipe(config), ctx
 
 
 def convert(q: Quantized, *, calibration: Calibration = None, seed: int = 0) -> Quantized:
@@ -173,8 +173,8 @@ def quantize(
     """
     from qbert.pipeline.stages import run_stages
 
-    model, (method, ctx) = _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir,
-                                     data, max_seq_len, seed, reference)
+    model, method, ctx = _setup(model, recipe, calibration, tokenizer, task, estimator, calibrate, data_dir,
+                                data, max_seq_len, seed, reference)
     return run_stages(method, model, ctx)[0]  # a recipe that trains is refused: it needs qbert.prepare / convert
 
 

@@ -22,7 +22,7 @@ sites. Nothing here imports torch at import time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from qbert.errors import QbertError
@@ -139,16 +139,10 @@ BERT = Architecture(
     checkpoints=("bert-base-uncased", "bert-large-uncased", "minilm-l6 (all-MiniLM-L6-v2)"),
 )
 
-ROBERTA = Architecture(
+ROBERTA = replace(
+    BERT,  # BERT's embeddings and encoder layers; another head, no token types
     name="roberta",
     model_types=("roberta",),
-    embeddings="embeddings",
-    tables={"word": "word_embeddings", "position": "position_embeddings", "token_type": "token_type_embeddings"},
-    embeddings_norm="LayerNorm",
-    layers="encoder.layer",
-    linears=_BERT_LINEARS,
-    attention="attention.self",
-    taps=_BERT_LAYER_TAPS,
     heads={
         # RobertaClassificationHead: dense + tanh on <s>, then out_proj; the site is out_proj's input (after tanh)
         "RobertaForSequenceClassification": Head("classifier.out_proj", "classifier.dense",

@@ -36,20 +36,18 @@ def run_stages(recipe: Recipe, model: Any, ctx: Any, *,
     """Every stage of ``recipe`` on ``model``; a recipe that trains (QAT) calls ``train(q, recipe.training(...))``
     between calibrate and convert. Returns the converted value and what training returned (None without).
     ``timings`` (when given) gets ``quantize`` (the stages' seconds) and ``qat`` (training's)."""
+    if recipe.trains and train is None:
+        raise QbertError(f"recipe {recipe.name} trains with quantizers in place: use qbert.prepare(...), train "
+                         "q.model, then qbert.convert(q); or qbert.run(config) for the whole pipeline", key="recipe")
     timings = {} if timings is None else timings
     start = time.perf_counter()
     q = prepared(recipe, model, ctx)
-    trained = None
+    trained, training_seconds = None, 0.0
     if recipe.trains:
-        if train is None:
-            raise QbertError(f"recipe {recipe.name} trains with quantizers in place: use qbert.prepare(...), train "
-                             "q.model, then qbert.convert(q); or qbert.run(config) for the whole pipeline",
-                             key="recipe")
-        stages = time.perf_counter() - start
-        start = time.perf_counter()
+        began = time.perf_counter()
         trained = train(q, recipe.training(q, ctx.config.finetune))
-        timings["qat"] = round(time.perf_counter() - start, 2)
-        start = time.perf_counter() - stages
+        training_seconds = time.perf_counter() - began
+        timings["qat"] = round(training_seconds, 2)
     q = converted(recipe, q, ctx)
-    timings["quantize"] = round(time.perf_counter() - start, 2)
+    timings["quantize"] = round(time.perf_counter() - start - training_seconds, 2)
     return q, trained
