@@ -75,6 +75,22 @@ def throughput(forward: Callable[[dict], Any], inputs: dict, repeats: int) -> fl
     return rows / statistics.median(times)
 
 
+def time_in_turns(forwards: dict[str, Callable[[dict], Any]], inputs: dict, rounds: int, repeats: int,
+                  rows: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
+    """``rounds`` rounds of timing every path in turn (:func:`throughput`), so a slow spell of the machine
+    touches every path alike: each path's throughput per round. A path that fails is dropped from
+    ``forwards`` with its error in ``rows[path]``."""
+    samples: dict[str, list[float]] = {path: [] for path in forwards}
+    for _ in range(rounds):
+        for path in list(samples):
+            try:
+                samples[path].append(throughput(forwards[path], inputs, repeats))
+            except Exception as exc:
+                rows[path]["error"] = failure(exc)
+                del forwards[path], samples[path]
+    return samples
+
+
 def dev_f1(forward: Callable[[dict], Any], batches: list[dict], task: Any, examples: list, features: list) -> float:
     outputs = []
     with torch.inference_mode():
@@ -217,6 +233,14 @@ def load(name: str, precision: str | None = None) -> tuple[torch.nn.Module, Any,
     raise SystemExit(f"unknown model {name!r} (minilm, bert-base)")
 
 
+def emit(results: dict[str, Any], out: str | None) -> None:
+    """Print the results as JSON (and write them to ``out``)."""
+    text = json.dumps(results, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+
+
 def failure(exc: Exception) -> str:
     if os.environ.get("QBERT_BENCH_DEBUG"):
         traceback.print_exc()
@@ -287,14 +311,7 @@ def main() -> None:
                 print(json.dumps({name: {path: row}}), flush=True)
                 built = None
             for size in sizes:  # then time them in turns
-                samples: dict[str, list[float]] = {path: [] for path in forwards}
-                for _ in range(args.rounds):
-                    for path in list(forwards):
-                        try:
-                            samples[path].append(throughput(forwards[path], timing[size], args.repeats))
-                        except Exception as exc:
-                            entry["paths"][path]["error"] = failure(exc)
-                            del forwards[path], samples[path]
+                samples = time_in_turns(forwards, timing[size], args.rounds, args.repeats, entry["paths"])
                 for path, values in samples.items():
                     entry["paths"][path].setdefault("sequences_per_second", {})[str(size)] = round(
                         statistics.median(values), 2)
@@ -308,10 +325,7 @@ def main() -> None:
                 row["speedup_vs_fp32_eager"] = {s: round(v / base[s], 2)
                                                 for s, v in row["sequences_per_second"].items()}
         results["models"][name] = entry
-    text = json.dumps(results, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -191,10 +191,11 @@ def _model_card(q: Any, card: dict[str, Any], activations: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_onnx(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_onnx(q: Any, folder: Path, card: dict[str, Any] | None = None, graph: str = "fused") -> dict[str, Any]:
     """``model.onnx`` (QuantizeLinear / DequantizeLinear at the method's sites, int8 GEMMs laid out as
-    integer runtimes fuse them: :mod:`qbert.quant.onnx_export`) plus the tokenizer; run once in
-    onnxruntime on a fixed batch and compared with the evaluated (simulated) model."""
+    integer runtimes fuse them, deployable and fused: :mod:`qbert.quant.onnx_export`; ``graph``: see
+    :func:`~qbert.quant.onnx_export.export_onnx_model`) plus the tokenizer; run once in onnxruntime on a
+    fixed batch and compared with the evaluated (simulated) model."""
     import torch
 
     from qbert.quant.integer_model import float_gemms, integer_gemms
@@ -221,7 +222,7 @@ def export_onnx(q: Any, folder: Path, card: dict[str, Any] | None = None) -> dic
         metadata = {"qbert.recipe": q.recipe, "qbert.arithmetic": q.arithmetic}
         if card:
             metadata.update({f"qbert.{k}": str(card[k]) for k in ("task", "seed", "config_hash") if k in card})
-        facts = export_onnx_model(model, folder / "model.onnx", sample, metadata)
+        facts = export_onnx_model(model, folder / "model.onnx", sample, metadata, graph=graph)
     finally:
         if applied:
             float_gemms(inst)

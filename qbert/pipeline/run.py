@@ -285,6 +285,45 @@ def evaluate_onnx(path: Path, reference: dict[str, Any],
     return evaluate_beside(runner, "onnx", reference, evaluate_all, runtime=runner.runtime)
 
 
+def onnxruntime_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def evaluate_integer(q: Quantized, device: torch.device, reference: dict[str, Any],
+                     evaluate_all: Callable[..., tuple[dict, dict, dict]], folder: Path) -> dict[str, Any]:
+    """The model with its linear layers on integer GEMMs (int8 x int8 -> int32), beside the simulation.
+
+    The kernel: ``torch._int_mm`` where it is fast (CUDA, x86 CPUs with VNNI or AMX); elsewhere (x86 CPUs
+    without int8 dot-product instructions, where ``torch._int_mm`` is exact but ~40x slower than the fp32
+    GEMM) the exported ONNX graph on onnxruntime, whose int8 GEMMs run exactly there under
+    ``session.x64quantprecision`` (U8U8 kernels) and faster than fp32. Both are exact integer products; the
+    float steps around them (bias, rescaling) round as each runtime rounds."""
+    from qbert.quant.integer_model import float_gemms, integer_gemms
+
+    gemms = integer_gemms(q.instrumented)
+    if device.type == "cpu" and slow_int8_gemm(device) and onnxruntime_available():
+        import tempfile
+
+        from qbert.pipeline.export import export_onnx
+        from qbert.quant.onnx_export import OnnxModel
+
+        float_gemms(q.instrumented)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".integer-onnx-") as tmp:
+            facts = export_onnx(q, Path(tmp))
+            runner = OnnxModel(facts["path"])
+            # onnxruntime has no int8 fusion for a 16-bit input: those GEMMs multiply the grid values in float
+            gemms = {**gemms, "kernel": f"{runner.runtime} int8 GEMMs (MatMulIntegerToFloat; exact with "
+                     f"{', '.join(f'{k}={v}' for k, v in runner.session_config.items()) or 'its defaults'})",
+                     "float_on_grid": gemms["two_int8_gemms"], "two_int8_gemms": []}
+            return evaluate_beside(runner, "integer", reference, evaluate_all, gemms=gemms)
+    try:
+        return evaluate_beside(q.model, "integer", reference, evaluate_all, gemms=gemms)
+    finally:
+        float_gemms(q.instrumented)
+
+
 def run_seed(
     config: ExperimentConfig, seed: int, folder: Path, source: ModelSource, task: Task, root: Path,
     reporter: Reporter = SILENT,
@@ -308,10 +347,11 @@ def run_seed(
                  "(bench/finetune_throughput.py); set %s for speed (the numbers change a little; "
                  "finetune.precision=auto picks by machine)",
                  ", ".join(slow), " ".join(f"{k}=fp32" for k in slow))
-        if config.evaluate.integer and slow_int8_gemm(device):
+        if config.evaluate.integer and slow_int8_gemm(device) and not onnxruntime_available():
             warn(log, "evaluate.integer: this CPU has no int8 dot-product instructions (no AVX512-VNNI, AVX-VNNI or "
-                 "AMX flag), where torch._int_mm is exact but about 40x slower than the fp32 GEMM: the integer "
-                 "evaluation will be slow; export.formats: [onnx] runs the integer model fast on onnxruntime")
+                 "AMX flag), where torch._int_mm is exact but about 40x slower than the fp32 GEMM, and onnxruntime "
+                 "(which runs the integer GEMMs fast and exactly here) is not installed: the integer evaluation "
+                 "will be slow; pip install 'qbert[onnx]'")
         missing_splits = task.missing_splits(config.data)
         for split, why in missing_splits.items():
             warn(log, "%s: no %s evaluation split (%s): evaluating the others; metrics.json lists it under "
@@ -382,13 +422,7 @@ def run_seed(
         # the same model with its linear layers on integer GEMMs, beside the simulation
         integer = None
         if config.evaluate.integer:
-            from qbert.quant.integer_model import float_gemms, integer_gemms
-
-            gemms = integer_gemms(q.instrumented)
-            try:
-                integer = evaluate_beside(q.model, "integer", outputs, evaluate_all, gemms=gemms)
-            finally:
-                float_gemms(q.instrumented)
+            integer = evaluate_integer(q, eval_device, outputs, evaluate_all, folder)
             timings["evaluate_integer"] = integer["seconds"]
 
         start = time.perf_counter()

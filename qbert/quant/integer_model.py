@@ -128,11 +128,11 @@ class IntegerGemm(nn.Module):
 
     def _onnx_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ONNX nodes an integer runtime fuses into 8-bit GEMMs: per group, a per-tensor Q -> DQ of the input
-        slice and the DequantizeLinear of the weight codes (as uint8, offset 128) feed one MatMul; the K
+        slice and the DequantizeLinear of the int8 weight codes feed one MatMul; the K
         products are summed.
         A 16-bit input has no int8 fusion in onnxruntime: its MatMul takes the weight as float values on
         their grid (a DequantizeLinear of int8 codes there becomes MatMulNBits, which quantizes the input
-        to int8 on the fly: see :func:`~qbert.quant.onnx_export.fold_weight_quantization`)."""
+        to int8 on the fly: see :func:`~qbert.quant.onnx_graph.fold_weight_quantization`)."""
         from qbert.quant.onnx_ops import dequantize_weight, gather_last, quantize_dequantize
 
         x = x.float()

@@ -7,12 +7,21 @@ graph holds the simulation's grids, not a re-calibration. Grids narrower than th
 (``[-127, 127]`` in int8) clamp first; 16-bit grids use (u)int16, which needs opset 21.
 
 Linear layers on integer GEMMs (:mod:`qbert.quant.integer_model`) are written as ONNX runtimes fuse
-them: ``DequantizeLinear`` of the weight codes (stored as uint8 with zero point 128: see
-:func:`qbert.quant.onnx_ops.dequantize_weight`) and a per-tensor ``Q -> DQ`` of the input right before the ``MatMul``; a
-per-embedding-group input becomes Bondarenko et al.'s Figure 4 (the input gathered in the permuted order,
-K slices, K MatMuls summed), so every GEMM input is per tensor, as integer kernels need. Weights that still
-pass through a ``QuantizeLinear`` (embeddings, layers left in floating point) are folded offline into
-integer initializers. The attention-mask path carries no quantizer, so it stays in floating point.
+them: ``DequantizeLinear`` of the int8 weight codes (see :func:`qbert.quant.onnx_ops.dequantize_weight`) and a
+per-tensor ``Q -> DQ`` of the input right before the ``MatMul``; a per-embedding-group input becomes
+Bondarenko et al.'s Figure 4 (the input gathered in the permuted order, K slices, K MatMuls summed), so
+every GEMM input is per tensor, as integer kernels need. The traced graph is then made deployable
+(:func:`qbert.quant.onnx_graph.deployable`: weights stored once as codes, one quantizer per grid, the float
+parts fused) without changing a quantized value. The attention-mask path carries no quantizer, so it stays
+in floating point.
+
+The file records, in its metadata, the onnxruntime session settings it needs (:data:`SESSION_CONFIG_KEY`):
+``session.x64quantprecision=1``, under which onnxruntime runs int8 x int8 GEMMs exactly on x86 CPUs without
+VNNI (AVX2, AVX-512 before Cascade Lake, AMD before Zen 4). There its default U8S8 kernel sums pairs of
+uint8 x int8 products in saturating 16-bit lanes (VPMADDUBSW), so an input near its range times two large
+weights of one sign comes out clipped; the option rewrites the weights to uint8 at load and runs U8U8,
+which is exact. CPUs with VNNI or AMX compute U8S8 exactly and ignore it. :class:`OnnxModel` (and so
+``qbert.load``) applies what the file records.
 """
 
 from __future__ import annotations
@@ -25,17 +34,24 @@ import torch
 
 from qbert.quant.onnx_ops import OPSET
 
+SESSION_CONFIG_KEY = "qbert.onnxruntime.session_config"
+EXACT_INT8 = {"session.x64quantprecision": "1"}
+
 
 def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                      metadata: dict[str, str] | None = None, graph: str = "fused") -> dict[str, Any]:
     """Export ``model`` (instrumented, quantizers frozen) to ``path`` with dynamic batch and sequence
-    axes; ``sample``: keyword inputs of at least two rows and two tokens. Returns the graph's facts."""
+    axes; ``sample``: keyword inputs of at least two rows and two tokens. ``graph``: ``fused`` (deployable,
+    with onnxruntime's transformer fusions), ``deployable`` (the same without fusions) or ``traced`` (as
+    torch.onnx wrote it, constants folded: for comparisons). Returns the graph's facts."""
+    import json
     import logging
     import warnings
 
     import onnx
 
     from qbert.files import fsync_path
+    from qbert.quant.onnx_graph import deployable
     from qbert.quant.quantizer import Quantizer
 
     model.eval()
@@ -59,8 +75,19 @@ def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torc
     finally:
         quiet.setLevel(level)
     proto = onnx.load(str(tmp))
-    folded = fold_weight_quantization(proto)
-    for key, value in (metadata or {}).items():
+    heads, hidden = _attention_shape(model)
+    if graph not in ("fused", "deployable", "traced"):
+        raise ValueError(f"graph {graph!r}: fused, deployable or traced")
+    if graph == "traced":  # constants folded and zero points unshared only: what the session option needs
+        from qbert.quant.onnx_graph import fold_constants, own_zero_points
+
+        facts: dict[str, Any] = {"constants_folded": fold_constants(proto)}
+        own_zero_points(proto)
+    else:
+        facts = deployable(proto, num_heads=heads, hidden_size=hidden, fuse=graph == "fused")
+    integer = any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)
+    session_config = EXACT_INT8 if integer else {}
+    for key, value in {**(metadata or {}), SESSION_CONFIG_KEY: json.dumps(session_config)}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
@@ -70,79 +97,30 @@ def export_onnx_model(model: torch.nn.Module, path: Path, sample: dict[str, torc
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"opset": OPSET, "inputs": list(sample), "outputs": names, "folded_weights": folded,
+    return {"opset": OPSET, "inputs": list(sample), "outputs": names, **facts, "session_config": session_config,
             "quantize_linear": ops.get("QuantizeLinear", 0), "dequantize_linear": ops.get("DequantizeLinear", 0)}
 
 
-def fold_weight_quantization(proto: Any) -> int:
-    """Fold every ``QuantizeLinear`` of a constant (a weight) offline, computed as qbert computes it
-    (:func:`qbert.quant.functional.integer_codes`). Returns how many.
-
-    A weight read by a Gather (an embedding table) becomes its integer codes behind the
-    ``DequantizeLinear``. A weight multiplied with a floating-point input (a weight-only quantized GEMM)
-    becomes its de-quantized float values, which are exactly on its grid: onnxruntime fuses
-    ``DequantizeLinear(int8) -> MatMul`` into MatMulNBits, which at its default accuracy level quantizes
-    the input to int8 on the fly, a different model from the one evaluated."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    from qbert.quant.functional import integer_codes
-
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-
-    def tensor(a: Any) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.float32))
-
-    folded = 0
-    for node in list(graph.node):
-        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not all(n in inits for n in node.input[:3]):
-            continue
-        x, scale, zp = (numpy_helper.to_array(inits[n]) for n in node.input[:3])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * x.ndim
-            shape[axis] = -1
-            scale_b, zp_b = scale.reshape(shape), zp.reshape(shape)
-        else:
-            scale_b, zp_b = scale, zp
-        info = np.iinfo(zp.dtype)
-        codes = integer_codes(tensor(x), tensor(scale_b), tensor(zp_b), int(info.min), int(info.max))
-        dequantizers = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
-        consumers = _compute_readers([d.output[0] for d in dequantizers], readers)
-        if dequantizers and consumers and all(c.op_type in ("MatMul", "Gemm") for c in consumers):
-            values = ((codes - tensor(zp_b)) * tensor(scale_b)).numpy()  # what the DequantizeLinear computes
-            for d in dequantizers:
-                graph.initializer.append(numpy_helper.from_array(values, d.output[0]))
-                graph.node.remove(d)
-        else:
-            graph.initializer.append(numpy_helper.from_array(codes.numpy().astype(zp.dtype), node.output[0]))
-        graph.node.remove(node)
-        folded += 1
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for init in list(graph.initializer):
-        if init.name not in used:
-            graph.initializer.remove(init)
-    return folded
+def _attention_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(heads, hidden size) for the transformer fusions; (0, 0) lets onnxruntime read them from the graph."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None) or 0
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 0
+    return int(heads), int(hidden)
 
 
-_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+def session_config(path: str | Path) -> dict[str, str]:
+    """The onnxruntime session settings a qbert file records (:data:`SESSION_CONFIG_KEY`); files written
+    before it recorded them store uint8 weights, exact without any."""
+    import json
 
+    import onnx
 
-def _compute_readers(names: list[str], readers: dict[str, list[Any]]) -> list[Any]:
-    """The nodes that compute with the tensors ``names``, looking through layout-only nodes."""
-    found, todo = [], list(names)
-    while todo:
-        for node in readers.get(todo.pop(), []):
-            if node.op_type in _LAYOUT_OPS:
-                todo.append(node.output[0])
-            else:
-                found.append(node)
-    return found
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == SESSION_CONFIG_KEY:
+            return {str(k): str(v) for k, v in json.loads(entry.value).items()}
+    return {}
 
 
 class OnnxModel(torch.nn.Module):
@@ -157,6 +135,9 @@ class OnnxModel(torch.nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        self.session_config = session_config(path)
+        for key, value in self.session_config.items():
+            options.add_session_config_entry(key, value)
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -53,17 +53,14 @@ def gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``DequantizeLinear`` of symmetric weight codes ``[N, K]`` in ``[-127, 127]`` (per tensor, or per
-    output row), stored as uint8 ``codes + 128`` with zero point 128: the same values, but the GEMM runtimes
-    fuse becomes U8U8. onnxruntime's U8S8 kernel on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake,
-    AMD before Zen 4) sums pairs of uint8 x int8 products in saturating 16-bit lanes (VPMADDUBSW), so an
-    8-bit input near its range times two large weights of one sign comes out clipped; its U8U8 kernels widen
-    to 16 bits first and are exact on every x86 CPU."""
+    output row), stored as int8 with zero point 0: what ONNX runtimes fuse into int8 GEMMs. On x86 CPUs
+    without VNNI, onnxruntime runs them exactly only with ``session.x64quantprecision=1``, which the
+    exported file records (:mod:`qbert.quant.onnx_export`)."""
     scale = scale.detach().float().reshape(-1)
     attrs: dict[str, Any] = {"axis": 0}
     if scale.numel() == 1:
         scale, attrs = scale.reshape(()), {}
-    stored = (codes.to(torch.int16) + 128).to(torch.uint8)
-    zero = torch.full_like(scale, 128.0)
-    zp = torch.onnx.ops.symbolic("Cast", (zero,), {"to": 2}, dtype=2, shape=zero.shape, version=OPSET)
-    return torch.onnx.ops.symbolic("DequantizeLinear", (stored, scale, zp), attrs, dtype=_FLOAT,
+    zero = torch.zeros_like(scale)
+    zp = torch.onnx.ops.symbolic("Cast", (zero,), {"to": 3}, dtype=3, shape=zero.shape, version=OPSET)
+    return torch.onnx.ops.symbolic("DequantizeLinear", (codes.to(torch.int8), scale, zp), attrs, dtype=_FLOAT,
                                    shape=codes.shape, version=OPSET)

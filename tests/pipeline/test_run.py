@@ -371,14 +371,24 @@ def test_an_int8_gemm_without_vnni_is_told_from_the_cpu_flags():
 
 
 
-def test_integer_evaluation_on_a_cpu_without_vnni_is_a_warning(real_data, tmp_path, monkeypatch, capsys):
+def test_integer_evaluation_runs_on_onnxruntime_where_int_mm_is_slow(real_data, tmp_path, monkeypatch, capsys):
     import qbert.pipeline.run as run_module
+    from qbert.runs import read_json
 
     monkeypatch.setattr(run_module, "slow_int8_gemm", lambda device: True)
-    run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"},
-                        evaluate={"integer": True}), root=tmp_path)
+    result = run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"}, evaluate={"integer": True}), root=tmp_path)
+    integer = read_json(result.folder / "seed=0" / "metrics.json")["integer"]
+    assert integer["gemms"]["kernel"].startswith("onnxruntime") and "x64quantprecision=1" in integer["gemms"]["kernel"]
+    assert len(integer["gemms"]["integer"]) == 14 and integer["agreement"]["dev"]["equal_predictions"] >= 0.9
+    assert "int8 dot-product" not in capsys.readouterr().err
+    assert not list((result.folder / "seed=0").glob(".integer-onnx-*"))  # the temporary export is gone
+    monkeypatch.setattr(run_module, "onnxruntime_available", lambda: False)  # without it: torch._int_mm, warned
+    result = run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"}, evaluate={"integer": True}),
+                            root=tmp_path / "without")
     assert "warning: evaluate.integer: this CPU has no int8 dot-product instructions" in capsys.readouterr().err
-    run_experiment(tiny(real_data, name="tiny2", recipe={"name": "w8a8_ptq"}), root=tmp_path)
+    kernel = read_json(result.folder / "seed=0" / "metrics.json")["integer"]["gemms"]["kernel"]
+    assert kernel.startswith("torch._int_mm")
+    run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"}), root=tmp_path / "plain")
     assert "int8 dot-product" not in capsys.readouterr().err  # no integer evaluation asked for: no warning
 
 

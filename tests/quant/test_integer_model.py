@@ -89,9 +89,12 @@ def tiny(real_data: Path, recipe: dict, **extra):
     return tiny_config(real_data, recipe, name=f"int_{recipe['name']}", **extra)
 
 
-def test_the_pipeline_evaluates_the_integer_model_beside_the_simulation(real_data, tmp_path):
+def test_the_pipeline_evaluates_the_integer_model_beside_the_simulation(real_data, tmp_path, monkeypatch):
+    import qbert.pipeline.run as run_module
     from qbert.pipeline.run import run_experiment
     from qbert.runs import read_json
+
+    monkeypatch.setattr(run_module, "slow_int8_gemm", lambda device: False)  # torch._int_mm on every CPU
 
     cfg = tiny(real_data, {"name": "peg", "groups": 4}, evaluate={"integer": True}, export={"formats": ["integer"]})
     folder = run_experiment(cfg, root=tmp_path).folder / "seed=0"
@@ -100,6 +103,7 @@ def test_the_pipeline_evaluates_the_integer_model_beside_the_simulation(real_dat
     assert record["simulated"] is True and integer["simulated"] is False and integer["arithmetic"] == "integer"
     assert set(integer["metrics"]) == {"f1", "accuracy"}
     assert len(integer["gemms"]["integer"]) == 2 * 6 + 2 and integer["gemms"]["float"] == {}
+    assert integer["gemms"]["kernel"].startswith("torch._int_mm")
     dev = integer["agreement"]["dev"]
     assert dev["examples"] == 32 and 0.9 <= dev["equal_predictions"] <= 1.0
     assert (folder / "predictions-integer.jsonl").is_file()

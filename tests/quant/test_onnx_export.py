@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from qbert.quant.estimators import CurrentMinMax
-from qbert.quant.onnx_export import OnnxModel, export_onnx_model, fold_weight_quantization
+from qbert.quant.onnx_export import EXACT_INT8, OnnxModel, export_onnx_model, session_config
+from qbert.quant.onnx_graph import fold_weight_quantization
 from qbert.quant.quantizer import Quantizer
 from qbert.quant.spec import QuantSpec
 from tests.conftest import PAIRS, frozen_quantizer, tiny_config, tiny_model
@@ -100,7 +101,8 @@ def test_a_weight_only_gemm_keeps_its_float_input(tmp_path):
     assert not [n for n in onnx.load(str(tmp_path / "w.onnx")).graph.node if "QuantizeLinear" in n.op_type]
     stored = _initializers(tmp_path / "w.onnx", onnx.TensorProto.FLOAT)
     assert len(stored) == 1
-    np.testing.assert_array_equal(stored[0], wq(weight).detach().numpy())  # on the grid, in float
+    on_grid = wq(weight).detach().numpy()  # on the grid, in float (stored transposed, as the MatMul reads it)
+    np.testing.assert_array_equal(stored[0].T if stored[0].shape != on_grid.shape else stored[0], on_grid)
     # a DequantizeLinear(int8) -> MatMul would become MatMulNBits, which quantizes the input to int8
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -140,10 +142,14 @@ def test_an_integer_gemm_runs_in_onnxruntime_as_its_input_grid_allows(bits, fuse
     ops = {n.op_type for n in optimized.node}
     # 8-bit: onnxruntime's integer GEMM; 16-bit: a float MatMul on the grids, never MatMulNBits (int8 input)
     assert "MatMulNBits" not in ops and (fused is None or fused in ops)
-    # U8U8: onnxruntime's U8S8 kernel saturates pairs of products in 16 bits on x86 CPUs without VNNI
-    weight_types = {i.name: i.data_type for i in optimized.initializer}
-    fused_weights = [weight_types.get(n.input[1]) for n in optimized.node if n.op_type == fused]
-    assert fused_weights == ([] if fused is None else [onnx.TensorProto.UINT8])
+    # int8 weights, and the session option that makes onnxruntime's int8 GEMM exact on CPUs without VNNI
+    # (its U8S8 kernel saturates pairs of products in 16 bits there): recorded in the file, applied by OnnxModel
+    stored = {i.name: i.data_type for i in onnx.load(str(tmp_path / "g.onnx")).graph.initializer}
+    matmul_weights = [stored.get(n.input[0]) for n in onnx.load(str(tmp_path / "g.onnx")).graph.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] in stored]
+    assert matmul_weights == ([onnx.TensorProto.INT8] if bits == 8 else [])
+    assert session_config(tmp_path / "g.onnx") == (EXACT_INT8 if bits == 8 else {})
+    assert OnnxModel(tmp_path / "g.onnx").session_config == session_config(tmp_path / "g.onnx")
     expected = (aq(x).double() @ wq(weight).detach().double().t() + linear.bias.detach().double()).numpy()
     got = OnnxModel(tmp_path / "g.onnx")(x=x).out.numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
