@@ -54,7 +54,8 @@ from integer_inference import (  # noqa: E402  (bench/ scripts share their helpe
 
 RECIPES = ("w8a8_ptq", "peg", "mp_ptq")
 PLACEMENTS = ("all", "gemm", "linear")
-ANCHORS_INT8 = ("torch_dynamic_int8", "onnxruntime_dynamic_int8", "onnxruntime_static_qdq", "openvino_int8_nncf")
+ANCHORS_INT8 = ("torch_dynamic_int8", "onnxruntime_dynamic_int8", "onnxruntime_static_qdq",
+                "onnxruntime_static_qdq_matmul", "openvino_int8_nncf")
 CALIBRATION_PAIRS = 64
 
 
@@ -126,7 +127,8 @@ def paths_for(model: torch.nn.Module, tokenizer: Any, workdir: Path, threads: in
             path.parent.mkdir(parents=True)
             export_onnx(qbert.quantize(copy.deepcopy(model), "fp32", tokenizer=tokenizer), path.parent,
                         graph="deployable")
-            quant_pre_process(str(path), str(path.with_name("preprocessed.onnx")))
+            # its symbolic shape inference fails on the exporter's dynamic shapes; ONNX's shape inference is used
+            quant_pre_process(str(path), str(path.with_name("preprocessed.onnx")), skip_symbolic_shape=True)
         return path.with_name("preprocessed.onnx")
 
     def calibration() -> list[dict[str, np.ndarray]]:
@@ -154,7 +156,7 @@ def paths_for(model: torch.nn.Module, tokenizer: Any, workdir: Path, threads: in
             quantize_dynamic(str(fp32_onnx()), str(target))
         return {"forward": ort_session(target, threads), "file": target}
 
-    def onnxruntime_static_qdq():
+    def onnxruntime_static_qdq(op_types: list[str] | None = None, name: str = "ort_static"):
         from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
         class Reader(CalibrationDataReader):
@@ -164,10 +166,11 @@ def paths_for(model: torch.nn.Module, tokenizer: Any, workdir: Path, threads: in
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.items, None)
 
-        target = workdir / "ort_static.onnx"
+        target = workdir / f"{name}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_static(str(fp32_onnx_unfused()), str(target), Reader(), per_channel=True)
+            quantize_static(str(fp32_onnx_unfused()), str(target), Reader(), per_channel=True,
+                            op_types_to_quantize=op_types)
         return {"forward": ort_session(target, threads), "file": target}
 
     def openvino_fp32():
@@ -212,6 +215,7 @@ def paths_for(model: torch.nn.Module, tokenizer: Any, workdir: Path, threads: in
     builders: dict[str, Callable[[], dict[str, Any]]] = {
         "fp32_eager": fp32_eager, "torch_dynamic_int8": torch_dynamic_int8, "onnxruntime_fp32": onnxruntime_fp32,
         "onnxruntime_dynamic_int8": onnxruntime_dynamic_int8, "onnxruntime_static_qdq": onnxruntime_static_qdq,
+        "onnxruntime_static_qdq_matmul": lambda: onnxruntime_static_qdq(["MatMul"], "ort_static_matmul"),
         "openvino_fp32": openvino_fp32, "openvino_int8_nncf": openvino_int8_nncf}
     for recipe in RECIPES:
         for placement in PLACEMENTS:

@@ -197,7 +197,9 @@ def load(folder: str | Path) -> Quantized:
     quantizer gets its stored grid, and every eligible linear layer runs on integer GEMMs, as
     :func:`to_integer`. A packed GOBO export (``[packed]``): the model with every coded matrix decoded
     (GOBO's arithmetic is FP32). A TorchScript export (``dynamic_int8``'s ``model.torchscript.pt``): that
-    module. ``q.tokenizer`` is the folder's tokenizer when it has one."""
+    module. An ONNX export (``[onnx]``, when the folder has none of those): the file on onnxruntime with the
+    session settings it records (:class:`~qbert.quant.onnx_export.OnnxModel`). ``q.tokenizer`` is the
+    folder's tokenizer when it has one."""
     from qbert.quant import packing
     from qbert.quant.integer import instrumented_from_integer
     from qbert.quant.integer_model import integer_gemms
@@ -212,9 +214,16 @@ def load(folder: str | Path) -> Quantized:
     path = next((p for p in candidates if p.is_file()), None)
     if folder.is_file():
         path, folder = folder, folder.parent
+    onnx_file = next((p for p in (folder / "model.onnx", folder / "export" / "onnx" / "model.onnx") if p.is_file()),
+                     None)
+    if path is not None and path.suffix == ".onnx":
+        path, onnx_file = None, path
+    if path is None and onnx_file is not None:
+        return _load_onnx(onnx_file)
     if path is None:
         raise QbertError(f"{folder} holds no qbert export (model.safetensors written by export.formats: "
-                         "[integer] or [packed], or model.torchscript.pt by [torchscript]); write one with: "
+                         "[integer] or [packed], model.torchscript.pt by [torchscript], model.onnx by [onnx]); "
+                         "write one with: "
                          "qbert export RUN_FOLDER --format integer", key="folder")
     if _file_format(path) == packing.FORMAT:
         return Quantized(model=packing.load_packed(path), recipe="gobo", arithmetic="decoded",
@@ -248,6 +257,19 @@ def _folder_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_onnx(path: Path) -> Quantized:
+    import onnx
+
+    from qbert.quant.onnx_export import OnnxModel
+    from qbert.recipes import Quantized
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    model = OnnxModel(path)
+    return Quantized(model=model, recipe=meta.get("qbert.recipe", "unknown"), arithmetic="onnx",
+                     tokenizer=_folder_tokenizer(path.parent),
+                     report={"loaded_from": str(path), "session_config": model.session_config})
 
 
 def _load_torchscript(path: Path) -> Quantized:

@@ -388,8 +388,6 @@ def test_integer_evaluation_runs_on_onnxruntime_where_int_mm_is_slow(real_data, 
     assert "warning: evaluate.integer: this CPU has no int8 dot-product instructions" in capsys.readouterr().err
     kernel = read_json(result.folder / "seed=0" / "metrics.json")["integer"]["gemms"]["kernel"]
     assert kernel.startswith("torch._int_mm")
-    run_experiment(tiny(real_data, recipe={"name": "w8a8_ptq"}), root=tmp_path / "plain")
-    assert "int8 dot-product" not in capsys.readouterr().err  # no integer evaluation asked for: no warning
 
 
 def test_bf16_on_a_cpu_that_emulates_it_is_a_warning_naming_the_keys(real_data, tmp_path, monkeypatch, capsys):
