@@ -25,6 +25,7 @@ Usage: python bench/deploy.py [--batch-sizes 1,32] [--rounds 3] [--repeats 5] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -127,8 +128,10 @@ def paths_for(model: torch.nn.Module, tokenizer: Any, workdir: Path, threads: in
             path.parent.mkdir(parents=True)
             export_onnx(qbert.quantize(copy.deepcopy(model), "fp32", tokenizer=tokenizer), path.parent,
                         graph="deployable")
-            # its symbolic shape inference fails on the exporter's dynamic shapes; ONNX's shape inference is used
-            quant_pre_process(str(path), str(path.with_name("preprocessed.onnx")), skip_symbolic_shape=True)
+            # its symbolic shape inference fails on the exporter's dynamic shapes; ONNX's shape inference is used.
+            # It writes a scratch file into the working directory: run it in the temporary folder
+            with contextlib.chdir(path.parent):
+                quant_pre_process(str(path), str(path.with_name("preprocessed.onnx")), skip_symbolic_shape=True)
         return path.with_name("preprocessed.onnx")
 
     def calibration() -> list[dict[str, np.ndarray]]:

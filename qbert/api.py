@@ -260,13 +260,11 @@ def _folder_tokenizer(folder: Path) -> Any:
 
 
 def _load_onnx(path: Path) -> Quantized:
-    import onnx
-
     from qbert.quant.onnx_export import OnnxModel
     from qbert.recipes import Quantized
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     model = OnnxModel(path)
+    meta = model.session.get_modelmeta().custom_metadata_map
     return Quantized(model=model, recipe=meta.get("qbert.recipe", "unknown"), arithmetic="onnx",
                      tokenizer=_folder_tokenizer(path.parent),
                      report={"loaded_from": str(path), "session_config": model.session_config})

@@ -141,7 +141,7 @@ def fold_constants(proto: Any) -> int:
         outputs = ReferenceEvaluator(node).run(None, feeds)
         for name, value in zip(node.output, outputs, strict=True):
             _set_initializer(graph, name, np.asarray(value))
-        inits = _initializers(graph)
+            inits[name] = graph.initializer[-1]
         graph.node.remove(node)
         folded += 1
     prune(proto)
